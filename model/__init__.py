@@ -1,0 +1,66 @@
+"""The DIML model library: backbones, embedding head, structural matching, explanations.
+
+Pure torch/torchvision: no web, no FAISS.
+"""
+
+from model.backbones import Backbone, BackboneWeightsError, FeatureInfo, create_backbone
+from model.checkpoint import (
+    CheckpointError,
+    fingerprint,
+    load_checkpoint,
+    load_model,
+    read_config,
+    save_checkpoint,
+)
+from model.config import MatchingConfig, ModelConfig, Preprocessing
+from model.explain import Explanation, PartMatch, explain
+from model.images import ImageGeometry, ImageLoadError, load_image, preprocess, to_rgb
+from model.matching import (
+    StructuralMatch,
+    match_all,
+    match_pairs,
+    part_weights,
+    structural_match,
+)
+from model.network import Embedding, EmbeddingHead, EmbeddingNet, create_model, default_config
+from model.optimal_transport import SinkhornResult, sinkhorn
+from model.pipeline import Embedder
+from model.render import render_explanation
+
+__all__ = [
+    "Backbone",
+    "BackboneWeightsError",
+    "CheckpointError",
+    "Embedder",
+    "Embedding",
+    "EmbeddingHead",
+    "EmbeddingNet",
+    "Explanation",
+    "FeatureInfo",
+    "ImageGeometry",
+    "ImageLoadError",
+    "MatchingConfig",
+    "ModelConfig",
+    "PartMatch",
+    "Preprocessing",
+    "SinkhornResult",
+    "StructuralMatch",
+    "create_backbone",
+    "create_model",
+    "default_config",
+    "explain",
+    "fingerprint",
+    "load_checkpoint",
+    "load_image",
+    "load_model",
+    "match_all",
+    "match_pairs",
+    "part_weights",
+    "preprocess",
+    "read_config",
+    "render_explanation",
+    "save_checkpoint",
+    "sinkhorn",
+    "structural_match",
+    "to_rgb",
+]

@@ -1,0 +1,128 @@
+"""The model's configuration: frozen dataclasses saved inside every checkpoint.
+
+Deployment settings (paths, limits, keys) do not belong here; they live in ``service/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Test-time preprocessing that travels with the weights.
+
+    The image is resized so that its shorter side is ``resize`` pixels (aspect kept), centre-cropped
+    to ``crop`` x ``crop`` and normalised with ``mean``/``std`` (RGB, values in [0, 1]).
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.crop < 32 or self.resize < self.crop:
+            raise ValueError(
+                f"preprocessing needs 32 <= crop <= resize, got crop={self.crop}, "
+                f"resize={self.resize}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("preprocessing mean and std need three values each, std > 0")
+
+
+@dataclass(frozen=True)
+class MatchingConfig:
+    """Entropic optimal transport between two part grids (see ``model.optimal_transport``).
+
+    ``epsilon`` is the entropic regularisation on the cost ``1 - S``; ``max_iter`` caps the
+    Sinkhorn iterations; the loop stops early once the L1 error of the plan's row marginals is
+    below ``tol`` for every pair, checked once per ``check_every`` iterations (one host-device
+    synchronisation per check, none per iteration).
+    """
+
+    epsilon: float = 0.05
+    max_iter: int = 100
+    tol: float = 1e-4
+    check_every: int = 10
+
+    def __post_init__(self) -> None:
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if self.max_iter < 1 or self.check_every < 1:
+            raise ValueError("max_iter and check_every must be >= 1")
+        if self.tol < 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the network and use it the way it was trained.
+
+    ``dim=None`` is the head-less mode: no projection, the part vectors are the backbone's own
+    channels (training-free use with ImageNet weights).
+    """
+
+    backbone: str = "mobilenet_v2"
+    dim: int | None = 128
+    grid: int = 4
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+
+    def __post_init__(self) -> None:
+        if self.grid < 1:
+            raise ValueError(f"grid must be >= 1, got {self.grid}")
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"dim must be >= 1 or None (head-less), got {self.dim}")
+
+    @property
+    def regions(self) -> int:
+        """R, the number of parts per image (grid x grid)."""
+        return self.grid * self.grid
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): the same config always gives the same text."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Rebuild from :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
+        data = dict(data)
+        try:
+            pre = Preprocessing(**_tuples(data.pop("preprocessing", {})))
+            matching = MatchingConfig(**data.pop("matching", {}))
+            return cls(**data, preprocessing=pre, matching=matching)
+        except TypeError as e:
+            raise ValueError(f"not a model configuration: {e}") from e
+
+    def differences(self, other: ModelConfig) -> list[str]:
+        """Human-readable ``field: mine != other`` lines, nested fields dotted."""
+        mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        return [
+            f"{key}: {mine.get(key)!r} != {theirs.get(key)!r}"
+            for key in sorted(mine.keys() | theirs.keys())
+            if mine.get(key) != theirs.get(key)
+        ]
+
+
+def _tuples(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat

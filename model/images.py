@@ -1,0 +1,168 @@
+"""Image decoding and test-time preprocessing, with the geometry that maps parts back to pixels.
+
+Every image, whatever its file format or mode, becomes an upright RGB picture: EXIF orientation is
+applied; palette, grayscale, CMYK, 16-bit and 32-bit float images are converted; transparency is
+composited on white. :func:`preprocess` then resizes and centre-crops as the model's
+:class:`~model.config.Preprocessing` says, and returns the :class:`ImageGeometry` that tells where
+each grid cell lies in the original image.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.config import Preprocessing
+
+DEFAULT_MAX_PIXELS = 64_000_000
+
+ImageSource = str | os.PathLike[str] | bytes | Image.Image
+
+
+class ImageLoadError(ValueError):
+    """An input could not be decoded into an image; the message names the input and the fix."""
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where the model's centre crop lies in the original image (original pixel units).
+
+    The crop is the square ``(left, top, left + size, top + size)`` of the original image; the
+    model sees it resized to ``Preprocessing.crop`` pixels.
+    """
+
+    width: int
+    height: int
+    left: float
+    top: float
+    size: float
+
+    def cell_boxes(self, grid: int) -> list[tuple[float, float, float, float]]:
+        """Pixel boxes ``(x0, y0, x1, y1)`` of the ``grid x grid`` cells, row-major (R of them).
+
+        Cell ``r`` is row ``r // grid``, column ``r % grid``: the order of the model's part vectors.
+        """
+        step = self.size / grid
+        return [
+            (
+                self.left + col * step,
+                self.top + row * step,
+                self.left + (col + 1) * step,
+                self.top + (row + 1) * step,
+            )
+            for row in range(grid)
+            for col in range(grid)
+        ]
+
+
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``source`` (a path, raw bytes or a PIL image) into an upright RGB image.
+
+    Raises :class:`ImageLoadError` naming the input when it is missing, not an image, truncated,
+    or has more than ``max_pixels`` pixels (checked from the header, before decoding).
+    """
+    name = _describe(source)
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        else:
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageLoadError(
+                f"{name}: {width}x{height} is {width * height:,} pixels, over the limit of "
+                f"{max_pixels:,}; downscale the image first"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except ImageLoadError:
+        raise
+    except FileNotFoundError as e:
+        raise ImageLoadError(f"{name}: no such file; check the path") from e
+    except IsADirectoryError as e:
+        raise ImageLoadError(f"{name}: is a folder, not an image file") from e
+    except PermissionError as e:
+        raise ImageLoadError(f"{name}: permission denied; make the file readable") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(
+            f"{name}: not a readable image; use JPEG, PNG, WebP, GIF, BMP or TIFF"
+        ) from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"{name}: corrupt or truncated image data ({e})") from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return _high_depth_to_rgb(image)
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer or float grayscale to 8-bit RGB, keeping relative intensities."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    else:
+        scaled = values / (65535.0 if values.max(initial=0) > 255 else 255.0)
+    gray = np.clip(np.nan_to_num(scaled) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+def preprocess(image: Image.Image, spec: Preprocessing) -> tuple[torch.Tensor, ImageGeometry]:
+    """Resize the shorter side to ``spec.resize``, centre-crop ``spec.crop``, normalise.
+
+    image: RGB, any size -> pixels: (3, crop, crop) float32, geometry in original pixels.
+    """
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    width, height = image.size
+    scale = spec.resize / min(width, height)
+    new_w, new_h = max(spec.crop, round(width * scale)), max(spec.crop, round(height * scale))
+    left, top = (new_w - spec.crop) // 2, (new_h - spec.crop) // 2
+    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
+    crop = resized.crop((left, top, left + spec.crop, top + spec.crop))
+    array = np.asarray(crop, dtype=np.float32) / 255.0
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    pixels = torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())
+    sx, sy = width / new_w, height / new_h
+    geometry = ImageGeometry(
+        width=width,
+        height=height,
+        left=left * sx,
+        top=top * sy,
+        size=spec.crop * min(sx, sy),
+    )
+    return pixels, geometry
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, Image.Image):
+        return "image"
+    if isinstance(source, bytes):
+        return f"uploaded data ({len(source):,} bytes)"
+    return str(source)

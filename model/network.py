@@ -1,0 +1,118 @@
+"""The embedding network: backbone -> 1x1 projection head -> G x G part grid + global vector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.backbones import Backbone, WeightsArg, create_backbone
+from model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Part grids and global vectors of a batch, both L2-normalised.
+
+    parts: (B, R, D), R = grid * grid cells in row-major order; vector: (B, D), the normalised
+    mean of the (un-normalised) grid.
+    """
+
+    parts: torch.Tensor
+    vector: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.parts.dim() != 3 or self.vector.dim() != 2:
+            raise ValueError(
+                f"Embedding needs parts (B, R, D) and vector (B, D), got "
+                f"{tuple(self.parts.shape)} and {tuple(self.vector.shape)}"
+            )
+        if (
+            self.parts.shape[0] != self.vector.shape[0]
+            or self.parts.shape[2] != self.vector.shape[1]
+        ):
+            raise ValueError(
+                f"Embedding parts {tuple(self.parts.shape)} and vector {tuple(self.vector.shape)} "
+                "disagree on B or D"
+            )
+
+    def __len__(self) -> int:
+        return int(self.parts.shape[0])
+
+    def __getitem__(self, index: int | slice | torch.Tensor) -> Embedding:
+        parts, vector = self.parts[index], self.vector[index]
+        if parts.dim() == 2:
+            parts, vector = parts.unsqueeze(0), vector.unsqueeze(0)
+        return Embedding(parts, vector)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Embedding:
+        return Embedding(self.parts.to(device, dtype), self.vector.to(device, dtype))
+
+    @staticmethod
+    def cat(items: list[Embedding]) -> Embedding:
+        return Embedding(torch.cat([e.parts for e in items]), torch.cat([e.vector for e in items]))
+
+
+class EmbeddingHead(nn.Module):
+    """1x1 conv to ``dim`` channels (or none when head-less), average-pooled to ``grid x grid``.
+
+    features: (B, C, h, w) -> Embedding(parts (B, G*G, D), vector (B, D)).
+    Projection and average pooling are both linear, so projecting before pooling equals the
+    published "pool, then project each part".
+    """
+
+    def __init__(self, in_channels: int, dim: int | None, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.proj: nn.Module = nn.Conv2d(in_channels, dim, 1) if dim else nn.Identity()
+        self.dim = dim or in_channels
+
+    def forward(self, features: torch.Tensor) -> Embedding:
+        # Pool and normalise in fp32 even when the backbone runs in half precision.
+        z = F.adaptive_avg_pool2d(self.proj(features), self.grid).float()  # (B, D, G, G)
+        parts = z.flatten(2).transpose(1, 2)  # (B, R, D)
+        vector = parts.mean(dim=1)
+        return Embedding(F.normalize(parts, dim=-1), F.normalize(vector, dim=-1))
+
+
+class EmbeddingNet(nn.Module):
+    """images: (B, 3, H, W), normalised as ``config.preprocessing`` says -> Embedding."""
+
+    def __init__(self, config: ModelConfig, backbone: Backbone) -> None:
+        super().__init__()
+        if backbone.name != config.backbone:
+            raise ValueError(f"config names {config.backbone!r} but backbone is {backbone.name!r}")
+        self.config = config
+        self.backbone = backbone
+        self.head = EmbeddingHead(backbone.feature_info.channels, config.dim, config.grid)
+
+    @property
+    def dim(self) -> int:
+        return self.head.dim
+
+    def forward(self, images: torch.Tensor) -> Embedding:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        return self.head(self.backbone(images))
+
+
+def create_model(
+    config: ModelConfig | None = None, weights: WeightsArg = "imagenet"
+) -> EmbeddingNet:
+    """Build the network; ``weights`` are the backbone's (``"imagenet"``, a path, or ``None``).
+
+    The head starts from a seeded initialisation so that the same config builds the same model.
+    """
+    config = config or ModelConfig()
+    backbone = create_backbone(config.backbone, weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = EmbeddingNet(config, backbone)
+    return model.eval()
+
+
+def default_config() -> ModelConfig:
+    """The training-free default: ImageNet MobileNetV2, head-less, 4 x 4 grid."""
+    return ModelConfig(backbone="mobilenet_v2", dim=None, grid=4)

@@ -1,0 +1,44 @@
+"""Shared fixtures: real CUB photos when ../shared/data/cub-dev is present, skips otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CUB_DEV = Path(os.environ.get("DIML_CUB_DEV", REPO.parent / "shared" / "data" / "cub-dev"))
+
+
+@pytest.fixture(scope="session")
+def cub_dev() -> Path:
+    """The real CUB-200-2011 development subset; tests that need it skip when it is absent."""
+    if not (CUB_DEV / "images.txt").is_file():
+        pytest.skip(
+            f"needs the CUB-200-2011 development subset at {CUB_DEV} (set DIML_CUB_DEV to its "
+            "folder); it is research-only data and never part of the repository"
+        )
+    return CUB_DEV
+
+
+@pytest.fixture(scope="session")
+def cub_images(cub_dev: Path) -> list[Path]:
+    """Paths of the first few images, in images.txt order (same-class pairs come first)."""
+    lines = (cub_dev / "images.txt").read_text().split("\n")
+    return [cub_dev / "images" / line.split()[1] for line in lines[:6] if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
