@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from model.backbones import BackboneWeightsError
 from model.checkpoint import CheckpointError, load_model
 from model.explain import Explanation
@@ -48,11 +50,12 @@ def run_explain(args: argparse.Namespace) -> int:
         print(f"diml explain: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        model = load_model(args.checkpoint, device=args.device)
-    except (CheckpointError, BackboneWeightsError) as e:
+        device = parse_device(args.device)
+        model = load_model(args.checkpoint, device=device)
+    except (CheckpointError, BackboneWeightsError, ValueError) as e:
         print(f"diml explain: {e}", file=sys.stderr)
         return EXIT_USAGE
-    explanation = Embedder(model, args.device).explain(query, result, top=args.top)
+    explanation = Embedder(model, device).explain(query, result, top=args.top)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         render_explanation(query, result, explanation, top=args.top).save(args.out, "PNG")
@@ -63,6 +66,19 @@ def run_explain(args: argparse.Namespace) -> int:
         if args.out is not None:
             print(f"picture: {args.out}")
     return 0
+
+
+def parse_device(name: str) -> torch.device:
+    """A torch device that exists here, or ValueError saying what does."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: use cpu, cuda or cuda:N")
+    return device
 
 
 def format_table(e: Explanation, query_name: str, result_name: str) -> str:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from service.cli import main
@@ -80,6 +81,18 @@ def test_a_bad_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     image = str(tmp_path / "ok.png")
     assert main(["explain", image, image, "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
     assert "no such checkpoint file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
+def test_a_missing_device_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    image = str(tmp_path / "ok.png")
+    assert main(["explain", image, image, "--device", "cuda"]) == 2
+    assert "no CUDA device is available here" in capsys.readouterr().err
+    assert main(["explain", image, image, "--device", "tpu7"]) == 2
+    assert "not a device" in capsys.readouterr().err
 
 
 def test_the_console_script_is_installed(tmp_path: Path) -> None:
