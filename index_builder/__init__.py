@@ -1,3 +1,27 @@
 """Gallery -> index artefact (FAISS, part-grid store, item table, manifest). Depends on model/."""
 
-__all__: list[str] = []
+from index_builder.build import Report, Source, add_images, build_index, read_list, scan_folder
+from index_builder.files import IndexBusyError
+from index_builder.gallery import FingerprintMismatchError, GalleryIndex, writing
+from index_builder.manifest import IndexFormatError, Manifest
+from index_builder.table import Item, NewItem
+from index_builder.vector_index import VectorIndex, default_factory
+
+__all__ = [
+    "FingerprintMismatchError",
+    "GalleryIndex",
+    "IndexBusyError",
+    "IndexFormatError",
+    "Item",
+    "Manifest",
+    "NewItem",
+    "Report",
+    "Source",
+    "VectorIndex",
+    "add_images",
+    "build_index",
+    "default_factory",
+    "read_list",
+    "scan_folder",
+    "writing",
+]

@@ -27,7 +27,14 @@ ImageSource = str | os.PathLike[str] | bytes | Image.Image
 
 
 class ImageLoadError(ValueError):
-    """An input could not be decoded into an image; the message names the input and the fix."""
+    """An input could not be decoded into an image; the message names the input and the fix.
+
+    ``reason`` is the message without the input's name.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,9 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         width, height = image.size
         if width * height > max_pixels:
             raise ImageLoadError(
-                f"{name}: {width}x{height} is {width * height:,} pixels, over the limit of "
-                f"{max_pixels:,}; downscale the image first"
+                name,
+                f"{width}x{height} is {width * height:,} pixels, over the limit of "
+                f"{max_pixels:,}; downscale the image first",
             )
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -89,17 +97,17 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     except ImageLoadError:
         raise
     except FileNotFoundError as e:
-        raise ImageLoadError(f"{name}: no such file; check the path") from e
+        raise ImageLoadError(name, "no such file; check the path") from e
     except IsADirectoryError as e:
-        raise ImageLoadError(f"{name}: is a folder, not an image file") from e
+        raise ImageLoadError(name, "is a folder, not an image file") from e
     except PermissionError as e:
-        raise ImageLoadError(f"{name}: permission denied; make the file readable") from e
+        raise ImageLoadError(name, "permission denied; make the file readable") from e
     except UnidentifiedImageError as e:
         raise ImageLoadError(
-            f"{name}: not a readable image; use JPEG, PNG, WebP, GIF, BMP or TIFF"
+            name, "not a readable image; use JPEG, PNG, WebP, GIF, BMP or TIFF"
         ) from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"{name}: corrupt or truncated image data ({e})") from e
+        raise ImageLoadError(name, f"corrupt or truncated image data ({e})") from e
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

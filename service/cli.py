@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from index_builder.cli import add_index
 from model.cli import add_explain
 
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_explain(commands)
+    add_index(commands)
     return parser
 
 

@@ -1,0 +1,186 @@
+"""``diml index build | add | remove | info | verify``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from index_builder.build import (
+    DEFAULT_MAX_BYTES,
+    Source,
+    SourceListError,
+    add_images,
+    build_index,
+    read_list,
+    scan_folder,
+)
+from index_builder.files import IndexBusyError, write_atomic
+from index_builder.gallery import FingerprintMismatchError, GalleryIndex, writing
+from index_builder.manifest import IndexFormatError
+from model import BackboneWeightsError, CheckpointError, Embedder, fingerprint, load_model
+from model.cli import parse_device
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+EXPECTED = (
+    SourceListError,
+    IndexFormatError,
+    IndexBusyError,
+    FingerprintMismatchError,
+    CheckpointError,
+    BackboneWeightsError,
+    ValueError,
+    OSError,
+)
+
+
+def add_index(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("index", help="build and maintain a gallery index")
+    sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+
+    b = sub.add_parser("build", help="index a folder or a list of images (resumable)")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", type=Path, help="a folder; subfolder names become labels")
+    src.add_argument("--list", type=Path, help="a CSV with a 'path' column (and 'key', 'label')")
+    b.add_argument("--out", type=Path, required=True, help="the index folder")
+    _model_args(b)
+    b.add_argument("--factory", help="FAISS factory string (default: Flat below 100k items, IVF)")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
+    b.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="larger files skip")
+    b.add_argument("--report", type=Path, help="also write the build report to this JSON file")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(run=run_build)
+
+    a = sub.add_parser("add", help="add image files to an index (all or nothing)")
+    a.add_argument("index", type=Path)
+    a.add_argument("files", type=Path, nargs="+")
+    a.add_argument("--label", help="label for every added image")
+    _model_args(a)
+    a.set_defaults(run=run_add)
+
+    r = sub.add_parser("remove", help="remove items by id")
+    r.add_argument("index", type=Path)
+    r.add_argument("ids", type=int, nargs="+")
+    r.set_defaults(run=run_remove)
+
+    i = sub.add_parser("info", help="what an index holds")
+    i.add_argument("index", type=Path)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(run=run_info)
+
+    v = sub.add_parser("verify", help="check an index's consistency (exit 1 on a problem)")
+    v.add_argument("index", type=Path)
+    v.add_argument("--checkpoint", type=Path, help="also check it was built by this model")
+    v.add_argument("--default-model", action="store_true", help="... or by the default model")
+    v.set_defaults(run=run_verify)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, help="model checkpoint (default: ImageNet "
+                   "MobileNetV2, head-less)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+
+
+def _embedder(args: argparse.Namespace) -> Embedder:
+    device = parse_device(args.device)
+    return Embedder(load_model(args.checkpoint, device=device), device, half=device.type == "cuda")
+
+
+def _fail(command: str, error: Exception, code: int = EXIT_USAGE) -> int:
+    print(f"diml index {command}: {error}", file=sys.stderr)
+    return code
+
+
+def run_build(args: argparse.Namespace) -> int:
+    try:
+        sources = scan_folder(args.images) if args.images else read_list(args.list)
+        report = build_index(
+            sources,
+            args.out,
+            _embedder(args),
+            factory=args.factory,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            max_bytes=args.max_bytes,
+            progress=not args.quiet,
+        )
+    except EXPECTED as e:
+        return _fail("build", e)
+    data = report.to_dict()
+    if args.report:
+        write_atomic(args.report, (json.dumps(data, indent=1) + "\n").encode())
+    rate = data["images_per_second"]
+    print(
+        f"indexed {report.indexed} images ({rate} images/s), skipped {len(report.skipped)}, "
+        f"{report.count} items in {args.out}"
+    )
+    for skip in report.skipped[:20]:
+        print(f"  skipped {skip['path']}: {skip['reason']}")
+    if len(report.skipped) > 20:
+        print(f"  ... and {len(report.skipped) - 20} more (see --report)")
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    sources = [Source(path, path.name, args.label) for path in args.files]
+    try:
+        embedder = _embedder(args)
+        with writing(args.index, fingerprint(embedder.model)) as index:
+            report = add_images(index, sources, embedder)
+    except EXPECTED as e:
+        return _fail("add", e)
+    print(f"added {report.indexed} (ids {report.ids}); {report.count} items in {args.index}")
+    for skip in report.skipped:
+        print(f"  skipped {skip['path']}: {skip['reason']}")
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    try:
+        with writing(args.index) as index:
+            removed = index.remove(args.ids)
+            count = index.count
+    except EXPECTED as e:
+        return _fail("remove", e)
+    missing = sorted(set(args.ids) - set(removed))
+    print(f"removed {len(removed)} items; {count} left")
+    if missing:
+        print(f"  not in the index: {missing}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    try:
+        index = GalleryIndex.open(args.index)
+    except EXPECTED as e:
+        return _fail("info", e)
+    info = index.info()
+    index.close()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for key in ("path", "count", "backbone", "grid", "dim", "factory", "fingerprint", "created",
+                "size_bytes", "bytes_per_item", "segments", "skipped"):  # fmt: skip
+        print(f"{key:>15}: {info[key]}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    try:
+        expected = None
+        if args.checkpoint or args.default_model:
+            expected = fingerprint(load_model(args.checkpoint))
+        index = GalleryIndex.open(args.index)
+    except EXPECTED as e:
+        return _fail("verify", e)
+    problems = index.verify(expected)
+    count = index.count
+    index.close()
+    if problems:
+        for problem in problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"ok: {count} items, counts and checksums agree, sampled items find themselves first")
+    return 0

@@ -1,0 +1,119 @@
+"""The FAISS index of global vectors: inner product on unit vectors, item ids as FAISS ids.
+
+Factories are FAISS factory strings ("Flat", "IVF1024,Flat", "HNSW32", ...). Exact ("Flat") and
+graph indexes get an ``IDMap2`` so that they carry item ids; IVF indexes carry ids natively.
+Removal deletes from the index where the index type can (flat, IVF), and otherwise filters the
+ids out of every search (HNSW), so a removed item is never returned. Search parameters
+(``nprobe``, ``efSearch``) travel with each call; the shared index is never modified to search.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from index_builder.files import fsync_dir
+
+EXACT_BELOW = 100_000
+
+
+def default_factory(count: int) -> str:
+    """Exact search below 100k items; above, IVF with about 4 sqrt(n) lists (a power of two)."""
+    if count < EXACT_BELOW:
+        return "Flat"
+    lists = 2 ** round(math.log2(4 * math.sqrt(count)))
+    return f"IVF{min(max(lists, 256), 65536)},Flat"
+
+
+class VectorIndex:
+    """A FAISS index plus the ids filtered out of search where it cannot delete."""
+
+    def __init__(self, index: faiss.Index, factory: str) -> None:
+        self.index = index
+        self.factory = factory
+        self.filtered: set[int] = set()
+        self._selector: faiss.IDSelector | None = None
+        self._selector_ids: np.ndarray | None = None
+
+    @classmethod
+    def create(cls, factory: str, dim: int) -> VectorIndex:
+        try:
+            inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(
+                f"{factory!r} is not a FAISS factory string FAISS accepts ({e}); "
+                "try 'Flat', 'IVF1024,Flat' or 'HNSW32'"
+            ) from e
+        native_ids = isinstance(faiss.try_extract_index_ivf(inner), faiss.IndexIVF)
+        return cls(inner if native_ids else faiss.IndexIDMap2(inner), factory)
+
+    @property
+    def needs_training(self) -> bool:
+        return not self.index.is_trained
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def train(self, vectors: np.ndarray) -> None:
+        """vectors: (n, D) float32, a sample of the gallery (IVF: at least 39 per list)."""
+        self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """ids: (n,) int64; vectors: (n, D) float32, unit length."""
+        if len(ids):
+            self.index.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64)
+            )
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Take ``ids`` out of search results from now on."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        try:
+            self.index.remove_ids(faiss.IDSelectorBatch(ids))
+        except RuntimeError:  # this index type cannot delete: filter at search time
+            self.filtered.update(int(i) for i in ids)
+            self._selector = None
+
+    def search(
+        self, queries: np.ndarray, k: int, nprobe: int = 32, ef_search: int = 128
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """queries: (n, D) float32 -> scores (n, k) float32, ids (n, k) int64 (-1 past the end)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = max(1, min(k, max(self.ntotal, 1)))
+        params = self._params(nprobe, max(ef_search, k))
+        scores, ids = self.index.search(queries, k, params=params)
+        return scores, ids
+
+    def _params(self, nprobe: int, ef_search: int) -> faiss.SearchParameters | None:
+        if self.filtered and self._selector is None:
+            self._selector_ids = np.fromiter(self.filtered, dtype=np.int64)
+            self._selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._selector_ids))
+        sel = self._selector if self.filtered else None
+        inner = faiss.downcast_index(
+            self.index.index if isinstance(self.index, faiss.IndexIDMap) else self.index
+        )
+        if isinstance(faiss.try_extract_index_ivf(inner), faiss.IndexIVF):
+            return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+        if isinstance(inner, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search)
+        return faiss.SearchParameters(sel=sel) if sel is not None else None
+
+    def write(self, path: Path) -> None:
+        """Write aside, fsync, rename."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        faiss.write_index(self.index, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+
+    @classmethod
+    def read(cls, path: Path, factory: str) -> VectorIndex:
+        return cls(faiss.read_index(str(path)), factory)
