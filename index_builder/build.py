@@ -113,10 +113,10 @@ def read_list(csv_path: Path) -> list[Source]:
             "(and optionally 'key' and 'label'), e.g. 'path,key,label'"
         )
     sources = []
-    for line, row in enumerate(rows, start=2):
+    for row in rows:
         raw = (row.get("path") or "").strip()
         if not raw:
-            raise SourceListError(f"{csv_path}:{line}: empty path")
+            raise SourceListError(f"{csv_path}:{rows.line_num}: empty path")
         path = Path(raw) if Path(raw).is_absolute() else csv_path.parent / raw
         key = (row.get("key") or "").strip() or raw
         sources.append(Source(path, key, (row.get("label") or "").strip() or None))
@@ -253,9 +253,9 @@ def build_index(
                     item = NewItem(source.key, str(source.path), source.label, sha)
                     pending.append((item, vectors[row], grids[row]))
                     known[sha] = source.key
+                    if len(pending) >= segment_size:
+                        flush()
                 row += 1
-            if len(pending) >= segment_size:
-                flush()
         flush()
         _finish(work, table, store, model, fp, factory)
         table.close()

@@ -103,13 +103,13 @@ def create_model(
 ) -> EmbeddingNet:
     """Build the network; ``weights`` are the backbone's (``"imagenet"``, a path, or ``None``).
 
-    The head starts from a seeded initialisation so that the same config builds the same model.
+    Initialisation is seeded, so that the same config and weights build the same model (and the
+    same fingerprint) in every process.
     """
     config = config or ModelConfig()
-    backbone = create_backbone(config.backbone, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = EmbeddingNet(config, backbone)
+        model = EmbeddingNet(config, create_backbone(config.backbone, weights))
     return model.eval()
 
 
