@@ -195,13 +195,23 @@ def embed_sources(
         bar.close()
 
 
+def default_workers(device: torch.device) -> int:
+    """Decoding processes: on a GPU, enough to feed it; on the CPU, where the backbone already
+    uses every core, only the cores beyond four (measured on 2 cores: in-process decoding
+    reached 98% of the forward-only rate, two worker processes 65%)."""
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    return max(0, (cores - 4) // 4)
+
+
 def build_index(
     sources: Sequence[Source],
     out: Path,
     embedder: Embedder,
     factory: str | None = None,
     batch_size: int = 32,
-    workers: int = 2,
+    workers: int | None = None,
     segment_size: int = 2048,
     max_bytes: int = DEFAULT_MAX_BYTES,
     progress: bool = False,
@@ -210,6 +220,7 @@ def build_index(
     started = time.perf_counter()
     model = embedder.model
     fp = fingerprint(model)
+    workers = default_workers(embedder.device) if workers is None else workers
     with writer_lock(out):
         work = out / BUILDING
         table = _resume_or_start(work, fp, factory, sources)
@@ -307,7 +318,7 @@ def _finish(
         if len(ids) == 0:
             raise ValueError(f"{chosen} needs training vectors but no image could be indexed")
         rng = np.random.default_rng(0)
-        sample = rng.choice(len(ids), size=min(len(ids), 100_000), replace=False)
+        sample = rng.choice(len(ids), size=index.training_size(len(ids)), replace=False)
         try:
             index.train(vectors[np.sort(sample)])
         except RuntimeError as e:

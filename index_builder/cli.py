@@ -47,7 +47,9 @@ def add_index(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     _model_args(b)
     b.add_argument("--factory", help="FAISS factory string (default: Flat below 100k items, IVF)")
     b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
+    b.add_argument(
+        "--workers", type=int, help="decoding processes (default: by device and cores; 0 = none)"
+    )
     b.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="larger files skip")
     b.add_argument("--report", type=Path, help="also write the build report to this JSON file")
     b.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -59,6 +59,13 @@ class VectorIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
+    def training_size(self, available: int) -> int:
+        """How many vectors to train on: 40 per IVF list (FAISS's k-means wants 39), at least
+        100k, never more than there are."""
+        ivf = faiss.try_extract_index_ivf(self.index)
+        lists = int(ivf.nlist) if ivf is not None else 0
+        return min(available, max(100_000, 40 * lists))
+
     def train(self, vectors: np.ndarray) -> None:
         """vectors: (n, D) float32, a sample of the gallery (IVF: at least 39 per list)."""
         self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -82,11 +89,18 @@ class VectorIndex:
             self._selector = None
 
     def search(
-        self, queries: np.ndarray, k: int, nprobe: int = 32, ef_search: int = 128
+        self, queries: np.ndarray, k: int, nprobe: int | None = None, ef_search: int = 128
     ) -> tuple[np.ndarray, np.ndarray]:
-        """queries: (n, D) float32 -> scores (n, k) float32, ids (n, k) int64 (-1 past the end)."""
+        """queries: (n, D) float32 -> scores (n, k) float32, ids (n, k) int64 (-1 past the end).
+
+        ``nprobe``: IVF lists visited (default: a sixteenth of them, at least 16);
+        ``ef_search``: HNSW breadth (at least k).
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, max(self.ntotal, 1)))
+        if nprobe is None:
+            ivf = faiss.try_extract_index_ivf(self.index)
+            nprobe = max(16, int(ivf.nlist) // 16) if ivf is not None else 16
         params = self._params(nprobe, max(ef_search, k))
         scores, ids = self.index.search(queries, k, params=params)
         return scores, ids
