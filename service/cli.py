@@ -30,7 +30,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    code: int = args.run(args)
+    try:
+        code: int = args.run(args)
+    except KeyboardInterrupt:
+        print(
+            f"\ndiml {args.command}: interrupted; what was committed is kept (an index build "
+            "resumes when the same command runs again)",
+            file=sys.stderr,
+        )
+        return 130
     return code
 
 
