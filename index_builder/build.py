@@ -136,7 +136,7 @@ class _Decode(Dataset[dict[str, Any]]):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         source = self.sources[i]
-        out: dict[str, Any] = {"index": i, "pixels": None, "sha256": "", "reason": ""}
+        out: dict[str, Any] = {"index": i, "pixels": None, "sha256": "", "reason": "", "size": None}
         try:
             size = source.path.stat().st_size
             if size > self.max_bytes:
@@ -148,7 +148,9 @@ class _Decode(Dataset[dict[str, Any]]):
             return out
         out["sha256"] = hashlib.sha256(data).hexdigest()
         try:
-            out["pixels"], _ = preprocess(load_image(data), self.spec)
+            image = load_image(data)
+            out["pixels"], _ = preprocess(image, self.spec)
+            out["size"] = image.size
         except ImageLoadError as e:
             out["reason"] = e.reason
         return out
@@ -261,7 +263,7 @@ def build_index(
                 if sha in known:
                     skipped.append((str(source.path), f"duplicate bytes of {known[sha]}"))
                 else:
-                    item = NewItem(source.key, str(source.path), source.label, sha)
+                    item = NewItem(source.key, str(source.path), source.label, sha, *record["size"])
                     pending.append((item, vectors[row], grids[row]))
                     known[sha] = source.key
                     if len(pending) >= segment_size:
@@ -380,7 +382,9 @@ def add_images(
                 report.skipped.append({"path": str(source.path), "reason": reason})
             else:
                 known[sha] = source.key
-                items.append(NewItem(source.key, str(source.path), source.label, sha))
+                items.append(
+                    NewItem(source.key, str(source.path), source.label, sha, *record["size"])
+                )
                 vectors.append(vecs[row])
                 grids.append(grds[row])
             row += 1

@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS items (
     path TEXT,
     label TEXT,
     sha256 TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
     added TEXT NOT NULL,
     segment INTEGER NOT NULL,
     row INTEGER NOT NULL,
@@ -53,17 +55,21 @@ class Item:
     path: str | None
     label: str | None
     sha256: str
+    width: int
+    height: int
     added: str
 
 
 @dataclass(frozen=True)
 class NewItem:
-    """An item about to be added: where it came from and what its bytes hash to."""
+    """An item about to be added: where it came from, what its bytes hash to, its size."""
 
     key: str
     path: str | None
     label: str | None
     sha256: str
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ class ItemTable:
             chunk = [int(i) for i in ids[start : start + 500]]
             marks = ",".join("?" * len(chunk))
             for row in self.db.execute(
-                "SELECT id, key, path, label, sha256, added FROM items "
+                "SELECT id, key, path, label, sha256, width, height, added FROM items "
                 f"WHERE removed IS NULL AND id IN ({marks})",
                 chunk,
             ):
@@ -132,7 +138,8 @@ class ItemTable:
 
     def page(self, offset: int, limit: int) -> list[Item]:
         rows = self.db.execute(
-            "SELECT id, key, path, label, sha256, added FROM items WHERE removed IS NULL "
+            "SELECT id, key, path, label, sha256, width, height, added FROM items "
+            "WHERE removed IS NULL "
             "ORDER BY id LIMIT ? OFFSET ?",
             (limit, offset),
         )
@@ -188,10 +195,21 @@ class ItemTable:
                 (segment.id, segment.count, segment.vectors_sha256, segment.grids_sha256, stamp),
             )
             self.db.executemany(
-                "INSERT INTO items (id, key, path, label, sha256, added, segment, row) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO items (id, key, path, label, sha256, width, height, added, segment, "
+                "row) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (first_id + row, it.key, it.path, it.label, it.sha256, stamp, segment.id, row)
+                    (
+                        first_id + row,
+                        it.key,
+                        it.path,
+                        it.label,
+                        it.sha256,
+                        it.width,
+                        it.height,
+                        stamp,
+                        segment.id,
+                        row,
+                    )
                     for row, it in enumerate(items)
                 ],
             )

@@ -147,25 +147,32 @@ def preprocess(image: Image.Image, spec: Preprocessing) -> tuple[torch.Tensor, I
     """
     if image.mode != "RGB":
         image = to_rgb(image)
-    width, height = image.size
-    scale = spec.resize / min(width, height)
-    new_w, new_h = max(spec.crop, round(width * scale)), max(spec.crop, round(height * scale))
-    left, top = (new_w - spec.crop) // 2, (new_h - spec.crop) // 2
+    (new_w, new_h), (left, top) = _resize_and_crop(image.width, image.height, spec)
     resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
     crop = resized.crop((left, top, left + spec.crop, top + spec.crop))
     array = np.asarray(crop, dtype=np.float32) / 255.0
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
     pixels = torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())
+    return pixels, geometry_of(image.width, image.height, spec)
+
+
+def geometry_of(width: int, height: int, spec: Preprocessing) -> ImageGeometry:
+    """Where :func:`preprocess` puts its crop in a ``width x height`` image."""
+    (new_w, new_h), (left, top) = _resize_and_crop(width, height, spec)
     sx, sy = width / new_w, height / new_h
-    geometry = ImageGeometry(
-        width=width,
-        height=height,
-        left=left * sx,
-        top=top * sy,
-        size=spec.crop * min(sx, sy),
+    return ImageGeometry(
+        width=width, height=height, left=left * sx, top=top * sy, size=spec.crop * min(sx, sy)
     )
-    return pixels, geometry
+
+
+def _resize_and_crop(
+    width: int, height: int, spec: Preprocessing
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The resized size (shorter side ``spec.resize``) and the centre crop's top-left corner."""
+    scale = spec.resize / min(width, height)
+    new_w, new_h = max(spec.crop, round(width * scale)), max(spec.crop, round(height * scale))
+    return (new_w, new_h), ((new_w - spec.crop) // 2, (new_h - spec.crop) // 2)
 
 
 def _describe(source: ImageSource) -> str:

@@ -69,6 +69,7 @@ def test_round_trip_every_item_finds_itself_first(gallery: Path, tmp_path: Path)
     assert item.key == "class0/img0_0000.png"
     assert item.label == "class0"
     assert item.sha256 == hashlib.sha256(Path(item.path or "").read_bytes()).hexdigest()
+    assert (item.width, item.height) == Image.open(item.path or "").size
     info = index.info()
     assert info["count"] == 12
     assert info["bytes_per_item"] > 4 * 16 * 2

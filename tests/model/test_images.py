@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from model.config import Preprocessing
-from model.images import ImageLoadError, load_image, preprocess, to_rgb
+from model.images import ImageLoadError, geometry_of, load_image, preprocess, to_rgb
 
 
 def _png(image: Image.Image, **params: object) -> bytes:
@@ -140,6 +140,12 @@ def test_geometry_maps_each_cell_back_to_its_pixels(size: tuple[int, int]) -> No
     cells = red.reshape(grid, step, grid, step).mean(axis=(1, 3)).flatten()
     assert cells[target] > 0.9
     assert np.delete(cells, target).max() < 0.1
+
+
+def test_geometry_of_agrees_with_preprocess() -> None:
+    spec = Preprocessing()
+    for size in [(512, 300), (300, 512), (1000, 230), (224, 224)]:
+        assert geometry_of(*size, spec) == preprocess(Image.new("RGB", size), spec)[1]
 
 
 def test_preprocess_shape_and_normalisation() -> None:
