@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +30,15 @@ ImageSource = str | os.PathLike[str] | bytes | Image.Image
 class ImageLoadError(ValueError):
     """An input could not be decoded into an image; the message names the input and the fix.
 
-    ``reason`` is the message without the input's name.
+    ``reason`` is the message without the input's name; ``kind`` one of ``unreadable`` (no such
+    file, a folder, no permission), ``not_image``, ``format`` (an image, but not of an allowed
+    format), ``too_many_pixels`` and ``corrupt`` (truncated or damaged data).
     """
 
-    def __init__(self, name: str, reason: str) -> None:
+    def __init__(self, name: str, reason: str, kind: str) -> None:
         super().__init__(f"{name}: {reason}")
         self.reason = reason
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -69,11 +73,17 @@ class ImageGeometry:
         ]
 
 
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    source: ImageSource,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: Collection[str] | None = None,
+) -> Image.Image:
     """Decode ``source`` (a path, raw bytes or a PIL image) into an upright RGB image.
 
-    Raises :class:`ImageLoadError` naming the input when it is missing, not an image, truncated,
-    or has more than ``max_pixels`` pixels (checked from the header, before decoding).
+    Raises :class:`ImageLoadError` naming the input when it is missing, not an image, not one of
+    ``formats`` (PIL format names, e.g. ``{"JPEG", "PNG"}``; None allows all), truncated, or has
+    more than ``max_pixels`` pixels (checked from the header, before decoding). A multi-frame
+    image (GIF, TIFF) gives its first frame.
     """
     name = _describe(source)
     try:
@@ -82,12 +92,19 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         else:
             data = source if isinstance(source, bytes) else Path(source).read_bytes()
             image = Image.open(io.BytesIO(data))
+        if formats is not None and image.format not in formats:
+            raise ImageLoadError(
+                name,
+                f"{image.format} images are not accepted; use {', '.join(sorted(formats))}",
+                "format",
+            )
         width, height = image.size
         if width * height > max_pixels:
             raise ImageLoadError(
                 name,
                 f"{width}x{height} is {width * height:,} pixels, over the limit of "
                 f"{max_pixels:,}; downscale the image first",
+                "too_many_pixels",
             )
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -97,17 +114,17 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     except ImageLoadError:
         raise
     except FileNotFoundError as e:
-        raise ImageLoadError(name, "no such file; check the path") from e
+        raise ImageLoadError(name, "no such file; check the path", "unreadable") from e
     except IsADirectoryError as e:
-        raise ImageLoadError(name, "is a folder, not an image file") from e
+        raise ImageLoadError(name, "is a folder, not an image file", "unreadable") from e
     except PermissionError as e:
-        raise ImageLoadError(name, "permission denied; make the file readable") from e
+        raise ImageLoadError(name, "permission denied; make the file readable", "unreadable") from e
     except UnidentifiedImageError as e:
         raise ImageLoadError(
-            name, "not a readable image; use JPEG, PNG, WebP, GIF, BMP or TIFF"
+            name, "not a readable image; use JPEG, PNG, WebP, GIF, BMP or TIFF", "not_image"
         ) from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(name, f"corrupt or truncated image data ({e})") from e
+        raise ImageLoadError(name, f"corrupt or truncated image data ({e})", "corrupt") from e
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

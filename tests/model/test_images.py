@@ -118,8 +118,18 @@ def test_bad_inputs_raise_image_load_error_naming_the_input(tmp_path: Path) -> N
 
 def test_too_many_pixels_are_refused_before_decoding() -> None:
     big = _png(Image.new("L", (2000, 2000)))
-    with pytest.raises(ImageLoadError, match="over the limit"):
+    with pytest.raises(ImageLoadError, match="over the limit") as e:
         load_image(big, max_pixels=1_000_000)
+    assert e.value.kind == "too_many_pixels"
+
+
+def test_formats_outside_the_allow_list_are_refused() -> None:
+    buffer = io.BytesIO()
+    _reference().save(buffer, "PPM")
+    with pytest.raises(ImageLoadError, match="PPM images are not accepted; use JPEG, PNG") as e:
+        load_image(buffer.getvalue(), formats={"JPEG", "PNG"})
+    assert e.value.kind == "format"
+    assert load_image(_png(_reference()), formats={"PNG"}).size == (60, 40)
 
 
 @pytest.mark.parametrize("size", [(512, 300), (300, 512), (256, 256), (1000, 230)])
