@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from index_builder.cli import add_index
 from model.cli import add_explain
@@ -20,7 +21,44 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_explain(commands)
     add_index(commands)
+    add_serve(commands)
     return parser
+
+
+def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "serve",
+        help="run the HTTP service",
+        description="Serve /search, /explain, /gallery, /healthz, /readyz, /metrics and /docs. "
+        "Every setting can also come from the environment (DIML_INDEX, DIML_CHECKPOINT, "
+        "DIML_DEVICE, DIML_READ_KEYS, DIML_WRITE_KEYS, DIML_MAX_UPLOAD_BYTES, ...).",
+    )
+    p.add_argument("--index", type=Path, help="index folder (default $DIML_INDEX or gallery.index)")
+    p.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the default model)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {
+        name: value
+        for name, value in (
+            ("index", args.index),
+            ("checkpoint", args.checkpoint),
+            ("device", args.device),
+        )
+        if value is not None
+    }
+    app = create_app(Settings(**overrides))
+    uvicorn.run(app, host=args.host, port=args.port, server_header=False, log_level="info")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

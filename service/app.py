@@ -1,0 +1,81 @@
+"""``create_app()``: the FastAPI application, its lifespan and middleware."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from service import errors
+from service.engine import Engine
+from service.limits import BodySizeLimit
+from service.metrics import Metrics
+from service.routes import explain, gallery, health, search
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Image search that explains itself. Each result comes with the parts of the two
+images that matched and how much each pair contributed: `score = global + structural`, and the
+structural similarity is the sum of the part contributions."""
+
+
+def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
+    """The service. The model and index load in a background thread at start-up, so that
+    ``/healthz`` answers at once and ``/readyz`` turns 200 when loading and a canary passed."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(target=_load, args=(app, settings), daemon=True)
+        loader.start()
+        if not load_in_background:
+            loader.join()
+        yield
+        loader.join(timeout=60)
+        engine: Engine | None = getattr(app.state, "engine", None)
+        if engine is not None:
+            app.state.engine = None
+            engine.close()
+
+    app = FastAPI(title="DIML retrieval", description=DESCRIPTION, version="1",
+                  lifespan=lifespan)  # fmt: skip
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.engine = None
+    app.state.load_error = None
+    errors.install(app)
+    for module in (search, explain, gallery, health):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def record(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics: Metrics = request.app.state.metrics
+        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(path, request.method).observe(time.perf_counter() - start)
+        return response
+
+    app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
+    return app
+
+
+def _load(app: FastAPI, settings: Settings) -> None:
+    try:
+        engine = Engine(settings)
+        engine.canary()
+    except Exception as e:
+        log.error("could not load the model and index: %s", e)
+        app.state.load_error = str(e)
+        return
+    app.state.engine = engine
+    log.info("ready: %d items, model %s", engine.index.count, engine.fingerprint[:16])

@@ -1,0 +1,81 @@
+"""Request dependencies: the loaded engine, API-key scopes, stage timing."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.engine import Engine
+from service.errors import ApiError
+from service.metrics import StageTimer
+from service.settings import Settings
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise ApiError(503, "not_ready", "the model and index are still loading; retry shortly",
+                       {"Retry-After": "5"})  # fmt: skip
+    return engine
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def _matches(key: str | None, allowed: list[str]) -> bool:
+    """Constant-time comparison against every allowed key (no early exit on a match)."""
+    if key is None:
+        return False
+    found = False
+    for candidate in allowed:
+        found |= hmac.compare_digest(key.encode(), candidate.encode())
+    return found
+
+
+def require_read(request: Request) -> None:
+    settings = get_app_settings(request)
+    if not settings.read_keys:
+        return
+    key = _presented_key(request)
+    if key is None:
+        raise ApiError(401, "unauthorized", "this server needs an API key: send "
+                       "'Authorization: Bearer <key>' or 'X-API-Key: <key>'")  # fmt: skip
+    if not _matches(key, settings.read_keys + settings.write_keys):
+        raise ApiError(403, "forbidden", "this API key is not valid here")
+
+
+def require_write(request: Request) -> None:
+    settings = get_app_settings(request)
+    if not settings.auth_enabled:
+        return
+    if not settings.write_keys:
+        raise ApiError(403, "forbidden", "gallery changes are disabled: no write key is set")
+    key = _presented_key(request)
+    if key is None:
+        raise ApiError(401, "unauthorized", "gallery changes need a write API key: send "
+                       "'Authorization: Bearer <key>' or 'X-API-Key: <key>'")  # fmt: skip
+    if not _matches(key, settings.write_keys):
+        raise ApiError(403, "forbidden", "this API key may not change the gallery")
+
+
+def get_timer(request: Request) -> StageTimer:
+    timer = StageTimer(request.app.state.metrics)
+    request.state.timer = timer
+    return timer
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+TimerDep = Annotated[StageTimer, Depends(get_timer)]
+Read = Depends(require_read)
+Write = Depends(require_write)

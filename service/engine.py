@@ -1,0 +1,369 @@
+"""The search engine: one model and one index, shared by every request.
+
+Images from concurrent requests are embedded together by a :class:`MicroBatcher` (one thread
+owns the backbone; it waits a short window for company, up to a batch limit); a full queue
+answers 503 with ``Retry-After`` instead of making callers wait without bound. Coarse search and
+grid gathering hold the index lock; re-ranking and explanations run on copies, outside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from index_builder import GalleryIndex, IndexBusyError, Item, Source, add_images
+from index_builder.files import write_atomic, writer_lock
+from model import (
+    Embedder,
+    Embedding,
+    ImageGeometry,
+    ImageLoadError,
+    explain,
+    fingerprint,
+    load_image,
+    load_model,
+    match_pairs,
+    preprocess,
+    structural_match,
+)
+from model.images import geometry_of
+from service.errors import ApiError
+from service.metrics import StageTimer
+from service.settings import ALLOWED_FORMATS, Settings
+
+log = logging.getLogger(__name__)
+
+IMAGE_ERRORS = {
+    "not_image": (415, "unsupported_media_type"),
+    "format": (415, "unsupported_media_type"),
+    "too_many_pixels": (413, "too_many_pixels"),
+    "corrupt": (422, "corrupt_image"),
+    "unreadable": (422, "corrupt_image"),
+}
+
+
+@dataclass(frozen=True)
+class Query:
+    """A decoded query: its pixels for the backbone, where its parts lie, the picture itself."""
+
+    pixels: torch.Tensor
+    geometry: ImageGeometry
+    image: Image.Image
+
+
+class OverloadedError(ApiError):
+    def __init__(self) -> None:
+        super().__init__(
+            503, "overloaded", "too many requests are waiting; retry shortly", {"Retry-After": "1"}
+        )
+
+
+class MicroBatcher:
+    """Runs the backbone for concurrent requests in shared batches, on one thread."""
+
+    def __init__(self, embedder: Embedder, max_batch: int, window_s: float, max_queue: int) -> None:
+        self.embedder = embedder
+        self.max_batch, self.window_s = max_batch, window_s
+        self.jobs: queue.Queue[tuple[torch.Tensor, concurrent.futures.Future[Embedding]] | None]
+        self.jobs = queue.Queue(maxsize=max_queue)
+        self.thread = threading.Thread(target=self._run, name="diml-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, pixels: torch.Tensor) -> concurrent.futures.Future[Embedding]:
+        """pixels: (n, 3, H, W) -> a future Embedding of n images; OverloadedError when full."""
+        future: concurrent.futures.Future[Embedding] = concurrent.futures.Future()
+        try:
+            self.jobs.put_nowait((pixels, future))
+        except queue.Full:
+            raise OverloadedError() from None
+        return future
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            batch = [job]
+            size = len(job[0])
+            deadline = time.perf_counter() + self.window_s
+            while size < self.max_batch:
+                try:
+                    more = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.jobs.put(None)
+                    break
+                batch.append(more)
+                size += len(more[0])
+            self._embed(batch)
+
+    def _embed(
+        self, batch: list[tuple[torch.Tensor, concurrent.futures.Future[Embedding]]]
+    ) -> None:
+        try:
+            embedding = self.embedder.embed_pixels(torch.cat([pixels for pixels, _ in batch]))
+            embedding = embedding.to("cpu")
+        except Exception as e:  # handed to every waiting request, which answers 500
+            for _, future in batch:
+                future.set_exception(e)
+            return
+        start = 0
+        for pixels, future in batch:
+            future.set_result(embedding[start : start + len(pixels)])
+            start += len(pixels)
+
+
+class Engine:
+    """Model, index and batcher, loaded once per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        device = torch.device(settings.device)
+        self.model = load_model(settings.checkpoint, device=device)
+        self.config = self.model.config
+        self.fingerprint = fingerprint(self.model)
+        self.embedder = Embedder(self.model, device, half=device.type == "cuda")
+        self.lock = threading.RLock()
+        self._exit = contextlib.ExitStack()
+        self.writable = False
+        if settings.allow_writes:
+            try:
+                self._exit.enter_context(writer_lock(settings.index))
+                self.writable = True
+            except IndexBusyError:
+                log.warning("%s is locked by another writer: serving read-only", settings.index)
+        self.index = GalleryIndex.open(settings.index, self.fingerprint, writable=self.writable)
+        if self.writable:
+            self.index.recover()
+        self.batcher = MicroBatcher(
+            self.embedder,
+            settings.max_batch_images,
+            settings.batch_window_ms / 1000,
+            settings.max_queue,
+        )
+
+    def close(self) -> None:
+        self.batcher.close()
+        with self.lock:
+            if self.writable and self.index.backlog():
+                self.index.snapshot()
+            self.index.close()
+        self._exit.close()
+
+    # -- decoding and embedding ----------------------------------------------------------------
+
+    def decode(self, data: bytes, name: str = "image") -> Query:
+        """Bytes of an upload -> pixels and geometry; ApiError 413/415/422 when they are not a
+        usable image (the message never includes a server path)."""
+        if not data:
+            raise ApiError(422, "empty_upload", f"{name}: the upload is empty; send an image file")
+        try:
+            image = load_image(data, self.settings.max_pixels, ALLOWED_FORMATS)
+        except ImageLoadError as e:
+            status, code = IMAGE_ERRORS.get(e.kind, (422, "corrupt_image"))
+            raise ApiError(status, code, f"{name}: {e.reason}") from e
+        pixels, geometry = preprocess(image, self.config.preprocessing)
+        return Query(pixels, geometry, image)
+
+    async def embed(self, queries: list[Query]) -> Embedding:
+        future = self.batcher.submit(torch.stack([q.pixels for q in queries]))
+        try:
+            return await asyncio.wait_for(
+                asyncio.wrap_future(future), timeout=self.settings.request_timeout_s
+            )
+        except TimeoutError as e:
+            future.cancel()
+            raise ApiError(503, "deadline_exceeded", "the request took too long; retry") from e
+
+    # -- search ------------------------------------------------------------------------------
+
+    def stored(self, item_id: int) -> tuple[Embedding, ImageGeometry, Item]:
+        """A gallery item's stored embedding, geometry and record; 404 when unknown."""
+        with self.lock:
+            item = self.index.items([item_id]).get(item_id)
+            if item is None:
+                raise ApiError(404, "not_found", f"no gallery item with id {item_id}")
+            ids = np.array([item_id])
+            parts = torch.from_numpy(self.index.grids(ids).astype(np.float32))
+            vector = torch.from_numpy(self.index.vectors(ids))
+        return Embedding(parts, vector), self.geometry(item), item
+
+    def geometry(self, item: Item) -> ImageGeometry:
+        return geometry_of(item.width, item.height, self.config.preprocessing)
+
+    def search(
+        self,
+        queries: Embedding,
+        geometries: list[ImageGeometry],
+        k: int,
+        rerank_k: int,
+        with_explanation: bool,
+        matches: int,
+        timer: StageTimer,
+    ) -> list[list[dict[str, Any]]]:
+        """B queries -> B lists of up to k hits: coarse search by the global vector, the top
+        ``rerank_k`` re-ranked by score = structural + global, the rest in global order."""
+        depth = max(k, rerank_k)
+        with timer.stage("coarse_search"), self.lock:
+            _, ids = self.index.search(queries.vector.numpy(), depth)
+            valid = ids >= 0
+            safe = np.where(valid, ids, ids.max(initial=0)) if valid.any() else ids
+            if not valid.any():
+                return [[] for _ in range(len(queries))]
+            flat = safe.ravel()
+            grids = self.index.grids(flat)
+            grids = grids.reshape(*safe.shape, *grids.shape[1:])  # (B, K, R, D)
+            vectors = self.index.vectors(flat).reshape(*safe.shape, -1)  # (B, K, D)
+            items = self.index.items(np.unique(flat))
+        with timer.stage("rerank"), torch.inference_mode():
+            match = structural_match(
+                queries.parts,
+                queries.vector,
+                torch.from_numpy(grids.astype(np.float32)),
+                torch.from_numpy(vectors),
+                self.config.matching,
+            )
+            order = self._order(match, torch.from_numpy(valid), rerank_k)
+        with timer.stage("explain"):
+            return [
+                self._hits(
+                    match,
+                    b,
+                    order[b],
+                    safe[b],
+                    valid[b],
+                    items,
+                    geometries[b],
+                    k,
+                    rerank_k,
+                    with_explanation,
+                    matches,
+                )
+                for b in range(len(queries))
+            ]
+
+    @staticmethod
+    def _order(match: Any, valid: torch.Tensor, rerank_k: int) -> torch.Tensor:
+        """(B, K) candidate positions: the first ``rerank_k`` sorted by score, then the rest."""
+        score = match.score.masked_fill(~valid, float("-inf"))
+        head = min(rerank_k, score.shape[1])
+        top = torch.argsort(score[:, :head], dim=1, descending=True)
+        rest = torch.arange(head, score.shape[1]).expand(score.shape[0], -1)
+        return torch.cat([top, rest], dim=1)
+
+    def _hits(
+        self,
+        match: Any,
+        b: int,
+        order: torch.Tensor,
+        ids: np.ndarray,
+        valid: np.ndarray,
+        items: dict[int, Item],
+        geometry: ImageGeometry,
+        k: int,
+        rerank_k: int,
+        with_explanation: bool,
+        matches: int,
+    ) -> list[dict[str, Any]]:
+        hits: list[dict[str, Any]] = []
+        for position in order.tolist():
+            if len(hits) == k:
+                break
+            item = items.get(int(ids[position]))
+            if not valid[position] or item is None:
+                continue
+            reranked = position < rerank_k
+            global_sim = float(match.global_similarity[b, position])
+            structural = float(match.structural_similarity[b, position])
+            hit: dict[str, Any] = {
+                "id": item.id,
+                "key": item.key,
+                "label": item.label,
+                "score": structural + global_sim if reranked else global_sim,
+                "global_similarity": global_sim,
+                "structural_similarity": structural,
+                "reranked": reranked,
+                "global_rank": position + 1,
+                "image_url": f"/gallery/{item.id}/image",
+            }
+            if with_explanation:
+                e = explain(
+                    match,
+                    geometry,
+                    self.geometry(item),
+                    self.config.grid,
+                    self.config.matching.epsilon,
+                    index=(b, position),
+                    top=matches,
+                )
+                hit["explanation"] = e.to_dict(matrices=False)
+            hits.append(hit)
+        return hits
+
+    def explain_pair(
+        self, a: Embedding, ga: ImageGeometry, b: Embedding, gb: ImageGeometry, top: int
+    ) -> Any:
+        with torch.inference_mode():
+            match = match_pairs(a, b, self.config.matching)
+        return explain(match, ga, gb, self.config.grid, self.config.matching.epsilon, top=top)
+
+    # -- gallery changes -----------------------------------------------------------------------
+
+    def add(self, uploads: list[tuple[str, bytes]], key: str | None, label: str | None) -> Any:
+        """Keep each upload's bytes under ``uploads/<sha256>`` and add them in one step."""
+        if not self.writable:
+            raise ApiError(503, "read_only", "this server cannot change the gallery now")
+        folder = self.settings.uploads_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        sources, early = [], []
+        for i, (filename, data) in enumerate(uploads):
+            try:
+                self.decode(data, filename)
+            except ApiError as e:
+                early.append({"filename": filename, "reason": e.message})
+                continue
+            path = folder / hashlib.sha256(data).hexdigest()
+            if not path.exists():
+                write_atomic(path, data)
+            item_key = key if key and len(uploads) == 1 else (f"{key}-{i}" if key else filename)
+            sources.append(Source(path, item_key, label))
+        with self.lock:
+            report = add_images(self.index, sources, self.embedder) if sources else None
+            added = self.index.items(report.ids) if report else {}
+            count = self.index.count
+        skipped = early + [
+            {"filename": Path(s["path"]).name, "reason": s["reason"]}
+            for s in (report.skipped if report else [])
+        ]
+        return [added[i] for i in sorted(added)], skipped, count
+
+    def remove(self, item_id: int) -> int:
+        if not self.writable:
+            raise ApiError(503, "read_only", "this server cannot change the gallery now")
+        with self.lock:
+            if not self.index.remove([item_id]):
+                raise ApiError(404, "not_found", f"no gallery item with id {item_id}")
+            return self.index.count
+
+    def canary(self) -> None:
+        """One real search end to end; raises when the engine cannot serve."""
+        spec = self.config.preprocessing
+        blank, _ = preprocess(Image.new("RGB", (spec.crop, spec.crop), (128, 128, 128)), spec)
+        embedding = self.batcher.submit(blank[None]).result(timeout=120)
+        with self.lock:
+            self.index.search(embedding.vector.numpy(), 1)

@@ -1,0 +1,53 @@
+"""Prometheus metrics: requests and latency per route, time per stage of a search."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+STAGES = ("decode", "embed", "coarse_search", "rerank", "explain")
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """One registry per app, so that tests and several apps in one process do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "diml_requests", "HTTP requests", ["route", "method", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "diml_request_seconds", "request latency", ["route", "method"],
+            buckets=BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.stages = Histogram(
+            "diml_stage_seconds", "time per stage of a request", ["stage"],
+            buckets=BUCKETS, registry=self.registry,
+        )  # fmt: skip
+
+
+class StageTimer:
+    """Times the stages of one request, for the histogram and the ``Server-Timing`` header."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.metrics.stages.labels(name).observe(seconds)
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={1e3 * s:.2f}" for name, s in self.seconds.items())

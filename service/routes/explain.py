@@ -1,0 +1,102 @@
+"""``POST /explain`` (uploads or ids) and ``GET /explain`` (ids): JSON or a PNG picture."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from model import Embedding, ImageGeometry, ImageLoadError, load_image, render_explanation
+from service.deps import EngineDep, Read, TimerDep
+from service.engine import Engine
+from service.errors import ApiError
+from service.routes.search import ERRORS
+from service.schemas import ExplanationOut
+
+router = APIRouter(tags=["explain"], dependencies=[Read])
+
+Format = Annotated[Literal["json", "png"], Query(description="json, or png for the picture")]
+Top = Annotated[int, Query(ge=0, le=256, description="strongest part matches to list")]
+Side = tuple[Embedding, ImageGeometry, Image.Image | None]
+
+
+async def _side(
+    engine: Engine, name: str, upload: UploadFile | None, item_id: int | None, picture: bool
+) -> Side:
+    if (upload is None) == (item_id is None):
+        raise ApiError(422, "invalid_request", f"give exactly one of '{name}' (an image) or "
+                       f"'{name}_id' (a gallery id)")  # fmt: skip
+    if upload is not None:
+        query = await run_in_threadpool(engine.decode, await upload.read(), upload.filename or name)
+        return (await engine.embed([query])), query.geometry, query.image
+    assert item_id is not None
+    embedding, geometry, item = await run_in_threadpool(engine.stored, item_id)
+    image = None
+    if picture:
+        try:
+            image = await run_in_threadpool(load_image, item.path or "")
+        except ImageLoadError as e:
+            raise ApiError(404, "not_found", f"the image of gallery item {item_id} is no longer "
+                           "available") from e  # fmt: skip
+    return embedding, geometry, image
+
+
+async def _explain(
+    engine: Engine,
+    a: Side,
+    b: Side,
+    top: int,
+    format: str,
+) -> Any:
+    explanation = await run_in_threadpool(engine.explain_pair, a[0], a[1], b[0], b[1], top)
+    if format == "png":
+        assert a[2] is not None
+        assert b[2] is not None
+        picture = await run_in_threadpool(render_explanation, a[2], b[2], explanation, top)
+        buffer = io.BytesIO()
+        picture.save(buffer, "PNG")
+        return Response(buffer.getvalue(), media_type="image/png")
+    return JSONResponse(explanation.to_dict(matrices=True))
+
+
+PNG: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {}}, "description": "the explanation, or its picture"}
+}
+
+
+@router.post("/explain", response_model=ExplanationOut, responses={**ERRORS, **PNG})
+async def explain_post(
+    engine: EngineDep,
+    timer: TimerDep,
+    a: Annotated[UploadFile | None, File(description="query image")] = None,
+    a_id: Annotated[int | None, Form(description="or a gallery id as the query")] = None,
+    b: Annotated[UploadFile | None, File(description="image to compare")] = None,
+    b_id: Annotated[int | None, Form(description="or a gallery id to compare")] = None,
+    format: Format = "json",
+    top: Top = 5,
+) -> Any:
+    """How b matches a, part by part, with the full R x R flow."""
+    png = format == "png"
+    side_a = await _side(engine, "a", a, a_id, png)
+    side_b = await _side(engine, "b", b, b_id, png)
+    return await _explain(engine, side_a, side_b, top, format)
+
+
+@router.get("/explain", response_model=ExplanationOut, responses={**ERRORS, **PNG})
+async def explain_get(
+    engine: EngineDep,
+    timer: TimerDep,
+    a_id: Annotated[int, Query(description="gallery id of the query")],
+    b_id: Annotated[int, Query(description="gallery id to compare")],
+    format: Format = "json",
+    top: Top = 5,
+) -> Any:
+    """The same for two gallery items, by id (a link can show the picture)."""
+    png = format == "png"
+    side_a = await _side(engine, "a", None, a_id, png)
+    side_b = await _side(engine, "b", None, b_id, png)
+    return await _explain(engine, side_a, side_b, top, format)

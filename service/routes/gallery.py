@@ -1,0 +1,99 @@
+"""``/gallery``: browse, fetch images by id, add and delete items."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import FileResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from index_builder import Item
+from service.deps import EngineDep, Read, Write
+from service.errors import ApiError
+from service.routes.search import ERRORS
+from service.schemas import AddResponse, DeleteResponse, GalleryItemOut, GalleryPage
+
+router = APIRouter(prefix="/gallery", tags=["gallery"], responses=ERRORS)
+MEDIA = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+         "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}  # fmt: skip
+
+
+def _out(item: Item) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "key": item.key,
+        "label": item.label,
+        "sha256": item.sha256,
+        "width": item.width,
+        "height": item.height,
+        "added": item.added,
+        "image_url": f"/gallery/{item.id}/image",
+    }
+
+
+def _item(engine: Any, item_id: int) -> Item:
+    with engine.lock:
+        item: Item | None = engine.index.items([item_id]).get(item_id)
+    if item is None:
+        raise ApiError(404, "not_found", f"no gallery item with id {item_id}")
+    return item
+
+
+@router.get("", response_model=GalleryPage, dependencies=[Read])
+def list_items(
+    engine: EngineDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> dict[str, Any]:
+    """A page of gallery items in id order."""
+    with engine.lock:
+        items = engine.index.table.page(offset, limit)
+        total = engine.index.count
+    return {"items": [_out(i) for i in items], "total": total, "offset": offset, "limit": limit}
+
+
+@router.get("/{item_id}", response_model=GalleryItemOut, dependencies=[Read])
+def get_item(item_id: int, engine: EngineDep) -> dict[str, Any]:
+    return _out(_item(engine, item_id))
+
+
+@router.get(
+    "/{item_id}/image",
+    dependencies=[Read],
+    response_class=FileResponse,
+    responses={200: {"content": {"image/*": {}}, "description": "the original image file"}},
+)
+def get_image(item_id: int, engine: EngineDep) -> FileResponse:
+    """The item's original file, found by id only (never by a client-given path)."""
+    item = _item(engine, item_id)
+    try:
+        with Image.open(item.path or "") as image:
+            media = MEDIA.get(image.format or "", "application/octet-stream")
+    except OSError as e:
+        raise ApiError(
+            404, "not_found", f"the image of item {item_id} is no longer available"
+        ) from e
+    return FileResponse(item.path or "", media_type=media)
+
+
+@router.post("", response_model=AddResponse, status_code=201, dependencies=[Write])
+async def add_items(
+    engine: EngineDep,
+    images: Annotated[list[UploadFile], File(description="images to add")],
+    key: Annotated[str | None, Form(max_length=512, description="external key")] = None,
+    label: Annotated[str | None, Form(max_length=512, description="label for all")] = None,
+) -> dict[str, Any]:
+    """Add images (all or nothing); bytes already in the gallery are skipped, with the reason."""
+    if not images:
+        raise ApiError(422, "invalid_request", "send at least one image")
+    uploads = [(u.filename or f"image-{i}", await u.read()) for i, u in enumerate(images)]
+    added, skipped, count = await run_in_threadpool(engine.add, uploads, key, label)
+    return {"added": [_out(i) for i in added], "skipped": skipped, "count": count}
+
+
+@router.delete("/{item_id}", response_model=DeleteResponse, dependencies=[Write])
+async def delete_item(item_id: int, engine: EngineDep) -> dict[str, Any]:
+    count = await run_in_threadpool(engine.remove, item_id)
+    return {"removed": 1, "count": count}

@@ -1,0 +1,50 @@
+"""``/healthz`` (alive), ``/readyz`` (model and index loaded, canary passed), ``/metrics``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.errors import error_response
+from service.schemas import ErrorBody, Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> dict[str, Any]:
+    """The process is up (it may still be loading)."""
+    return {"status": "alive"}
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": ErrorBody}})
+def readyz(request: Request) -> Any:
+    """200 once the model and index are loaded and a canary search passed; 503 before."""
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        failure = getattr(request.app.state, "load_error", None)
+        message = (
+            "loading failed; the server log says why"
+            if failure
+            else "loading the model and the index"
+        )
+        return error_response(503, "not_ready", message, {"Retry-After": "5"})
+    return JSONResponse(
+        {
+            "status": "ready",
+            "items": engine.index.count,
+            "model": engine.fingerprint[:16],
+            "device": str(engine.embedder.device),
+        }
+    )
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )

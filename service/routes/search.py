@@ -1,0 +1,119 @@
+"""``POST /search``, ``POST /search/by-id/{id}``, ``POST /search/batch``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Query, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import EngineDep, Read, TimerDep
+from service.engine import Engine
+from service.errors import ApiError
+from service.metrics import StageTimer
+from service.schemas import BatchSearchResponse, ErrorBody, SearchResponse
+
+router = APIRouter(tags=["search"], dependencies=[Read])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 403, 404, 413, 415, 422, 503)
+}
+
+K = Annotated[int, Query(ge=1, le=1000, description="results to return")]
+RerankK = Annotated[
+    int, Query(ge=0, le=1000, description="candidates re-ranked by structural matching; 0 = none")
+]
+Explain = Annotated[bool, Query(description="attach an explanation to every result")]
+Matches = Annotated[int, Query(ge=0, le=256, description="strongest part matches per result")]
+
+
+async def _run(
+    engine: Engine,
+    uploads: list[UploadFile],
+    timer: StageTimer,
+    k: int,
+    rerank_k: int,
+    explain: bool,
+    matches: int,
+) -> list[list[dict[str, Any]]]:
+    with timer.stage("decode"):
+        queries = []
+        for upload in uploads:
+            data = await upload.read()
+            queries.append(await run_in_threadpool(engine.decode, data, upload.filename or "image"))
+    with timer.stage("embed"):
+        embedding = await engine.embed(queries)
+    geometries = [q.geometry for q in queries]
+    return await run_in_threadpool(
+        engine.search, embedding, geometries, k, rerank_k, explain, matches, timer
+    )
+
+
+@router.post(
+    "/search", response_model=SearchResponse, response_model_exclude_none=True, responses=ERRORS
+)
+async def search(
+    engine: EngineDep,
+    timer: TimerDep,
+    response: Response,
+    image: Annotated[
+        UploadFile, File(description="the query image (JPEG, PNG, WebP, GIF, BMP, TIFF)")
+    ],
+    k: K = 10,
+    rerank_k: RerankK = 100,
+    explain: Explain = True,
+    matches: Matches = 5,
+) -> dict[str, Any]:
+    """The gallery images most like the uploaded one, each with why it matches."""
+    results = await _run(engine, [image], timer, k, rerank_k, explain, matches)
+    response.headers["Server-Timing"] = timer.header()
+    return {"results": results[0]}
+
+
+@router.post(
+    "/search/batch",
+    response_model=BatchSearchResponse,
+    response_model_exclude_none=True,
+    responses=ERRORS,
+)
+async def search_batch(
+    engine: EngineDep,
+    timer: TimerDep,
+    response: Response,
+    images: Annotated[list[UploadFile], File(description="several query images")],
+    k: K = 10,
+    rerank_k: RerankK = 100,
+    explain: Explain = True,
+    matches: Matches = 5,
+) -> dict[str, Any]:
+    """Several queries in one request, answered in order."""
+    limit = engine.settings.max_batch_images
+    if not images or len(images) > limit:
+        raise ApiError(422, "invalid_request", f"send between 1 and {limit} images")
+    results = await _run(engine, images, timer, k, rerank_k, explain, matches)
+    response.headers["Server-Timing"] = timer.header()
+    return {"queries": [{"results": r} for r in results]}
+
+
+@router.post(
+    "/search/by-id/{item_id}",
+    response_model=SearchResponse,
+    response_model_exclude_none=True,
+    responses=ERRORS,
+)
+async def search_by_id(
+    item_id: int,
+    engine: EngineDep,
+    timer: TimerDep,
+    response: Response,
+    k: K = 10,
+    rerank_k: RerankK = 100,
+    explain: Explain = True,
+    matches: Matches = 5,
+) -> dict[str, Any]:
+    """More like this: the gallery item's own stored embedding as the query."""
+    embedding, geometry, _ = await run_in_threadpool(engine.stored, item_id)
+    results = await run_in_threadpool(
+        engine.search, embedding, [geometry], k, rerank_k, explain, matches, timer
+    )
+    response.headers["Server-Timing"] = timer.header()
+    return {"results": results[0]}

@@ -1,0 +1,114 @@
+"""Request and response models: what the OpenAPI page at /docs documents."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class PartMatchOut(BaseModel):
+    query_region: int
+    result_region: int
+    flow: float
+    similarity: float
+    contribution: float
+
+
+class Contributions(BaseModel):
+    query: list[float] = Field(description="per query part; sums to structural_similarity")
+    result: list[float] = Field(description="per result part; sums to structural_similarity")
+
+
+class SinkhornOut(BaseModel):
+    converged: bool
+    marginal_error: float
+    iterations: int
+
+
+class ExplanationOut(BaseModel):
+    """The same schema as ``diml explain --json``; search results leave out the matrices."""
+
+    epsilon: float
+    grid: int
+    query_weights: list[float]
+    result_weights: list[float]
+    query_regions: list[list[float]] = Field(description="[x0, y0, x1, y1] in query pixels")
+    result_regions: list[list[float]] = Field(description="[x0, y0, x1, y1] in result pixels")
+    contributions: Contributions
+    matches: list[PartMatchOut]
+    global_similarity: float
+    structural_similarity: float
+    score: float
+    sinkhorn: SinkhornOut
+    plan: list[list[float]] | None = Field(None, description="R x R flow, rows = query parts")
+    similarity: list[list[float]] | None = None
+
+
+class Hit(BaseModel):
+    id: int
+    key: str
+    label: str | None
+    score: float = Field(description="structural + global similarity when re-ranked, else global")
+    global_similarity: float
+    structural_similarity: float
+    reranked: bool
+    global_rank: int = Field(description="1-based rank by the global vector alone")
+    image_url: str
+    explanation: ExplanationOut | None = None
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+
+
+class BatchSearchResponse(BaseModel):
+    queries: list[SearchResponse]
+
+
+class GalleryItemOut(BaseModel):
+    id: int
+    key: str
+    label: str | None
+    sha256: str
+    width: int
+    height: int
+    added: str
+    image_url: str
+
+
+class GalleryPage(BaseModel):
+    items: list[GalleryItemOut]
+    total: int
+    offset: int
+    limit: int
+
+
+class Skipped(BaseModel):
+    filename: str
+    reason: str
+
+
+class AddResponse(BaseModel):
+    added: list[GalleryItemOut]
+    skipped: list[Skipped]
+    count: int
+
+
+class DeleteResponse(BaseModel):
+    removed: int
+    count: int
+
+
+class Health(BaseModel):
+    status: str
+    items: int | None = None
+    model: str | None = None
+    device: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,61 @@
+"""Deployment settings, from the environment (``DIML_*``) or ``diml serve`` flags."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of a running service. Environment: ``DIML_INDEX=/data/index`` and so on;
+    key lists are comma-separated."""
+
+    model_config = SettingsConfigDict(env_prefix="DIML_", frozen=True)
+
+    index: Path = Field(Path("gallery.index"), description="index folder to serve")
+    checkpoint: Path | None = Field(None, description="model checkpoint (default: ImageNet "
+                                    "MobileNetV2, head-less)")  # fmt: skip
+    device: str = "cpu"
+    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="request body limit")
+    max_pixels: int = Field(40_000_000, gt=0, description="decoded image size limit")
+    max_batch_images: int = Field(16, gt=0, description="images in one batch search")
+    max_k: int = Field(1000, gt=0)
+    max_rerank_k: int = Field(1000, ge=0)
+    batch_window_ms: float = Field(2.0, ge=0, description="micro-batching wait for company")
+    max_queue: int = Field(64, gt=0, description="images waiting for the backbone; past it 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline")
+    read_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    write_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allow_writes: bool = True
+    uploads: Path | None = Field(None, description="where added images are kept "
+                                 "(default: INDEX/uploads)")  # fmt: skip
+
+    @field_validator("read_keys", "write_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split(value)
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.uploads or self.index / "uploads"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.read_keys or self.write_keys)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
