@@ -335,7 +335,7 @@ class Engine:
             try:
                 self.decode(data, filename)
             except ApiError as e:
-                early.append({"filename": filename, "reason": e.message})
+                early.append({"filename": filename, "reason": e.message.removeprefix(f"{filename}: ")})
                 continue
             path = folder / hashlib.sha256(data).hexdigest()
             if not path.exists():

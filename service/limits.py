@@ -32,27 +32,33 @@ class BodySizeLimit:
             await self._refuse(send)
             return
         received = 0
-        started = False
+        overflow = refused = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, overflow
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
+                    overflow = True
                     raise _TooLargeError
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        async def guarded_send(message: Message) -> None:
+            # The app may turn the interrupted read into an answer of its own (a 400 for a
+            # broken form): past the limit, the 413 goes out instead.
+            nonlocal refused
+            if not overflow:
+                await send(message)
+            elif not refused:
+                refused = True
+                await self._refuse(send)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, guarded_send)
         except _TooLargeError:
-            if not started:
+            if not refused:
+                refused = True
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:

@@ -1,0 +1,249 @@
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from model import Embedding
+from service.app import create_app
+from service.engine import MicroBatcher, OverloadedError
+from tests.index_builder.helpers import make_images
+from tests.service.conftest import png, settings_for
+
+
+def _client(served: dict[str, Path], index: Path | None = None, **extra: object) -> TestClient:
+    return TestClient(create_app(settings_for(served, index, **extra), load_in_background=False))
+
+
+def test_add_search_delete_and_restart(
+    served: dict[str, Path], fresh_index: Path, tmp_path: Path
+) -> None:
+    new = make_images(tmp_path / "new", 2, seed=11)
+    with _client(served, fresh_index) as client:
+        files = [("images", (p.name, p.read_bytes())) for p in new]
+        files.append(("images", ("dup.png", new[0].read_bytes())))
+        files.append(("images", ("notes.txt", b"hello")))
+        added = client.post("/gallery", files=files, data={"label": "new"})
+        assert added.status_code == 201, added.text
+        body = added.json()
+        assert [a["id"] for a in body["added"]] == [12, 13]
+        assert body["added"][0]["label"] == "new"
+        assert body["count"] == 14
+        reasons = {s["filename"]: s["reason"] for s in body["skipped"]}
+        assert reasons["notes.txt"].startswith("not a readable image")
+        assert "duplicate bytes" in next(r for f, r in reasons.items() if f != "notes.txt")
+        query = {"image": ("q.png", new[1].read_bytes())}
+        assert client.post("/search", files=query, params={"k": 1}).json()["results"][0]["id"] == 13
+        assert client.get("/gallery/13/image").content == new[1].read_bytes()
+        assert client.delete("/gallery/13").json() == {"removed": 1, "count": 13}
+        assert client.delete("/gallery/13").status_code == 404
+        hits = client.post("/search", files=query, params={"k": 20}).json()["results"]
+        assert 13 not in [h["id"] for h in hits]
+    with _client(served, fresh_index) as client:  # a restart
+        assert client.get("/gallery", params={"limit": 500}).json()["total"] == 13
+        hits = client.post("/search", files=query, params={"k": 20}).json()["results"]
+        assert 13 not in [h["id"] for h in hits]
+        assert 12 in [h["id"] for h in hits]
+        assert client.get("/gallery/12").json()["label"] == "new"
+
+
+def test_gallery_pages(client: TestClient) -> None:
+    page = client.get("/gallery", params={"offset": 10, "limit": 5}).json()
+    assert page["total"] == 12
+    assert [i["id"] for i in page["items"]] == [10, 11]
+    assert client.get("/gallery/3").json()["id"] == 3
+    image = client.get("/gallery/3/image")
+    assert image.headers["content-type"] == "image/png"
+    assert client.get("/gallery/77/image").status_code == 404
+
+
+def test_a_read_only_server_refuses_changes(client: TestClient) -> None:
+    response = client.delete("/gallery/1")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "read_only"
+
+
+def _big_png(side: int) -> bytes:
+    return png(Image.new("L", (side, side)))
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "code"),
+    [
+        (b"plain text", 415, "unsupported_media_type"),
+        (png(fmt="PPM"), 415, "unsupported_media_type"),
+        (png(fmt="JPEG")[:300], 422, "corrupt_image"),
+        (b"", 422, "empty_upload"),
+        (_big_png(3000), 413, "too_many_pixels"),
+    ],
+)
+def test_bad_images_get_the_right_status(
+    served: dict[str, Path], content: bytes, status: int, code: str
+) -> None:
+    with _client(served, max_pixels=4_000_000) as client:
+        response = client.post("/search", files={"image": ("upload.bin", content)})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert str(served["root"]) not in error["message"]
+    assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"k": 0}, {"k": "ten"}, {"rerank_k": -1}, {"matches": 999}, {"explain": "perhaps"}],
+)
+def test_bad_parameters_are_422(client: TestClient, params: dict[str, object]) -> None:
+    response = client.post("/search", files={"image": ("q.png", png())}, params=params)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_missing_image_field_and_unknown_routes(client: TestClient) -> None:
+    assert client.post("/search").status_code == 422
+    missing = client.get("/nowhere")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    assert client.get("/search").status_code == 405
+
+
+def test_declared_body_over_the_limit_is_refused_before_reading(served: dict[str, Path]) -> None:
+    with _client(served, max_upload_bytes=10_000) as client:
+        response = client.post("/search", files={"image": ("big.png", b"\0" * 20_000)})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_large"
+
+
+def test_chunked_body_over_the_limit_is_stopped_while_streaming(served: dict[str, Path]) -> None:
+    sent = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        yield (
+            b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n"
+        )
+        for _ in range(100):
+            sent += 4096
+            yield b"\0" * 4096
+
+    with _client(served, max_upload_bytes=10_000) as client:
+        response = client.post(
+            "/search",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_large"
+
+
+def test_readiness_before_and_after_loading(served: dict[str, Path], tmp_path: Path) -> None:
+    app = create_app(settings_for(served))
+    client = TestClient(app)  # no lifespan yet: nothing loaded
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    response = client.post("/search", files={"image": ("q.png", png())})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "not_ready"
+    with TestClient(create_app(settings_for(served), load_in_background=False)) as loaded:
+        ready = loaded.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["items"] == 12
+    broken = settings_for(served, tmp_path / "absent")
+    with TestClient(create_app(broken, load_in_background=False)) as failed:
+        response = failed.get("/readyz")
+        assert response.status_code == 503
+        assert str(tmp_path) not in response.text
+
+
+def test_api_key_scopes(served: dict[str, Path], fresh_index: Path) -> None:
+    with _client(served, fresh_index, read_keys=["r-key"], write_keys=["w-key"]) as client:
+        image = {"image": ("q.png", png())}
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/search", files=image).status_code == 401
+        assert client.post("/search", files=image, headers={"x-api-key": "nope"}).status_code == 403
+        read = {"authorization": "Bearer r-key"}
+        write = {"x-api-key": "w-key"}
+        assert client.post("/search", files=image, headers=read).status_code == 200
+        assert client.post("/search", files=image, headers=write).status_code == 200
+        assert client.delete("/gallery/1", headers=read).status_code == 403
+        assert client.delete("/gallery/1").status_code == 401
+        assert client.delete("/gallery/1", headers=write).status_code == 200
+
+
+def test_writes_are_refused_when_only_read_keys_exist(
+    served: dict[str, Path], fresh_index: Path
+) -> None:
+    with _client(served, fresh_index, read_keys=["r"]) as client:
+        response = client.delete("/gallery/1", headers={"x-api-key": "r"})
+    assert response.status_code == 403
+
+
+def test_metrics_count_requests_and_stages(client: TestClient) -> None:
+    client.post("/search", files={"image": ("q.png", png())})
+    text = client.get("/metrics").text
+    assert 'diml_requests_total{method="POST",route="/search",status="200"}' in text
+    for stage in ("decode", "embed", "coarse_search", "rerank", "explain"):
+        assert f'diml_stage_seconds_count{{stage="{stage}"}}' in text
+
+
+def test_a_full_queue_answers_503_with_retry_after(client: TestClient) -> None:
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+
+    def full(pixels: object) -> None:
+        raise OverloadedError()
+
+    original = engine.batcher.submit
+    engine.batcher.submit = full
+    try:
+        response = client.post("/search", files={"image": ("q.png", png())})
+    finally:
+        engine.batcher.submit = original
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "overloaded"
+
+
+class _Backbone:
+    """A stand-in embedder that records batch sizes and can be held back."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.sizes: list[int] = []
+
+    def embed_pixels(self, pixels: torch.Tensor) -> Embedding:
+        self.release.wait(5)
+        self.sizes.append(len(pixels))
+        return Embedding(torch.zeros(len(pixels), 4, 2), torch.zeros(len(pixels), 2))
+
+
+def test_micro_batcher_embeds_concurrent_requests_together() -> None:
+    backbone = _Backbone()
+    backbone.release.set()
+    batcher = MicroBatcher(backbone, max_batch=8, window_s=0.5, max_queue=8)  # type: ignore[arg-type]
+    futures = [batcher.submit(torch.zeros(n, 3, 8, 8)) for n in (1, 2, 2)]
+    assert [len(f.result(5)) for f in futures] == [1, 2, 2]
+    assert backbone.sizes == [5]  # three requests, one pass through the backbone
+    batcher.close()
+
+
+def test_micro_batcher_bounds_its_queue() -> None:
+    backbone = _Backbone()
+    batcher = MicroBatcher(backbone, max_batch=1, window_s=0.0, max_queue=2)  # type: ignore[arg-type]
+    first = batcher.submit(torch.zeros(1, 3, 8, 8))
+    deadline = time.monotonic() + 5
+    while batcher.jobs.qsize() and time.monotonic() < deadline:  # the worker takes it, then waits
+        time.sleep(0.01)
+    waiting = [batcher.submit(torch.zeros(1, 3, 8, 8)) for _ in range(2)]
+    with pytest.raises(OverloadedError):
+        batcher.submit(torch.zeros(1, 3, 8, 8))
+    backbone.release.set()
+    assert [len(f.result(5)) for f in [first, *waiting]] == [1, 1, 1]
+    batcher.close()

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.service.conftest import png
+
+
+def _image(served: dict[str, Path], index: int = 4) -> bytes:
+    return sorted(served["gallery"].rglob("*.png"))[index].read_bytes()
+
+
+def test_search_explains_every_result(client: TestClient, served: dict[str, Path]) -> None:
+    response = client.post("/search", files={"image": ("q.png", _image(served))}, params={"k": 5})
+    assert response.status_code == 200
+    assert "rerank;dur=" in response.headers["server-timing"]
+    hits = response.json()["results"]
+    assert len(hits) == 5
+    assert hits[0]["global_similarity"] == pytest.approx(1.0, abs=1e-3)  # the image itself
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    for hit in hits:
+        e = hit["explanation"]
+        assert hit["reranked"] is True
+        assert hit["score"] == pytest.approx(
+            hit["structural_similarity"] + hit["global_similarity"]
+        )
+        assert sum(e["contributions"]["query"]) == pytest.approx(
+            hit["structural_similarity"], abs=1e-5
+        )
+        assert sum(e["contributions"]["result"]) == pytest.approx(
+            hit["structural_similarity"], abs=1e-5
+        )
+        assert len(e["query_regions"]) == 4  # the tiny model's 2 x 2 grid
+        assert len(e["matches"]) == 5  # the default: 5 strongest of the 4 x 4 part pairs
+        assert "plan" not in e
+        assert hit["image_url"] == f"/gallery/{hit['id']}/image"
+
+
+def test_without_reranking_results_keep_the_global_order(
+    client: TestClient, served: dict[str, Path]
+) -> None:
+    params = {"k": 6, "rerank_k": 0, "explain": "false"}
+    hits = client.post("/search", files={"image": ("q.png", _image(served))}, params=params).json()
+    ranks = [h["global_rank"] for h in hits["results"]]
+    assert ranks == [1, 2, 3, 4, 5, 6]
+    assert all(h["reranked"] is False for h in hits["results"])
+    assert all("explanation" not in h for h in hits["results"])
+    assert all(h["score"] == h["global_similarity"] for h in hits["results"])
+
+
+def test_partial_reranking_keeps_the_tail_in_global_order(
+    client: TestClient, served: dict[str, Path]
+) -> None:
+    params = {"k": 8, "rerank_k": 3}
+    hits = client.post("/search", files={"image": ("q.png", _image(served))}, params=params).json()
+    results = hits["results"]
+    assert sorted(h["global_rank"] for h in results[:3]) == [1, 2, 3]
+    assert [h["global_rank"] for h in results[3:]] == [4, 5, 6, 7, 8]
+
+
+def test_by_id_finds_the_item_first(client: TestClient) -> None:
+    for item_id in (0, 7, 11):
+        hits = client.post(f"/search/by-id/{item_id}", params={"k": 3}).json()["results"]
+        assert hits[0]["id"] == item_id
+    assert client.post("/search/by-id/999").status_code == 404
+
+
+def test_batch_search_answers_in_order(client: TestClient, served: dict[str, Path]) -> None:
+    files = [("images", (f"{i}.png", _image(served, i))) for i in (2, 9)]
+    queries = client.post("/search/batch", files=files, params={"k": 2}).json()["queries"]
+    first_keys = [q["results"][0]["key"] for q in queries]
+    names = [
+        p.relative_to(served["gallery"]).as_posix()
+        for p in sorted(served["gallery"].rglob("*.png"))
+    ]
+    assert first_keys == [names[2], names[9]]
+
+
+def test_more_results_than_items(client: TestClient, served: dict[str, Path]) -> None:
+    hits = client.post("/search", files={"image": ("q.png", png())}, params={"k": 50}).json()
+    assert len(hits["results"]) == 12
+
+
+def test_explain_uploads_ids_and_both(client: TestClient, served: dict[str, Path]) -> None:
+    image = _image(served, 0)
+    by_upload = client.post(
+        "/explain", files={"a": ("a.png", image), "b": ("b.png", _image(served, 1))}
+    )
+    by_ids = client.post("/explain", data={"a_id": "0", "b_id": "1"})
+    mixed = client.post("/explain", data={"b_id": "1"}, files={"a": ("a.png", image)})
+    for response in (by_upload, by_ids, mixed):
+        assert response.status_code == 200, response.text
+        e = response.json()
+        assert len(e["plan"]) == 4
+        assert sum(map(sum, e["plan"])) == pytest.approx(1.0, abs=1e-4)
+        assert sum(e["contributions"]["query"]) == pytest.approx(
+            e["structural_similarity"], abs=1e-5
+        )
+    assert by_upload.json()["score"] == pytest.approx(by_ids.json()["score"], abs=2e-3)
+    got = client.get("/explain", params={"a_id": 0, "b_id": 1, "format": "png"})
+    assert got.status_code == 200
+    assert got.headers["content-type"] == "image/png"
+    assert got.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "files"),
+    [({}, {}), ({"a_id": "0"}, {"a": ("a.png", b"x")}), ({"a_id": "0"}, {})],
+)
+def test_explain_needs_exactly_one_of_each_side(
+    client: TestClient, data: dict[str, str], files: dict[str, tuple[str, bytes]]
+) -> None:
+    response = client.post("/explain", data=data, files=files or None)
+    assert response.status_code == 422
+    assert "exactly one of" in response.json()["error"]["message"]
