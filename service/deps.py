@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from service.engine import Engine
 from service.errors import ApiError
@@ -75,6 +75,8 @@ def get_timer(request: Request) -> StageTimer:
     return timer
 
 
+MAX_ID = 2**63 - 1
+ItemId = Annotated[int, Path(ge=0, le=MAX_ID, description="a gallery item's id")]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 TimerDep = Annotated[StageTimer, Depends(get_timer)]
 Read = Depends(require_read)

@@ -335,7 +335,8 @@ class Engine:
             try:
                 self.decode(data, filename)
             except ApiError as e:
-                early.append({"filename": filename, "reason": e.message.removeprefix(f"{filename}: ")})
+                reason = e.message.removeprefix(f"{filename}: ")
+                early.append({"filename": filename, "reason": reason})
                 continue
             path = folder / hashlib.sha256(data).hexdigest()
             if not path.exists():

@@ -11,7 +11,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from model import Embedding, ImageGeometry, ImageLoadError, load_image, render_explanation
-from service.deps import EngineDep, Read, TimerDep
+from service.deps import MAX_ID, EngineDep, Read, TimerDep
 from service.engine import Engine
 from service.errors import ApiError
 from service.routes.search import ERRORS
@@ -73,9 +73,13 @@ async def explain_post(
     engine: EngineDep,
     timer: TimerDep,
     a: Annotated[UploadFile | None, File(description="query image")] = None,
-    a_id: Annotated[int | None, Form(description="or a gallery id as the query")] = None,
+    a_id: Annotated[
+        int | None, Form(ge=0, le=MAX_ID, description="or a gallery id as the query")
+    ] = None,
     b: Annotated[UploadFile | None, File(description="image to compare")] = None,
-    b_id: Annotated[int | None, Form(description="or a gallery id to compare")] = None,
+    b_id: Annotated[
+        int | None, Form(ge=0, le=MAX_ID, description="or a gallery id to compare")
+    ] = None,
     format: Format = "json",
     top: Top = 5,
 ) -> Any:
@@ -90,8 +94,8 @@ async def explain_post(
 async def explain_get(
     engine: EngineDep,
     timer: TimerDep,
-    a_id: Annotated[int, Query(description="gallery id of the query")],
-    b_id: Annotated[int, Query(description="gallery id to compare")],
+    a_id: Annotated[int, Query(ge=0, le=MAX_ID, description="gallery id of the query")],
+    b_id: Annotated[int, Query(ge=0, le=MAX_ID, description="gallery id to compare")],
     format: Format = "json",
     top: Top = 5,
 ) -> Any:

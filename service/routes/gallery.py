@@ -10,7 +10,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from index_builder import Item
-from service.deps import EngineDep, Read, Write
+from service.deps import MAX_ID, EngineDep, ItemId, Read, Write
 from service.errors import ApiError
 from service.routes.search import ERRORS
 from service.schemas import AddResponse, DeleteResponse, GalleryItemOut, GalleryPage
@@ -44,7 +44,7 @@ def _item(engine: Any, item_id: int) -> Item:
 @router.get("", response_model=GalleryPage, dependencies=[Read])
 def list_items(
     engine: EngineDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> dict[str, Any]:
     """A page of gallery items in id order."""
@@ -55,7 +55,7 @@ def list_items(
 
 
 @router.get("/{item_id}", response_model=GalleryItemOut, dependencies=[Read])
-def get_item(item_id: int, engine: EngineDep) -> dict[str, Any]:
+def get_item(item_id: ItemId, engine: EngineDep) -> dict[str, Any]:
     return _out(_item(engine, item_id))
 
 
@@ -65,7 +65,7 @@ def get_item(item_id: int, engine: EngineDep) -> dict[str, Any]:
     response_class=FileResponse,
     responses={200: {"content": {"image/*": {}}, "description": "the original image file"}},
 )
-def get_image(item_id: int, engine: EngineDep) -> FileResponse:
+def get_image(item_id: ItemId, engine: EngineDep) -> FileResponse:
     """The item's original file, found by id only (never by a client-given path)."""
     item = _item(engine, item_id)
     try:
@@ -94,6 +94,6 @@ async def add_items(
 
 
 @router.delete("/{item_id}", response_model=DeleteResponse, dependencies=[Write])
-async def delete_item(item_id: int, engine: EngineDep) -> dict[str, Any]:
+async def delete_item(item_id: ItemId, engine: EngineDep) -> dict[str, Any]:
     count = await run_in_threadpool(engine.remove, item_id)
     return {"removed": 1, "count": count}

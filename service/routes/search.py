@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import EngineDep, Read, TimerDep
+from service.deps import EngineDep, ItemId, Read, TimerDep
 from service.engine import Engine
 from service.errors import ApiError
 from service.metrics import StageTimer
@@ -101,7 +101,7 @@ async def search_batch(
     responses=ERRORS,
 )
 async def search_by_id(
-    item_id: int,
+    item_id: ItemId,
     engine: EngineDep,
     timer: TimerDep,
     response: Response,

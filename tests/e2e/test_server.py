@@ -1,0 +1,142 @@
+"""The real thing: `diml serve` in its own process on 127.0.0.1, driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.index_builder.helpers import make_images
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, index: Path, checkpoint: Path, **env: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "DIML_MAX_UPLOAD_BYTES": "200000",
+            **env,
+        }
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--index",
+                str(index),
+                "--checkpoint",
+                str(checkpoint),
+                "--port",
+                str(self.port),
+            ],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> httpx.Response:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                output = self.process.stdout.read().decode() if self.process.stdout else ""
+                raise AssertionError(f"the server exited: {output[-2000:]}")
+            try:
+                response = httpx.get(f"{self.url}/readyz", timeout=2)
+                if response.status_code == 200:
+                    return response
+                assert response.status_code == 503
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the server did not become ready")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture
+def server(served: dict[str, Path], fresh_index: Path) -> Iterator[Server]:
+    s = Server(fresh_index, served["checkpoint"])
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_search_add_delete_and_restart_over_http(
+    server: Server, served: dict[str, Path], fresh_index: Path, tmp_path: Path
+) -> None:
+    image = sorted(served["gallery"].rglob("*.png"))[3]
+    response = httpx.post(f"{server.url}/search", files={"image": ("q.png", image.read_bytes())},
+                          params={"k": 3}, timeout=60)  # fmt: skip
+    assert response.status_code == 200
+    hits = response.json()["results"]
+    assert hits[0]["key"] == image.relative_to(served["gallery"]).as_posix()
+    assert "server" not in response.headers  # no server name or version
+    new = make_images(tmp_path / "new", 1, seed=21)[0]
+    added = httpx.post(
+        f"{server.url}/gallery", files={"images": ("n.png", new.read_bytes())}, timeout=60
+    )
+    assert added.status_code == 201
+    new_id = added.json()["added"][0]["id"]
+    assert httpx.delete(f"{server.url}/gallery/0", timeout=60).status_code == 200
+    server.stop()
+    again = Server(fresh_index, served["checkpoint"])
+    try:
+        again.wait_ready()
+        by_id = httpx.post(f"{again.url}/search/by-id/{new_id}", params={"k": 20}, timeout=60)
+        ids = [h["id"] for h in by_id.json()["results"]]
+        assert ids[0] == new_id
+        assert 0 not in ids
+    finally:
+        again.stop()
+
+
+def test_chunked_upload_over_the_limit_gets_413(server: Server) -> None:
+    def body() -> Iterator[bytes]:
+        yield (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+               b"Content-Type: image/png\r\n\r\n")  # fmt: skip
+        for _ in range(200):
+            yield b"\0" * 4096
+
+    response = httpx.post(
+        f"{server.url}/search",
+        content=body(),
+        headers={"content-type": "multipart/form-data; boundary=b"},
+        timeout=60,
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_large"
+
+
+def test_ready_reports_the_index(served: dict[str, Path], fresh_index: Path) -> None:
+    s = Server(fresh_index, served["checkpoint"])
+    try:
+        ready = s.wait_ready()
+        assert ready.json()["items"] == 12
+    finally:
+        s.stop()
