@@ -83,9 +83,11 @@ class SourceListError(ValueError):
 
 
 def scan_folder(root: Path) -> list[Source]:
-    """Every non-hidden file under ``root``, sorted; key = relative path, label = first folder."""
+    """Every non-hidden file under ``root``, sorted; key = relative path, label = first folder.
+    Paths are made absolute: the index records where to find each file from anywhere."""
     if not root.is_dir():
         raise SourceListError(f"{root}: no such folder of images")
+    root = root.absolute()
     sources = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -117,7 +119,7 @@ def read_list(csv_path: Path) -> list[Source]:
         raw = (row.get("path") or "").strip()
         if not raw:
             raise SourceListError(f"{csv_path}:{rows.line_num}: empty path")
-        path = Path(raw) if Path(raw).is_absolute() else csv_path.parent / raw
+        path = Path(raw) if Path(raw).is_absolute() else csv_path.parent.absolute() / raw
         key = (row.get("key") or "").strip() or raw
         sources.append(Source(path, key, (row.get("label") or "").strip() or None))
     return sources

@@ -126,7 +126,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    sources = [Source(path, path.name, args.label) for path in args.files]
+    sources = [Source(path.absolute(), path.name, args.label) for path in args.files]
     try:
         embedder = _embedder(args)
         with writing(args.index, fingerprint(embedder.model)) as index:

@@ -209,6 +209,14 @@ def test_verify_finds_an_altered_segment(gallery: Path, tmp_path: Path) -> None:
     assert any("checksum mismatch" in p for p in GalleryIndex.open(out).verify())
 
 
+def test_sources_get_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_images(tmp_path / "pics", 2)
+    (tmp_path / "list.csv").write_text("path\npics/class0/img0_0000.png\n")
+    monkeypatch.chdir(tmp_path)
+    assert all(s.path.is_absolute() for s in scan_folder(Path("pics")))
+    assert read_list(Path("list.csv"))[0].path == tmp_path / "pics/class0/img0_0000.png"
+
+
 def test_read_list(tmp_path: Path) -> None:
     make_images(tmp_path / "pics", 2)
     listing = tmp_path / "list.csv"

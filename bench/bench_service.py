@@ -1,0 +1,162 @@
+"""Latency and throughput of POST /search over loopback, stage by stage.
+
+    .venv/bin/python bench/bench_service.py --cub ../shared/data/cub-dev
+
+Indexes the CUB photos with the default model (or serves ``--index``), starts ``diml serve`` on
+127.0.0.1, and sends /search requests (k=10, rerank_k=100, explain on) with 1, 4 and 16
+concurrent clients. Prints client-side p50/p95 latency and requests/second per concurrency, and
+the server's median time per stage from the ``Server-Timing`` header (decode, embed, coarse
+search, re-rank, explain). Every loop is bounded by ``--requests``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build(cub: Path, out: Path) -> None:
+    command = [sys.executable, "-m", "service.cli", "index", "build", "--images",
+               str(cub / "images"), "--out", str(out), "--quiet"]  # fmt: skip
+    subprocess.run(command, check=True, cwd=REPO)
+
+
+def serve(index: Path, port: int) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "service.cli", "serve", "--index", str(index),
+               "--port", str(port)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DIML_ALLOW_WRITES": "false"}
+    quiet = subprocess.DEVNULL
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=quiet, stderr=quiet)
+
+
+def wait_ready(url: str, timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=2)
+            if response.status_code == 200:
+                return int(response.json()["items"])
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the server did not become ready")
+
+
+def stages(header: str) -> dict[str, float]:
+    out = {}
+    for part in header.split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        if duration:
+            out[name] = float(duration)
+    return out
+
+
+def run(url: str, images: list[bytes], clients: int, requests: int) -> dict[str, object]:
+    latencies: list[float] = []
+    timings: list[dict[str, float]] = []
+    errors = 0
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def worker() -> None:
+        nonlocal errors
+        with httpx.Client(timeout=60) as client:
+            for i in counter:
+                body = images[i % len(images)]
+                start = time.perf_counter()
+                response = client.post(
+                    f"{url}/search",
+                    files={"image": ("q.jpg", body, "image/jpeg")},
+                    params={"k": 10, "rerank_k": 100, "explain": "true"},
+                )
+                elapsed = time.perf_counter() - start
+                with lock:
+                    if response.status_code == 200:
+                        latencies.append(elapsed)
+                        timings.append(stages(response.headers.get("server-timing", "")))
+                    else:
+                        errors += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    latencies.sort()
+    names = ("decode", "embed", "coarse_search", "rerank", "explain")
+    return {
+        "clients": clients,
+        "p50": 1e3 * latencies[len(latencies) // 2],
+        "p95": 1e3 * latencies[int(0.95 * (len(latencies) - 1))],
+        "rps": len(latencies) / wall,
+        "errors": errors,
+        "stages": {n: statistics.median(t.get(n, 0.0) for t in timings) for n in names},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cub", type=Path, required=True, help="CUB folder: gallery and queries")
+    parser.add_argument("--index", type=Path, help="serve this index instead of building one")
+    parser.add_argument("--requests", type=int, default=60, help="requests per concurrency level")
+    args = parser.parse_args()
+    queries = sorted((args.cub / "images").rglob("*.jpg"))[::17][:40]
+    images = [p.read_bytes() for p in queries]
+    with tempfile.TemporaryDirectory() as tmp:
+        index = args.index
+        if index is None:
+            index = Path(tmp) / "index"
+            print("indexing the gallery ...", flush=True)
+            build(args.cub, index)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = serve(index, port)
+        try:
+            items = wait_ready(url)
+            run(url, images, 1, 5)  # warm-up
+            print(
+                f"\n/search over loopback: {items} items, default model (MobileNetV2 head-less, "
+                f"4x4 grid), k=10, rerank_k=100, explain on, {args.requests} requests per row"
+            )
+            print(
+                f"  {'clients':>7} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7} {'errors':>6}   "
+                "server median ms: decode / embed / coarse / rerank / explain"
+            )
+            for clients in (1, 4, 16):
+                r = run(url, images, clients, args.requests)
+                s = r["stages"]
+                assert isinstance(s, dict)
+                print(
+                    f"  {clients:7d} {r['p50']:8.1f} {r['p95']:8.1f} {r['rps']:7.1f} "
+                    f"{r['errors']:6d}   {s['decode']:.1f} / {s['embed']:.1f} / "
+                    f"{s['coarse_search']:.1f} / {s['rerank']:.1f} / {s['explain']:.1f}"
+                )
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
