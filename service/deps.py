@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from typing import Annotated
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Path, Request
 
@@ -11,6 +13,8 @@ from service.engine import Engine
 from service.errors import ApiError
 from service.metrics import StageTimer
 from service.settings import Settings
+
+T = TypeVar("T")
 
 
 def get_engine(request: Request) -> Engine:
@@ -67,6 +71,15 @@ def require_write(request: Request) -> None:
                        "'Authorization: Bearer <key>' or 'X-API-Key: <key>'")  # fmt: skip
     if not _matches(key, settings.write_keys):
         raise ApiError(403, "forbidden", "this API key may not change the gallery")
+
+
+async def within_deadline(engine: Engine, work: Awaitable[T]) -> T:
+    """``work``, or 503 ``deadline_exceeded`` once the request's time is up."""
+    try:
+        return await asyncio.wait_for(work, timeout=engine.settings.request_timeout_s)
+    except TimeoutError as e:
+        raise ApiError(503, "deadline_exceeded", "the request took too long; retry",
+                       {"Retry-After": "1"}) from e  # fmt: skip
 
 
 def get_timer(request: Request) -> StageTimer:

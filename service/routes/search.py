@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import EngineDep, ItemId, Read, TimerDep
+from service.deps import EngineDep, ItemId, Read, TimerDep, within_deadline
 from service.engine import Engine
 from service.errors import ApiError
 from service.metrics import StageTimer
@@ -64,7 +64,8 @@ async def search(
     matches: Matches = 5,
 ) -> dict[str, Any]:
     """The gallery images most like the uploaded one, each with why it matches."""
-    results = await _run(engine, [image], timer, k, rerank_k, explain, matches)
+    work = _run(engine, [image], timer, k, rerank_k, explain, matches)
+    results = await within_deadline(engine, work)
     response.headers["Server-Timing"] = timer.header()
     return {"results": results[0]}
 
@@ -89,7 +90,9 @@ async def search_batch(
     limit = engine.settings.max_batch_images
     if not images or len(images) > limit:
         raise ApiError(422, "invalid_request", f"send between 1 and {limit} images")
-    results = await _run(engine, images, timer, k, rerank_k, explain, matches)
+    results = await within_deadline(
+        engine, _run(engine, images, timer, k, rerank_k, explain, matches)
+    )
     response.headers["Server-Timing"] = timer.header()
     return {"queries": [{"results": r} for r in results]}
 
@@ -112,8 +115,9 @@ async def search_by_id(
 ) -> dict[str, Any]:
     """More like this: the gallery item's own stored embedding as the query."""
     embedding, geometry, _ = await run_in_threadpool(engine.stored, item_id)
-    results = await run_in_threadpool(
+    work = run_in_threadpool(
         engine.search, embedding, [geometry], k, rerank_k, explain, matches, timer
     )
+    results = await within_deadline(engine, work)
     response.headers["Server-Timing"] = timer.header()
     return {"results": results[0]}

@@ -194,6 +194,13 @@ def test_metrics_count_requests_and_stages(client: TestClient) -> None:
         assert f'diml_stage_seconds_count{{stage="{stage}"}}' in text
 
 
+def test_a_request_past_its_deadline_gets_503(served: dict[str, Path]) -> None:
+    with _client(served, request_timeout_s=1e-4) as client:
+        response = client.post("/search", files={"image": ("q.png", png())})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "deadline_exceeded"
+
+
 def test_a_full_queue_answers_503_with_retry_after(client: TestClient) -> None:
     engine = client.app.state.engine  # type: ignore[attr-defined]
 
