@@ -29,9 +29,10 @@ import numpy as np
 
 from index_builder.files import crashpoint, fsync_dir, write_atomic, writer_lock
 from index_builder.manifest import IndexFormatError, Manifest, now
-from index_builder.segments import SegmentStore, sha256_file
+from index_builder.segments import SegmentStore
 from index_builder.table import Item, ItemTable, NewItem
 from index_builder.vector_index import VectorIndex
+from model.backbones import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ when read, so gathering K candidates' grids reads K rows, never the whole store.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from index_builder.files import save_npy_atomic
 from index_builder.table import SegmentInfo
+from model.backbones import sha256_file
 
 FOLDER = "segments"
 
@@ -70,11 +70,3 @@ class SegmentStore:
         for path in self.folder.glob("*.npy"):
             if int(path.name.split(".")[0]) not in known:
                 path.unlink()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
