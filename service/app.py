@@ -7,8 +7,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from service import errors
 from service.engine import Engine
@@ -18,6 +21,7 @@ from service.routes import explain, gallery, health, search
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
 
 DESCRIPTION = """Image search that explains itself. Each result comes with the parts of the two
 images that matched and how much each pair contributed: `score = global + structural`, and the
@@ -51,6 +55,12 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     errors.install(app)
     for module in (search, explain, gallery, health):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        """The web page: search by image and see why each result matches."""
+        return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.middleware("http")
     async def record(

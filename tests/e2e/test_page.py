@@ -1,0 +1,141 @@
+"""The web page in headless Chromium (Debian's, driven by Playwright) against a real server."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.test_server import Server
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)"
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def page(served: dict[str, Path], fresh_index: Path) -> Iterator[tuple[object, Server, list[str]]]:
+    server = Server(fresh_index, served["checkpoint"])
+    server.wait_ready()
+    requests: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        tab.on("request", lambda r: requests.append(r.url))
+        tab.goto(server.url)
+        try:
+            yield tab, server, requests
+        finally:
+            browser.close()
+            server.stop()
+
+
+def test_search_explain_hover_and_errors(
+    page: tuple[object, Server, list[str]], served: dict[str, Path], tmp_path: Path
+) -> None:
+    tab, server, requests = page  # type: ignore[misc]
+    query = sorted(served["gallery"].rglob("*.png"))[5]
+    tab.wait_for_selector("#gallery .item")
+    assert "(12 images)" in tab.inner_text("#gallery-count")
+
+    tab.set_input_files("#file", str(query))
+    tab.wait_for_function("document.querySelectorAll('#results .result').length === 12")
+    api = httpx.post(
+        f"{server.url}/search",
+        files={"image": ("q.png", query.read_bytes())},
+        params={"k": 12, "rerank_k": 100, "matches": 8},
+        timeout=60,
+    ).json()
+    cards = tab.query_selector_all("#results .result")
+    for card, hit in zip(cards, api["results"], strict=True):
+        assert card.get_attribute("data-id") == str(hit["id"])
+        assert card.query_selector(".score").inner_text() == f"{hit['score']:.3f}"
+    assert f"global rank {api['results'][1]['global_rank']}" in cards[1].inner_text()
+    tab.screenshot(path=str(tmp_path / "results.png"))
+
+    cards[1].click()
+    tab.wait_for_selector("#detail:not([hidden]) #pair .cell")
+    hit = api["results"][1]
+    explanation = httpx.post(
+        f"{server.url}/explain",
+        files={"a": ("q.png", query.read_bytes())},
+        data={"b_id": str(hit["id"])},
+        timeout=60,
+    ).json()
+    for side in ("query", "result"):
+        drawn = [
+            float(c.get_attribute("data-contribution"))
+            for c in tab.query_selector_all(f'#pair .cell[data-side="{side}"]')
+        ]
+        assert drawn == pytest.approx(explanation["contributions"][side], abs=1e-9)
+    bars = [float(b.get_attribute("data-value")) for b in tab.query_selector_all("#bars .bar")]
+    assert sum(bars) == pytest.approx(explanation["score"], abs=1e-6)
+    assert len(tab.query_selector_all("#pair .match")) == 8
+    assert len(tab.query_selector_all("#matches tbody tr")) == 8
+
+    tab.hover('#pair .cell[data-side="query"][data-region="0"]')
+    tab.wait_for_selector("#pair .flows line", state="attached")
+    info = tab.inner_text("#hover-info")
+    assert info.startswith("query part 0 sends most flow to result part")
+    best = max(range(4), key=lambda j: explanation["plan"][0][j])
+    assert f"result part {best}:" in info
+    tab.focus('#pair .cell[data-side="result"][data-region="3"]')  # keyboard reaches parts too
+    assert tab.inner_text("#hover-info").startswith("result part 3 sends most flow")
+    tab.screenshot(path=str(tmp_path / "explanation.png"), full_page=True)
+
+    tab.click("#more-like-this")
+    tab.wait_for_function(
+        f"document.querySelector('#results .result')?.dataset.id === '{hit['id']}'"
+    )
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    tab.set_input_files("#file", str(notes))
+    tab.wait_for_selector("#status.error")
+    assert "not a readable image" in tab.inner_text("#status")
+    assert "415" in tab.inner_text("#status")
+
+    outside = [u for u in requests if not u.startswith((server.url, "blob:", "data:"))]
+    assert outside == []
+
+
+def test_add_images_and_browse_pages(
+    page: tuple[object, Server, list[str]], tmp_path: Path
+) -> None:
+    from tests.index_builder.helpers import make_images
+
+    tab, _, _ = page  # type: ignore[misc]
+    tab.wait_for_selector("#gallery .item")
+    new = make_images(tmp_path / "new", 2, seed=31)
+    tab.set_input_files("#add-files", [str(p) for p in new])
+    tab.fill("#add-label", "fresh")
+    tab.click("#add-form button[type=submit]")
+    tab.wait_for_function("document.querySelector('#status').textContent.startsWith('Added 2')")
+    assert "(14 images)" in tab.inner_text("#gallery-count")
+
+
+def test_phone_sized_window_has_no_sideways_scrolling(
+    page: tuple[object, Server, list[str]], served: dict[str, Path]
+) -> None:
+    tab, _, _ = page  # type: ignore[misc]
+    tab.set_viewport_size({"width": 390, "height": 844})
+    tab.set_input_files("#file", str(sorted(served["gallery"].rglob("*.png"))[0]))
+    tab.wait_for_selector("#results .result")
+    tab.click("#results .result")
+    tab.wait_for_selector("#detail:not([hidden]) #pair .cell")
+    assert tab.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
