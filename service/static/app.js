@@ -195,6 +195,9 @@ function drawPair(e, qImg, rImg) {
       stroke: "#f1c40f", "stroke-width": 1 + 5 * Math.abs(m.contribution) / strongest,
       "data-rank": i + 1, "data-contribution": m.contribution,
     }));
+    const label = el("text", { class: "rank-label", x: (a[0] + b[0]) / 2, y: (a[1] + b[1]) / 2 - 4 });
+    label.textContent = `${i + 1}: ${m.contribution.toFixed(4)}`;
+    lines.append(label);
   });
   svg.append(lines);
   svg.append(el("g", { class: "flows" }));
