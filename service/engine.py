@@ -115,6 +115,11 @@ class MicroBatcher:
     def _embed(
         self, batch: list[tuple[torch.Tensor, concurrent.futures.Future[Embedding]]]
     ) -> None:
+        # A request that gave up (its deadline passed) cancelled its future: skip it. Once
+        # marked running, a future can no longer be cancelled, so set_result below is safe.
+        batch = [(pixels, f) for pixels, f in batch if f.set_running_or_notify_cancel()]
+        if not batch:
+            return
         try:
             embedding = self.embedder.embed_pixels(torch.cat([pixels for pixels, _ in batch]))
             embedding = embedding.to("cpu")

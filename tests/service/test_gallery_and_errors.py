@@ -254,3 +254,21 @@ def test_micro_batcher_bounds_its_queue() -> None:
     backbone.release.set()
     assert [len(f.result(5)) for f in [first, *waiting]] == [1, 1, 1]
     batcher.close()
+
+
+def test_a_cancelled_request_does_not_stop_the_batcher() -> None:
+    # A request past its deadline cancels its future; the batcher must skip it and keep serving.
+    backbone = _Backbone()
+    batcher = MicroBatcher(backbone, max_batch=1, window_s=0.0, max_queue=4)  # type: ignore[arg-type]
+    first = batcher.submit(torch.zeros(1, 3, 8, 8))
+    deadline = time.monotonic() + 5
+    while batcher.jobs.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    abandoned = batcher.submit(torch.zeros(2, 3, 8, 8))
+    assert abandoned.cancel()
+    backbone.release.set()
+    assert len(first.result(5)) == 1
+    later = batcher.submit(torch.zeros(3, 3, 8, 8))
+    assert len(later.result(5)) == 3
+    assert backbone.sizes == [1, 3]  # the cancelled request never reached the backbone
+    batcher.close()
