@@ -186,14 +186,11 @@ class Engine:
         return Query(pixels, geometry, image)
 
     async def embed(self, queries: list[Query]) -> Embedding:
-        future = self.batcher.submit(torch.stack([q.pixels for q in queries]))
-        try:
-            return await asyncio.wait_for(
-                asyncio.wrap_future(future), timeout=self.settings.request_timeout_s
-            )
-        except TimeoutError as e:
-            future.cancel()
-            raise ApiError(503, "deadline_exceeded", "the request took too long; retry") from e
+        """Embed through the shared batcher. The caller's deadline cancelling this await also
+        cancels the job, which the batcher then skips."""
+        return await asyncio.wrap_future(
+            self.batcher.submit(torch.stack([q.pixels for q in queries]))
+        )
 
     # -- search ------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from model import Embedding, ImageGeometry, ImageLoadError, load_image, render_explanation
-from service.deps import MAX_ID, EngineDep, Read, TimerDep
+from service.deps import MAX_ID, EngineDep, Read, within_deadline
 from service.engine import Engine
 from service.errors import ApiError
 from service.routes.search import ERRORS
@@ -47,11 +47,24 @@ async def _side(
 
 async def _explain(
     engine: Engine,
-    a: Side,
-    b: Side,
+    a: tuple[UploadFile | None, int | None],
+    b: tuple[UploadFile | None, int | None],
     top: int,
     format: str,
 ) -> Any:
+    """Both sides (each an upload or a gallery id), then the explanation, within the deadline."""
+    return await within_deadline(engine, _explain_sides(engine, a, b, top, format))
+
+
+async def _explain_sides(
+    engine: Engine,
+    a_given: tuple[UploadFile | None, int | None],
+    b_given: tuple[UploadFile | None, int | None],
+    top: int,
+    format: str,
+) -> Any:
+    a = await _side(engine, "a", *a_given, format == "png")
+    b = await _side(engine, "b", *b_given, format == "png")
     explanation = await run_in_threadpool(engine.explain_pair, a[0], a[1], b[0], b[1], top)
     if format == "png":
         assert a[2] is not None
@@ -71,7 +84,6 @@ PNG: dict[int | str, dict[str, Any]] = {
 @router.post("/explain", response_model=ExplanationOut, responses={**ERRORS, **PNG})
 async def explain_post(
     engine: EngineDep,
-    timer: TimerDep,
     a: Annotated[UploadFile | None, File(description="query image")] = None,
     a_id: Annotated[
         int | None, Form(ge=0, le=MAX_ID, description="or a gallery id as the query")
@@ -84,23 +96,16 @@ async def explain_post(
     top: Top = 5,
 ) -> Any:
     """How b matches a, part by part, with the full R x R flow."""
-    png = format == "png"
-    side_a = await _side(engine, "a", a, a_id, png)
-    side_b = await _side(engine, "b", b, b_id, png)
-    return await _explain(engine, side_a, side_b, top, format)
+    return await _explain(engine, (a, a_id), (b, b_id), top, format)
 
 
 @router.get("/explain", response_model=ExplanationOut, responses={**ERRORS, **PNG})
 async def explain_get(
     engine: EngineDep,
-    timer: TimerDep,
     a_id: Annotated[int, Query(ge=0, le=MAX_ID, description="gallery id of the query")],
     b_id: Annotated[int, Query(ge=0, le=MAX_ID, description="gallery id to compare")],
     format: Format = "json",
     top: Top = 5,
 ) -> Any:
     """The same for two gallery items, by id (a link can show the picture)."""
-    png = format == "png"
-    side_a = await _side(engine, "a", None, a_id, png)
-    side_b = await _side(engine, "b", None, b_id, png)
-    return await _explain(engine, side_a, side_b, top, format)
+    return await _explain(engine, (None, a_id), (None, b_id), top, format)

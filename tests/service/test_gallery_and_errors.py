@@ -196,9 +196,12 @@ def test_metrics_count_requests_and_stages(client: TestClient) -> None:
 
 def test_a_request_past_its_deadline_gets_503(served: dict[str, Path]) -> None:
     with _client(served, request_timeout_s=1e-4) as client:
-        response = client.post("/search", files={"image": ("q.png", png())})
-    assert response.status_code == 503
-    assert response.json()["error"]["code"] == "deadline_exceeded"
+        searched = client.post("/search", files={"image": ("q.png", png())})
+        explained = client.post("/explain", files={"a": ("a.png", png())}, data={"b_id": "1"})
+        later = client.post("/search/by-id/1")
+    for response in (searched, explained, later):
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "deadline_exceeded"
 
 
 def test_a_full_queue_answers_503_with_retry_after(client: TestClient) -> None:
