@@ -64,6 +64,17 @@ class Query:
     image: Image.Image
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """k results; the top ``rerank_k`` of the global ranking re-ranked; explanations with the
+    ``matches`` strongest part pairs when ``explain``."""
+
+    k: int = 10
+    rerank_k: int = 100
+    explain: bool = True
+    matches: int = 5
+
+
 class OverloadedError(ApiError):
     def __init__(self) -> None:
         super().__init__(
@@ -212,21 +223,17 @@ class Engine:
         self,
         queries: Embedding,
         geometries: list[ImageGeometry],
-        k: int,
-        rerank_k: int,
-        with_explanation: bool,
-        matches: int,
+        options: SearchOptions,
         timer: StageTimer,
     ) -> list[list[dict[str, Any]]]:
         """B queries -> B lists of up to k hits: coarse search by the global vector, the top
         ``rerank_k`` re-ranked by score = structural + global, the rest in global order."""
-        depth = max(k, rerank_k)
         with timer.stage("coarse_search"), self.lock:
-            _, ids = self.index.search(queries.vector.numpy(), depth)
-            valid = ids >= 0
-            safe = np.where(valid, ids, ids.max(initial=0)) if valid.any() else ids
+            _, ids = self.index.search(queries.vector.numpy(), max(options.k, options.rerank_k))
+            valid = ids >= 0  # FAISS pads with -1 past the end
             if not valid.any():
                 return [[] for _ in range(len(queries))]
+            safe = np.where(valid, ids, ids.max())  # any real id; masked out below
             flat = safe.ravel()
             grids = self.index.grids(flat)
             grids = grids.reshape(*safe.shape, *grids.shape[1:])  # (B, K, R, D)
@@ -240,22 +247,10 @@ class Engine:
                 torch.from_numpy(vectors),
                 self.config.matching,
             )
-            order = self._order(match, torch.from_numpy(valid), rerank_k)
+            order = self._order(match, torch.from_numpy(valid), options.rerank_k)
         with timer.stage("explain"):
             return [
-                self._hits(
-                    match,
-                    b,
-                    order[b],
-                    safe[b],
-                    valid[b],
-                    items,
-                    geometries[b],
-                    k,
-                    rerank_k,
-                    with_explanation,
-                    matches,
-                )
+                self._hits(match, b, order[b], safe[b], valid[b], items, geometries[b], options)
                 for b in range(len(queries))
             ]
 
@@ -277,19 +272,16 @@ class Engine:
         valid: np.ndarray,
         items: dict[int, Item],
         geometry: ImageGeometry,
-        k: int,
-        rerank_k: int,
-        with_explanation: bool,
-        matches: int,
+        options: SearchOptions,
     ) -> list[dict[str, Any]]:
         hits: list[dict[str, Any]] = []
         for position in order.tolist():
-            if len(hits) == k:
+            if len(hits) == options.k:
                 break
             item = items.get(int(ids[position]))
             if not valid[position] or item is None:
                 continue
-            reranked = position < rerank_k
+            reranked = position < options.rerank_k
             global_sim = float(match.global_similarity[b, position])
             structural = float(match.structural_similarity[b, position])
             hit: dict[str, Any] = {
@@ -303,7 +295,7 @@ class Engine:
                 "global_rank": position + 1,
                 "image_url": f"/gallery/{item.id}/image",
             }
-            if with_explanation:
+            if options.explain:
                 e = explain(
                     match,
                     geometry,
@@ -311,7 +303,7 @@ class Engine:
                     self.config.grid,
                     self.config.matching.epsilon,
                     index=(b, position),
-                    top=matches,
+                    top=options.matches,
                 )
                 hit["explanation"] = e.to_dict(matrices=False)
             hits.append(hit)

@@ -31,8 +31,6 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="request body limit")
     max_pixels: int = Field(40_000_000, gt=0, description="decoded image size limit")
     max_batch_images: int = Field(16, gt=0, description="images in one batch search")
-    max_k: int = Field(1000, gt=0)
-    max_rerank_k: int = Field(1000, ge=0)
     batch_window_ms: float = Field(2.0, ge=0, description="micro-batching wait for company")
     max_queue: int = Field(64, gt=0, description="images waiting for the backbone; past it 503")
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline")

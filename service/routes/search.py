@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import EngineDep, ItemId, Read, TimerDep, within_deadline
-from service.engine import Engine
+from service.engine import Engine, SearchOptions
 from service.errors import ApiError
 from service.metrics import StageTimer
 from service.schemas import BatchSearchResponse, ErrorBody, SearchResponse
@@ -26,14 +26,20 @@ Explain = Annotated[bool, Query(description="attach an explanation to every resu
 Matches = Annotated[int, Query(ge=0, le=256, description="strongest part matches per result")]
 
 
+def search_options(
+    k: K = 10, rerank_k: RerankK = 100, explain: Explain = True, matches: Matches = 5
+) -> SearchOptions:
+    return SearchOptions(k, rerank_k, explain, matches)
+
+
+Options = Annotated[SearchOptions, Depends(search_options)]
+
+
 async def _run(
     engine: Engine,
     uploads: list[UploadFile],
     timer: StageTimer,
-    k: int,
-    rerank_k: int,
-    explain: bool,
-    matches: int,
+    options: SearchOptions,
 ) -> list[list[dict[str, Any]]]:
     with timer.stage("decode"):
         queries = []
@@ -43,9 +49,7 @@ async def _run(
     with timer.stage("embed"):
         embedding = await engine.embed(queries)
     geometries = [q.geometry for q in queries]
-    return await run_in_threadpool(
-        engine.search, embedding, geometries, k, rerank_k, explain, matches, timer
-    )
+    return await run_in_threadpool(engine.search, embedding, geometries, options, timer)
 
 
 @router.post(
@@ -58,14 +62,10 @@ async def search(
     image: Annotated[
         UploadFile, File(description="the query image (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     ],
-    k: K = 10,
-    rerank_k: RerankK = 100,
-    explain: Explain = True,
-    matches: Matches = 5,
+    options: Options,
 ) -> dict[str, Any]:
     """The gallery images most like the uploaded one, each with why it matches."""
-    work = _run(engine, [image], timer, k, rerank_k, explain, matches)
-    results = await within_deadline(engine, work)
+    results = await within_deadline(engine, _run(engine, [image], timer, options))
     response.headers["Server-Timing"] = timer.header()
     return {"results": results[0]}
 
@@ -81,18 +81,13 @@ async def search_batch(
     timer: TimerDep,
     response: Response,
     images: Annotated[list[UploadFile], File(description="several query images")],
-    k: K = 10,
-    rerank_k: RerankK = 100,
-    explain: Explain = True,
-    matches: Matches = 5,
+    options: Options,
 ) -> dict[str, Any]:
     """Several queries in one request, answered in order."""
     limit = engine.settings.max_batch_images
     if not images or len(images) > limit:
         raise ApiError(422, "invalid_request", f"send between 1 and {limit} images")
-    results = await within_deadline(
-        engine, _run(engine, images, timer, k, rerank_k, explain, matches)
-    )
+    results = await within_deadline(engine, _run(engine, images, timer, options))
     response.headers["Server-Timing"] = timer.header()
     return {"queries": [{"results": r} for r in results]}
 
@@ -108,16 +103,11 @@ async def search_by_id(
     engine: EngineDep,
     timer: TimerDep,
     response: Response,
-    k: K = 10,
-    rerank_k: RerankK = 100,
-    explain: Explain = True,
-    matches: Matches = 5,
+    options: Options,
 ) -> dict[str, Any]:
     """More like this: the gallery item's own stored embedding as the query."""
     embedding, geometry, _ = await run_in_threadpool(engine.stored, item_id)
-    work = run_in_threadpool(
-        engine.search, embedding, [geometry], k, rerank_k, explain, matches, timer
-    )
+    work = run_in_threadpool(engine.search, embedding, [geometry], options, timer)
     results = await within_deadline(engine, work)
     response.headers["Server-Timing"] = timer.header()
     return {"results": results[0]}
