@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from model.config import ModelConfig
 from model.explain import Explanation, explain
 from model.images import ImageGeometry, preprocess
 from model.matching import match_pairs
@@ -46,7 +47,19 @@ class Embedder:
     def explain(self, query: Image.Image, result: Image.Image, top: int = 5) -> Explanation:
         """Embed both pictures and explain how ``result`` matches ``query``."""
         embedding, (gq, gr) = self.embed([query, result])
-        config = self.model.config
-        with torch.inference_mode():
-            match = match_pairs(embedding[0], embedding[1], config.matching)
-        return explain(match, gq, gr, config.grid, config.matching.epsilon, top=top)
+        return explain_embeddings(embedding[0], gq, embedding[1], gr, self.model.config, top)
+
+
+def explain_embeddings(
+    a: Embedding,
+    a_geometry: ImageGeometry,
+    b: Embedding,
+    b_geometry: ImageGeometry,
+    config: ModelConfig,
+    top: int = 5,
+) -> Explanation:
+    """How one embedded image ``b`` matches another ``a`` (each of length 1), with the grid and
+    matching settings of the model ``config`` that made them."""
+    with torch.inference_mode():
+        match = match_pairs(a, b, config.matching)
+    return explain(match, a_geometry, b_geometry, config.grid, config.matching.epsilon, top=top)

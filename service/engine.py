@@ -29,17 +29,18 @@ from index_builder.files import write_atomic, writer_lock
 from model import (
     Embedder,
     Embedding,
+    Explanation,
     ImageGeometry,
     ImageLoadError,
     explain,
     fingerprint,
     load_image,
     load_model,
-    match_pairs,
     preprocess,
     structural_match,
 )
 from model.images import geometry_of
+from model.pipeline import explain_embeddings
 from service.errors import ApiError
 from service.metrics import StageTimer
 from service.settings import ALLOWED_FORMATS, Settings
@@ -311,10 +312,8 @@ class Engine:
 
     def explain_pair(
         self, a: Embedding, ga: ImageGeometry, b: Embedding, gb: ImageGeometry, top: int
-    ) -> Any:
-        with torch.inference_mode():
-            match = match_pairs(a, b, self.config.matching)
-        return explain(match, ga, gb, self.config.grid, self.config.matching.epsilon, top=top)
+    ) -> Explanation:
+        return explain_embeddings(a, ga, b, gb, self.config, top)
 
     # -- gallery changes -----------------------------------------------------------------------
 
