@@ -10,6 +10,7 @@ from pathlib import Path
 
 from index_builder.cli import add_index
 from model.cli import add_explain
+from model.train_cli import add_training
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_explain(commands)
+    add_training(commands)
     add_index(commands)
     add_serve(commands)
     return parser

@@ -1,0 +1,414 @@
+"""Evaluation on a labelled image set: every image queries all the others.
+
+- retrieval: Recall@K, R-Precision and MAP@R of the global ranking and of the same ranking with
+  its top-K re-ranked by structural matching (``score = SS + <q̄, ḡ>``);
+- keypoint transfer (CUB): each keypoint visible in a query and in one of its (up to 3) highest
+  re-ranked same-class candidates is carried from its query cell to a candidate cell, and is
+  correct within ``alpha * max(box width, height)`` of the same part in the candidate (PCK).
+  Carried by the flow (the cell with the most flow, and the flow-weighted mean of the cell
+  centres), by nearest-feature matching (argmax of S) and by the identity (the same cell);
+- deletion: dropping the query's 3 most contributing parts from the match must lower the
+  structural similarity more than dropping 3 random parts.
+
+Everything is batched; the all-pairs global similarity is computed in chunks of queries, so a
+set of SOP's size (60k images) fits in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from model.config import MatchingConfig, Preprocessing
+from model.datasets import ImageSet, Record
+from model.images import ImageGeometry, ImageLoadError, geometry_of, load_image, preprocess
+from model.matching import match_pairs, structural_match
+from model.metrics import RECALL_KS, relevant_counts, retrieval_metrics
+from model.network import Embedding, EmbeddingNet
+
+PCK_ALPHAS = (0.1, 0.2)
+PCK_CANDIDATES = 3
+DELETED_PARTS = 3
+
+
+class ImageFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Records -> (pixels (3, crop, crop), geometry (5,) = width, height, left, top, size).
+
+    ``transform`` (a PIL image -> pixels) replaces the test-time preprocessing when given
+    (training augmentations); the geometry is then that of the test-time crop.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        spec: Preprocessing,
+        transform: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
+        self.records = records
+        self.spec = spec
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path = self.records[index].path
+        try:
+            image = load_image(path)
+        except ImageLoadError as e:
+            raise ImageLoadError(str(path), f"{e.reason} (data set image)", e.kind) from e
+        if self.transform is None:
+            pixels, g = preprocess(image, self.spec)
+        else:
+            pixels, g = self.transform(image), geometry_of(image.width, image.height, self.spec)
+        return pixels, torch.tensor([g.width, g.height, g.left, g.top, g.size])
+
+
+def batches(
+    records: Sequence[Record],
+    spec: Preprocessing,
+    batch_size: int,
+    workers: int = 0,
+    transform: Callable[[Any], torch.Tensor] | None = None,
+    order: Sequence[int] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Decoded, preprocessed batches of ``records`` (in ``order`` when given)."""
+    data = ImageFiles(records, spec, transform)
+    loader = DataLoader(
+        data,
+        batch_size=batch_size,
+        sampler=list(order) if order is not None else None,
+        num_workers=workers,
+        pin_memory=False,
+    )
+    yield from loader
+
+
+def geometries(rows: torch.Tensor) -> list[ImageGeometry]:
+    """(N, 5) rows from :class:`ImageFiles` -> ImageGeometry objects."""
+    return [
+        ImageGeometry(int(w), int(h), float(left), float(top), float(size))
+        for w, h, left, top, size in rows.tolist()
+    ]
+
+
+@torch.inference_mode()
+def embed_records(
+    model: EmbeddingNet,
+    records: Sequence[Record],
+    device: torch.device,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Embedding, torch.Tensor]:
+    """Embed every record at test-time preprocessing -> (Embedding on CPU, geometry rows (N, 5)).
+
+    Parts are kept in float16 (as the index stores them) to halve the memory of large sets.
+    """
+    model = model.to(device).eval()
+    half = device.type == "cuda"
+    parts, vectors, rows = [], [], []
+    for pixels, geometry in batches(records, model.config.preprocessing, batch_size, workers):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=half):
+            embedding = model(pixels.to(device, non_blocking=True))
+        parts.append(embedding.parts.half().cpu())
+        vectors.append(embedding.vector.float().cpu())
+        rows.append(geometry)
+        if progress is not None:
+            progress(len(pixels))
+    return Embedding(torch.cat(parts), torch.cat(vectors)), torch.cat(rows)
+
+
+@dataclass(frozen=True)
+class Rankings:
+    """Each query's ranking of the other images, best first: (N, depth) indices."""
+
+    global_order: torch.Tensor
+    reranked_order: torch.Tensor
+    rerank_k: int
+
+
+def rank_all(
+    embedding: Embedding,
+    depth: int,
+    rerank_k: int,
+    matching: MatchingConfig | None = None,
+    device: torch.device | None = None,
+    chunk: int = 256,
+) -> Rankings:
+    """Rank every image against all others by the global vector, then re-rank each top-K.
+
+    Ties keep the data set's order (stable sorts). ``depth`` >= ``rerank_k``; the query itself
+    is never in its own ranking.
+    """
+    n = len(embedding)
+    depth = min(depth, n - 1)
+    rerank_k = min(rerank_k, depth)
+    device = device or torch.device("cpu")
+    vectors = embedding.vector.to(device, torch.float32)
+    global_rows, reranked_rows = [], []
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        sims = vectors[start:stop] @ vectors.T  # (b, N)
+        rows = torch.arange(stop - start, device=device)
+        sims[rows, rows + start] = -torch.inf
+        order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth]
+        global_rows.append(order.cpu())
+        reranked_rows.append(_rerank(embedding, start, order.cpu(), rerank_k, matching, device))
+    return Rankings(torch.cat(global_rows), torch.cat(reranked_rows), rerank_k)
+
+
+def _rerank(
+    embedding: Embedding,
+    start: int,
+    order: torch.Tensor,
+    rerank_k: int,
+    matching: MatchingConfig | None,
+    device: torch.device,
+    pairs_per_step: int = 8192,
+) -> torch.Tensor:
+    """Re-rank the first ``rerank_k`` of each row of ``order`` by ``SS + global``."""
+    if rerank_k < 2:
+        return order
+    out = order.clone()
+    step = max(1, pairs_per_step // rerank_k)
+    for a in range(0, len(order), step):
+        b = min(a + step, len(order))
+        queries = torch.arange(start + a, start + b)
+        candidates = order[a:b, :rerank_k]
+        match = structural_match(
+            embedding.parts[queries].to(device, torch.float32),
+            embedding.vector[queries].to(device),
+            embedding.parts[candidates].to(device, torch.float32),
+            embedding.vector[candidates].to(device),
+            matching,
+        )
+        resorted = torch.sort(match.score, dim=1, descending=True, stable=True).indices.cpu()
+        out[a:b, :rerank_k] = torch.gather(candidates, 1, resorted)
+    return out
+
+
+def retrieval_report(rankings: Rankings, labels: torch.Tensor) -> dict[str, dict[str, float]]:
+    """{"global": metrics, "reranked": metrics} in percent."""
+    r = relevant_counts(labels)
+    return {
+        name: retrieval_metrics(labels[order], labels, r)
+        for name, order in (
+            ("global", rankings.global_order),
+            ("reranked", rankings.reranked_order),
+        )
+    }
+
+
+def ranking_depth(labels: torch.Tensor, rerank_k: int) -> int:
+    """How deep the rankings must go: Recall@8, the largest R, and the re-ranked top-K."""
+    return max(max(RECALL_KS), int(relevant_counts(labels).max()), rerank_k)
+
+
+def same_class_pairs(
+    order: torch.Tensor, labels: torch.Tensor, top: int, per_query: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, candidate) index pairs: each query's first ``per_query`` same-class candidates
+    among the first ``top`` of its ranking."""
+    head = order[:, :top]
+    same = labels[head] == labels[:, None]
+    keep = same & (same.cumsum(dim=1) <= per_query)
+    queries, slots = keep.nonzero(as_tuple=True)
+    return queries, head[queries, slots]
+
+
+def cell_centres(geometry: torch.Tensor, grid: int) -> torch.Tensor:
+    """(P, 5) geometry rows -> (P, R, 2) pixel centres of the grid cells, row-major."""
+    left, top, size = geometry[:, 2:3], geometry[:, 3:4], geometry[:, 4:5]
+    steps = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    rows, cols = torch.meshgrid(steps, steps, indexing="ij")
+    x = left + size * cols.reshape(1, -1)
+    y = top + size * rows.reshape(1, -1)
+    return torch.stack([x, y], dim=-1)
+
+
+def keypoint_cells(keypoints: torch.Tensor, geometry: torch.Tensor, grid: int) -> torch.Tensor:
+    """(P, K, 3) keypoints (x, y, visible), (P, 5) geometry -> (P, K) cell index, -1 outside
+    the crop."""
+    left, top, size = geometry[:, None, 2], geometry[:, None, 3], geometry[:, None, 4]
+    u = (keypoints[..., 0] - left) / size
+    v = (keypoints[..., 1] - top) / size
+    inside = (u >= 0) & (u < 1) & (v >= 0) & (v < 1)
+    cell = (v * grid).floor().clamp(0, grid - 1) * grid + (u * grid).floor().clamp(0, grid - 1)
+    return torch.where(inside, cell.long(), torch.full_like(cell, -1).long())
+
+
+def transfer_keypoints(
+    plan: torch.Tensor,
+    similarity: torch.Tensor,
+    query_keypoints: torch.Tensor,
+    query_geometry: torch.Tensor,
+    candidate_keypoints: torch.Tensor,
+    candidate_geometry: torch.Tensor,
+    candidate_boxes: torch.Tensor,
+    grid: int,
+    alphas: Sequence[float] = PCK_ALPHAS,
+) -> dict[str, Any]:
+    """PCK of carrying each query keypoint to the candidate, for P pairs.
+
+    plan, similarity: (P, R, R); keypoints: (P, K, 3); geometry: (P, 5); candidate_boxes:
+    (P, 4) as ``x, y, w, h``. A keypoint counts when visible in both images and inside the
+    query's crop. -> {"alpha", "flow", "flow_mean", "nearest", "identity", "n_keypoints"}.
+    """
+    cells = keypoint_cells(query_keypoints, query_geometry, grid)  # (P, K)
+    counted = (cells >= 0) & (query_keypoints[..., 2] > 0) & (candidate_keypoints[..., 2] > 0)
+    safe = cells.clamp_min(0)
+    centres = cell_centres(candidate_geometry, grid)  # (P, R, 2)
+
+    def rows_of(matrix: torch.Tensor) -> torch.Tensor:  # (P, R, R) -> (P, K, R)
+        return torch.gather(matrix, 1, safe[..., None].expand(-1, -1, matrix.shape[-1]))
+
+    def at_cells(target: torch.Tensor) -> torch.Tensor:  # (P, K) cell -> (P, K, 2) pixels
+        return torch.gather(centres, 1, target[..., None].expand(-1, -1, 2))
+
+    flow_rows = rows_of(plan)
+    weights = flow_rows / flow_rows.sum(-1, keepdim=True).clamp_min(1e-30)
+    predictions = {
+        "flow": at_cells(flow_rows.argmax(-1)),
+        "flow_mean": weights @ centres,
+        "nearest": at_cells(rows_of(similarity).argmax(-1)),
+        "identity": at_cells(safe),
+    }
+    truth = candidate_keypoints[..., :2]
+    scale = candidate_boxes[:, 2:4].amax(dim=1)[:, None]  # (P, 1)
+    n = int(counted.sum())
+    out: dict[str, Any] = {"alpha": list(alphas), "n_keypoints": n}
+    for name, predicted in predictions.items():
+        error = (predicted - truth).norm(dim=-1) / scale  # (P, K) in box sizes
+        out[name] = [100.0 * float(((error <= a) & counted).sum()) / max(n, 1) for a in alphas]
+    return out
+
+
+def keypoint_report(
+    images: ImageSet,
+    embedding: Embedding,
+    geometry: torch.Tensor,
+    order: torch.Tensor,
+    top: int,
+    grid: int,
+    matching: MatchingConfig | None = None,
+) -> dict[str, Any]:
+    """PCK over each query and its (up to 3) highest re-ranked same-class candidates."""
+    labels = images.labels
+    queries, candidates = same_class_pairs(order, labels, top, PCK_CANDIDATES)
+    keypoints = torch.stack([r.keypoints for r in images.records if r.keypoints is not None])
+    boxes = torch.tensor([r.box for r in images.records if r.box is not None])
+    plans, sims = [], []
+    for a in range(0, len(queries), 4096):
+        q, c = queries[a : a + 4096], candidates[a : a + 4096]
+        match = match_pairs(_take(embedding, q), _take(embedding, c), matching)
+        plans.append(match.plan[:, 0])
+        sims.append(match.similarity[:, 0])
+    return transfer_keypoints(
+        torch.cat(plans),
+        torch.cat(sims),
+        keypoints[queries],
+        geometry[queries],
+        keypoints[candidates],
+        geometry[candidates],
+        boxes[candidates],
+        grid,
+    )
+
+
+def deletion_check(
+    query: Embedding,
+    candidate: Embedding,
+    matching: MatchingConfig | None = None,
+    parts: int = DELETED_PARTS,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Drop of the structural similarity when the query's ``parts`` most contributing parts
+    (row sums of ``T ⊙ S``), or ``parts`` random ones, leave the match; in percent of the
+    mean structural similarity. Global vectors are kept (the image is the same)."""
+    full = match_pairs(query, candidate, matching)
+    contribution = full.contributions[:, 0].sum(dim=-1)  # (P, R)
+    n, r = contribution.shape
+    generator = torch.Generator().manual_seed(seed)
+    random_rank = torch.rand(n, r, generator=generator).argsort(dim=1)
+    drops = {}
+    for name, ranking in (
+        ("top_parts_drop", contribution.argsort(dim=1, descending=True)),
+        ("random_parts_drop", random_rank.to(contribution.device)),
+    ):
+        kept = ranking[:, parts:].sort(dim=1).values  # (P, R - parts)
+        index = kept[..., None].expand(-1, -1, query.parts.shape[-1])
+        masked = Embedding(torch.gather(query.parts.float(), 1, index), query.vector)
+        ss = match_pairs(masked, candidate, matching).structural_similarity[:, 0]
+        base = full.structural_similarity[:, 0]
+        drops[name] = 100.0 * float((base - ss).mean() / base.mean())
+    return drops
+
+
+def _take(embedding: Embedding, index: torch.Tensor) -> Embedding:
+    return Embedding(embedding.parts[index].float(), embedding.vector[index].float())
+
+
+def evaluate(
+    model: EmbeddingNet,
+    images: ImageSet,
+    rerank_k: int = 100,
+    device: torch.device | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    keypoints: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """The full report (see the module docstring) as a JSON-ready dict, percentages 0-100."""
+    device = device or torch.device("cpu")
+    started = time.perf_counter()
+    embedding, geometry = embed_records(
+        model, images.records, device, batch_size, workers, progress
+    )
+    report = evaluate_embeddings(
+        embedding,
+        images,
+        geometry,
+        model.config.grid,
+        rerank_k,
+        model.config.matching,
+        device,
+        keypoints,
+    )
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def evaluate_embeddings(
+    embedding: Embedding,
+    images: ImageSet,
+    geometry: torch.Tensor | None,
+    grid: int,
+    rerank_k: int = 100,
+    matching: MatchingConfig | None = None,
+    device: torch.device | None = None,
+    keypoints: bool = True,
+    deletion: bool = True,
+) -> dict[str, Any]:
+    """Retrieval, and on keypoint-annotated sets PCK and the deletion check, of embeddings."""
+    labels = images.labels
+    depth = ranking_depth(labels, rerank_k)
+    rankings = rank_all(embedding, depth, rerank_k, matching, device)
+    report: dict[str, Any] = {"n_queries": int((relevant_counts(labels) > 0).sum())}
+    report["rerank_k"] = rankings.rerank_k
+    report.update(retrieval_report(rankings, labels))
+    if keypoints and geometry is not None and images.has_keypoints:
+        report["pck"] = keypoint_report(
+            images, embedding, geometry, rankings.reranked_order, rankings.rerank_k, grid, matching
+        )
+    if deletion:
+        top1 = rankings.reranked_order[:, 0]
+        report["deletion"] = deletion_check(
+            _take(embedding, torch.arange(len(embedding))), _take(embedding, top1), matching
+        )
+    return report

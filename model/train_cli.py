@@ -1,0 +1,249 @@
+"""``diml train`` and ``diml evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from model.backbones import BackboneWeightsError
+from model.checkpoint import CheckpointError, load_model
+from model.cli import EXIT_USAGE, parse_device
+from model.config import ModelConfig
+from model.datasets import READERS, DatasetError, read_dataset
+from model.images import ImageLoadError
+
+KNOWN_ERRORS = (
+    DatasetError,
+    CheckpointError,
+    BackboneWeightsError,
+    ImageLoadError,
+    ValueError,
+    FileNotFoundError,
+)
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="the data set's root folder")
+    p.add_argument(
+        "--dataset",
+        choices=sorted(READERS),
+        help="its layout (default: guessed from its files; a folder per class otherwise)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="image decoding processes (default 0: in-process)"
+    )
+    p.add_argument(
+        "--rerank-k",
+        type=int,
+        default=100,
+        help="how many of the global top candidates structural matching re-ranks (default 100)",
+    )
+
+
+def add_training(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_train(commands)
+    add_evaluate(commands)
+
+
+def add_evaluate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "evaluate",
+        help="retrieval metrics, keypoint transfer and a deletion check on a labelled set",
+        description="Every image queries all the others. Prints Recall@1/2/4/8, R-Precision and "
+        "MAP@R for the global ranking and after structural re-ranking of the top-K; on CUB also "
+        "PCK@0.1/0.2 of keypoints carried by the flow, by nearest features and by the identity; "
+        "and how much dropping the 3 most contributing query parts lowers the structural "
+        "similarity, against 3 random parts.",
+    )
+    _data_arguments(p)
+    p.add_argument("--classes", help="class range, e.g. 21-30 (default: all classes)")
+    p.add_argument("--checkpoint", type=Path, help="a trained checkpoint (default: default model)")
+    p.add_argument("--json", type=Path, dest="json_out", help="also write the report here")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from model.evaluation import evaluate
+
+    try:
+        device = parse_device(args.device)
+        images = read_dataset(args.data, args.dataset, args.classes)
+        model = load_model(args.checkpoint, device=device)
+        with _bar(len(images), "embedding") as bar:
+            report = evaluate(
+                model,
+                images,
+                rerank_k=args.rerank_k,
+                device=device,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                progress=bar.update,
+            )
+    except KNOWN_ERRORS as e:
+        print(f"diml evaluate: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    report = rounded(report)
+    report["grid"] = model.config.grid
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report, images.name, args.classes))
+    return 0
+
+
+def rounded(value: Any, digits: int = 2) -> Any:
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+def format_report(report: dict[str, Any], name: str, classes: str | None) -> str:
+    """The report as a short table (percentages)."""
+    metrics = list(report["global"])
+    lines = [
+        f"{name} classes {classes or 'all'}: {report['n_queries']} queries, re-ranking the top "
+        f"{report['rerank_k']}, grid {report.get('grid', '?')}",
+        "  " + " " * 9 + "".join(f"{m:>12}" for m in metrics),
+    ]
+    for section in ("global", "reranked"):
+        row = "".join(f"{report[section][m]:12.2f}" for m in metrics)
+        lines.append(f"  {section:<9}{row}")
+    if "pck" in report:
+        pck = report["pck"]
+        alphas = "/".join(f"{a:g}" for a in pck["alpha"])
+        lines.append(f"  PCK@{alphas} over {pck['n_keypoints']} keypoints:")
+        for method in ("flow", "flow_mean", "nearest", "identity"):
+            values = " / ".join(f"{v:.2f}" for v in pck[method])
+            lines.append(f"    {method:<10} {values}")
+    if "deletion" in report:
+        d = report["deletion"]
+        lines.append(
+            f"  deletion: dropping the 3 top parts lowers SS by {d['top_parts_drop']:.2f}%, "
+            f"3 random parts by {d['random_parts_drop']:.2f}%"
+        )
+    lines.append(f"  {report['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from model.training import LOSSES, TrainConfig
+
+    defaults = TrainConfig()
+    p = commands.add_parser(
+        "train",
+        help="train the embedding head (or the whole network) with a DIML or global loss",
+        description="Train on one class range and select epochs on another (never the test "
+        "classes). Writes OUT/best.safetensors (the selected model), last.safetensors and "
+        "state.pt (for --resume), run.json and log.jsonl (one JSON line per epoch).",
+    )
+    _data_arguments(p)
+    p.add_argument("--classes", required=True, help="training class range, e.g. 1-20")
+    p.add_argument("--val-classes", required=True, help="validation class range, e.g. 21-25")
+    p.add_argument("--out", type=Path, required=True, help="the run folder")
+    p.add_argument("--loss", choices=LOSSES, default=defaults.loss)
+    p.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="train only the head on cached backbone feature maps (fast, also on a CPU)",
+    )
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--per-class", type=int, default=defaults.per_class, help="images per class")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="backbone learning rate")
+    p.add_argument("--head-lr", type=float, default=defaults.head_lr)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--batches-per-epoch", type=int, help="default: images // batch size")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--backbone", choices=("mobilenet_v2", "resnet50"), default="mobilenet_v2")
+    p.add_argument(
+        "--backbone-weights",
+        type=Path,
+        help="ImageNet weights file for the backbone (default: the offline MobileNetV2 file, or "
+        "torchvision's download for resnet50)",
+    )
+    p.add_argument("--dim", type=int, default=128, help="embedding dimension (default 128)")
+    p.add_argument("--grid", type=int, default=4, help="parts per side (default 4: 16 parts)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from model.training import TrainConfig, Trainer, TrainingError
+
+    try:
+        import pytorch_metric_learning  # noqa: F401
+    except ImportError:
+        print(
+            "diml train: the training losses need pytorch-metric-learning; install it with "
+            "pip install 'diml-retrieval[train]' (or scripts/setup.sh, which does)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        device = parse_device(args.device)
+        train = read_dataset(args.data, args.dataset, args.classes)
+        val = read_dataset(args.data, args.dataset, args.val_classes)
+        config = TrainConfig(
+            loss=args.loss,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            per_class=args.per_class,
+            lr=args.lr,
+            head_lr=args.head_lr,
+            weight_decay=args.weight_decay,
+            freeze_backbone=args.freeze_backbone,
+            seed=args.seed,
+            rerank_k=args.rerank_k,
+            batches_per_epoch=args.batches_per_epoch,
+        )
+        model_config = ModelConfig(backbone=args.backbone, dim=args.dim, grid=args.grid)
+        trainer = Trainer(
+            model_config,
+            config,
+            train,
+            val,
+            args.out,
+            device,
+            backbone_weights=args.backbone_weights or "imagenet",
+            workers=args.workers,
+            resume=args.resume,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
+        print(
+            f"training {args.loss} on {train.name} classes {args.classes} ({len(train)} images), "
+            f"selecting on classes {args.val_classes} ({len(val)} images), "
+            f"{'head only' if args.freeze_backbone else 'whole network'}, on {device}",
+            file=sys.stderr,
+        )
+        trainer.fit(on_epoch=_print_epoch)
+    except (TrainingError, *KNOWN_ERRORS) as e:
+        print(f"diml train: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"best epoch's model (validation re-ranked MAP@R): {trainer.run.best}")
+    return 0
+
+
+def _print_epoch(entry: dict[str, Any]) -> None:
+    g, r = entry["val"]["global"], entry["val"]["reranked"]
+    print(
+        f"epoch {entry['epoch']}: loss {entry['loss']:.4f}, {entry['images_per_second']} img/s; "
+        f"val R@1 {g['recall@1']:.2f} -> {r['recall@1']:.2f} re-ranked, "
+        f"MAP@R {g['map@r']:.2f} -> {r['map@r']:.2f}{'  (kept)' if entry['selected'] else ''}",
+        flush=True,
+    )
+
+
+def _bar(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty())

@@ -1,0 +1,124 @@
+"""Training: class-balanced batches, a short real run that must learn, resuming, and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("pytorch_metric_learning", reason="the train extra is not installed")
+
+from model.checkpoint import load_checkpoint
+from model.config import ModelConfig, Preprocessing
+from model.datasets import read_dataset
+from model.training import ClassBalancedBatches, TrainConfig, Trainer, TrainingError
+from service.cli import main
+
+SMALL = Preprocessing(resize=128, crop=112)
+CONFIG = ModelConfig(backbone="mobilenet_v2", dim=32, grid=2, preprocessing=SMALL)
+
+
+def test_class_balanced_batches() -> None:
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 3 + [3] * 7)
+    sampler = ClassBalancedBatches(labels, batch_size=6, per_class=2, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(labels) // 6
+    for batch in batches:
+        assert len(batch) == 6
+        assert len(set(batch)) == 6
+        counts = torch.bincount(labels[batch], minlength=4)
+        assert sorted(counts.tolist()) == [0, 2, 2, 2]
+    again = ClassBalancedBatches(labels, batch_size=6, per_class=2, seed=1)
+    assert list(again) == batches
+    # Over many batches every image is drawn (the per-class queues cycle).
+    many = ClassBalancedBatches(labels, 6, 2, seed=2, batches_per_epoch=40)
+    assert {i for b in many for i in b} == set(range(len(labels)))
+
+
+def test_a_batch_needs_two_classes() -> None:
+    with pytest.raises(TrainingError, match="two classes"):
+        ClassBalancedBatches(torch.tensor([0, 0, 0, 1]), 4, 2)
+    with pytest.raises(TrainingError, match="at least two classes"):
+        TrainConfig(batch_size=4, per_class=4)
+
+
+@pytest.mark.slow
+def test_frozen_backbone_training_learns_resumes_and_feeds_evaluate(
+    cub_dev: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = read_dataset(cub_dev, "cub", "1-4")
+    val = read_dataset(cub_dev, "cub", "5-6")
+    config = TrainConfig(
+        loss="ms-diml", epochs=2, batch_size=32, per_class=4, freeze_backbone=True,
+        batches_per_epoch=8, rerank_k=20,
+    )  # fmt: skip
+    out = tmp_path / "run"
+    trainer = Trainer(CONFIG, config, train, val, out, torch.device("cpu"), progress=False)
+    head_before = trainer.model.head.proj.weight.detach().clone()  # type: ignore[union-attr]
+    backbone_before = next(trainer.model.backbone.parameters()).detach().clone()
+    trainer.fit()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2]
+    assert log[1]["loss"] < log[0]["loss"]  # it learns
+    assert set(log[0]["val"]) == {"global", "reranked"}
+    assert not torch.equal(trainer.model.head.proj.weight, head_before)  # type: ignore[union-attr]
+    assert torch.equal(next(trainer.model.backbone.parameters()), backbone_before)
+
+    best = load_checkpoint(out / "best.safetensors")
+    assert best.config == CONFIG
+    # Resume to a third epoch: the log goes on, the state carries over.
+    resumed = Trainer(
+        CONFIG, TrainConfig(**{**config.__dict__, "epochs": 3}), train, val, out,
+        torch.device("cpu"), resume=True, progress=False,
+    )  # fmt: skip
+    assert resumed.epoch == 2
+    resumed.fit()
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    # Other settings cannot resume the run, and a new run will not overwrite it.
+    with pytest.raises(TrainingError, match="other settings"):
+        Trainer(
+            CONFIG, TrainConfig(**{**config.__dict__, "head_lr": 0.5}), train, val, out,
+            torch.device("cpu"), resume=True, progress=False,
+        )  # fmt: skip
+    with pytest.raises(TrainingError, match="already holds a run"):
+        Trainer(CONFIG, config, train, val, out, torch.device("cpu"), progress=False)
+
+    # The checkpoint is what the other commands take.
+    report = tmp_path / "eval.json"
+    code = main(
+        ["evaluate", "--data", str(cub_dev), "--classes", "7-8", "--rerank-k", "10",
+         "--checkpoint", str(out / "best.safetensors"), "--json", str(report)]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(report.read_text())["grid"] == 2
+
+
+@pytest.mark.slow
+def test_fine_tuning_the_whole_network_with_augmentations(cub_dev: Path, tmp_path: Path) -> None:
+    tiny = ModelConfig(backbone="mobilenet_v2", dim=16, grid=2, preprocessing=Preprocessing(72, 64))
+    train = read_dataset(cub_dev, "cub", "1-2")
+    val = read_dataset(cub_dev, "cub", "3")
+    config = TrainConfig(
+        loss="margin-diml", epochs=1, batch_size=8, per_class=4, batches_per_epoch=2
+    )
+    trainer = Trainer(
+        tiny, config, train, val, tmp_path / "run", torch.device("cpu"), progress=False
+    )
+    before = next(trainer.model.backbone.parameters()).detach().clone()
+    entry = trainer.fit()
+    assert entry["epoch"] == 1
+    assert not torch.equal(next(trainer.model.backbone.parameters()), before)
+
+
+def test_cli_refuses_overlapping_classes_and_names_bad_files(
+    cub_dev: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "--data", str(cub_dev), "--classes", "1-3", "--out", str(tmp_path / "r")]
+    assert main([*args, "--val-classes", "3-4"]) == 2
+    assert "share classes [3]" in capsys.readouterr().err
+    (tmp_path / "images.txt").write_text("1 a.jpg\n")
+    bad = ["train", "--data", str(tmp_path), "--dataset", "cub", "--classes", "1"]
+    assert main([*bad, "--val-classes", "2", "--out", str(tmp_path / "r")]) == 2
+    assert "image_class_labels.txt: missing" in capsys.readouterr().err
