@@ -9,10 +9,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from index_builder.build import build_if_missing
+from index_builder.gallery import CURRENT
+from model import Embedder, load_model
 from service import errors
 from service.engine import Engine
 from service.limits import BodySizeLimit
@@ -52,6 +56,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     app.state.metrics = Metrics()
     app.state.engine = None
     app.state.load_error = None
+    app.state.loading = "loading the model and the index"
     errors.install(app)
     for module in (search, explain, gallery, health):
         app.include_router(module.router)
@@ -81,6 +86,9 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
 
 def _load(app: FastAPI, settings: Settings) -> None:
     try:
+        if settings.gallery is not None:
+            _index_gallery_on_first_start(app, settings, settings.gallery)
+        app.state.loading = "loading the model and the index"
         engine = Engine(settings)
         engine.canary()
     except Exception as e:
@@ -88,4 +96,22 @@ def _load(app: FastAPI, settings: Settings) -> None:
         app.state.load_error = str(e)
         return
     app.state.engine = engine
+    app.state.loading = None
     log.info("ready: %d items, model %s", engine.index.count, engine.fingerprint[:16])
+
+
+def _index_gallery_on_first_start(app: FastAPI, settings: Settings, gallery: Path) -> None:
+    """Build the index of ``gallery`` when ``settings.index`` holds none yet (first start)."""
+    if (settings.index / CURRENT).is_file():
+        return
+    app.state.loading = "indexing the gallery (first start)"
+    device = torch.device(settings.device)
+    model = load_model(settings.checkpoint, device=device)
+    report = build_if_missing(
+        settings.index, gallery, Embedder(model, device, half=device.type == "cuda")
+    )
+    if report is not None:
+        log.info(
+            "indexed the gallery %s: %d images, %d skipped", gallery, report.indexed,
+            len(report.skipped),
+        )  # fmt: skip

@@ -36,6 +36,12 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "DIML_DEVICE, DIML_READ_KEYS, DIML_WRITE_KEYS, DIML_MAX_UPLOAD_BYTES, ...).",
     )
     p.add_argument("--index", type=Path, help="index folder (default $DIML_INDEX or gallery.index)")
+    p.add_argument(
+        "--gallery",
+        type=Path,
+        help="folder of images to index on the first start, when INDEX holds no index yet "
+        "(default $DIML_GALLERY)",
+    )
     p.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the default model)")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--host", default="127.0.0.1")
@@ -53,6 +59,7 @@ def run_serve(args: argparse.Namespace) -> int:
         name: value
         for name, value in (
             ("index", args.index),
+            ("gallery", args.gallery),
             ("checkpoint", args.checkpoint),
             ("device", args.device),
         )

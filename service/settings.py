@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DIML_", frozen=True)
 
     index: Path = Field(Path("gallery.index"), description="index folder to serve")
+    gallery: Path | None = Field(None, description="images (sub-folder = label) indexed "
+                                 "on the first start, when INDEX holds no index")  # fmt: skip
     checkpoint: Path | None = Field(None, description="model checkpoint (default: ImageNet "
                                     "MobileNetV2, head-less)")  # fmt: skip
     device: str = "cpu"

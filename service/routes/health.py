@@ -26,10 +26,11 @@ def readyz(request: Request) -> Any:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         failure = getattr(request.app.state, "load_error", None)
+        loading = getattr(request.app.state, "loading", None)
         message = (
             "loading failed; the server log says why"
             if failure
-            else "loading the model and the index"
+            else loading or "loading the model and the index"
         )
         return error_response(503, "not_ready", message, {"Retry-After": "5"})
     return JSONResponse(

