@@ -13,6 +13,7 @@ Everything is batched over ``(B, K)`` query-candidate pairs and computed in fp32
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,15 @@ class StructuralMatch:
     marginal_error: torch.Tensor
     converged: torch.Tensor
     iterations: int
+
+    def to(self, device: torch.device | str) -> StructuralMatch:
+        """The same result with every tensor on ``device`` (one transfer each)."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
     @property
     def contributions(self) -> torch.Tensor:

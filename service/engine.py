@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from index_builder import GalleryIndex, IndexBusyError, Item, Source, add_images
+from index_builder.device_search import DeviceSearch
 from index_builder.files import write_atomic, writer_lock
 from model import (
     Embedder,
@@ -167,6 +168,10 @@ class Engine:
         self.index = GalleryIndex.open(settings.index, self.fingerprint, writable=self.writable)
         if self.writable:
             self.index.recover()
+        use_device = settings.device_search
+        if use_device is None:
+            use_device = device.type == "cuda"
+        self.device_search = DeviceSearch(self.index, device) if use_device else None
         self.batcher = MicroBatcher(
             self.embedder,
             settings.max_batch_images,
@@ -230,7 +235,7 @@ class Engine:
         """B queries -> B lists of up to k hits: coarse search by the global vector, the top
         ``rerank_k`` re-ranked by score = structural + global, the rest in global order."""
         with timer.stage("coarse_search"), self.lock:
-            _, ids = self.index.search(queries.vector.numpy(), max(options.k, options.rerank_k))
+            _, ids = self._search(queries.vector.numpy(), max(options.k, options.rerank_k))
             valid = ids >= 0  # FAISS pads with -1 past the end
             if not valid.any():
                 return [[] for _ in range(len(queries))]
@@ -241,19 +246,25 @@ class Engine:
             vectors = self.index.vectors(flat).reshape(*safe.shape, -1)  # (B, K, D)
             items = self.index.items(np.unique(flat))
         with timer.stage("rerank"), torch.inference_mode():
+            device = self.embedder.device  # the grids travel as float16
             match = structural_match(
-                queries.parts,
-                queries.vector,
-                torch.from_numpy(grids.astype(np.float32)),
-                torch.from_numpy(vectors),
+                queries.parts.to(device),
+                queries.vector.to(device),
+                torch.from_numpy(grids).to(device).float(),
+                torch.from_numpy(vectors).to(device),
                 self.config.matching,
-            )
+            ).to("cpu")
             order = self._order(match, torch.from_numpy(valid), options.rerank_k)
         with timer.stage("explain"):
             return [
                 self._hits(match, b, order[b], safe[b], valid[b], items, geometries[b], options)
                 for b in range(len(queries))
             ]
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.device_search is not None:
+            return self.device_search.search(queries, k)
+        return self.index.search(queries, k)
 
     @staticmethod
     def _order(match: Any, valid: torch.Tensor, rerank_k: int) -> torch.Tensor:
@@ -338,6 +349,8 @@ class Engine:
             sources.append(Source(path, item_key, label))
         with self.lock:
             report = add_images(self.index, sources, self.embedder) if sources else None
+            if report is not None and self.device_search is not None:
+                self.device_search.add(report.ids)
             added = self.index.items(report.ids) if report else {}
             count = self.index.count
         skipped = early + [
@@ -352,6 +365,8 @@ class Engine:
         with self.lock:
             if not self.index.remove([item_id]):
                 raise ApiError(404, "not_found", f"no gallery item with id {item_id}")
+            if self.device_search is not None:
+                self.device_search.remove([item_id])
             return self.index.count
 
     def canary(self) -> None:
@@ -360,4 +375,4 @@ class Engine:
         blank, _ = preprocess(Image.new("RGB", (spec.crop, spec.crop), (128, 128, 128)), spec)
         embedding = self.batcher.submit(blank[None]).result(timeout=120)
         with self.lock:
-            self.index.search(embedding.vector.numpy(), 1)
+            self._search(embedding.vector.numpy(), 1)

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(None, description="model checkpoint (default: ImageNet "
                                     "MobileNetV2, head-less)")  # fmt: skip
     device: str = "cpu"
+    device_search: bool | None = Field(None, description="exact global search in torch on "
+                                       "DEVICE (default: on CUDA; else FAISS)")  # fmt: skip
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="request body limit")
     max_pixels: int = Field(40_000_000, gt=0, description="decoded image size limit")
     max_batch_images: int = Field(16, gt=0, description="images in one batch search")

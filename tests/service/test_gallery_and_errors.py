@@ -21,11 +21,12 @@ def _client(served: dict[str, Path], index: Path | None = None, **extra: object)
     return TestClient(create_app(settings_for(served, index, **extra), load_in_background=False))
 
 
+@pytest.mark.parametrize("device_search", [False, True], ids=["faiss", "torch-exact"])
 def test_add_search_delete_and_restart(
-    served: dict[str, Path], fresh_index: Path, tmp_path: Path
+    served: dict[str, Path], fresh_index: Path, tmp_path: Path, device_search: bool
 ) -> None:
     new = make_images(tmp_path / "new", 2, seed=11)
-    with _client(served, fresh_index) as client:
+    with _client(served, fresh_index, device_search=device_search) as client:
         files = [("images", (p.name, p.read_bytes())) for p in new]
         files.append(("images", ("dup.png", new[0].read_bytes())))
         files.append(("images", ("notes.txt", b"hello")))
@@ -45,7 +46,7 @@ def test_add_search_delete_and_restart(
         assert client.delete("/gallery/13").status_code == 404
         hits = client.post("/search", files=query, params={"k": 20}).json()["results"]
         assert 13 not in [h["id"] for h in hits]
-    with _client(served, fresh_index) as client:  # a restart
+    with _client(served, fresh_index, device_search=device_search) as client:  # a restart
         assert client.get("/gallery", params={"limit": 500}).json()["total"] == 13
         hits = client.post("/search", files=query, params={"k": 20}).json()["results"]
         assert 13 not in [h["id"] for h in hits]

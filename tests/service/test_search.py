@@ -116,3 +116,20 @@ def test_explain_needs_exactly_one_of_each_side(
     response = client.post("/explain", data=data, files=files or None)
     assert response.status_code == 422
     assert "exactly one of" in response.json()["error"]["message"]
+
+
+def test_device_search_gives_the_same_answers(served: dict[str, Path]) -> None:
+    """The torch exact-search path (the GPU's) answers as FAISS does, here on the CPU."""
+    from service.app import create_app
+    from tests.service.conftest import settings_for
+
+    image = png()
+    answers = []
+    for device_search in (False, True):
+        app = create_app(settings_for(served, device_search=device_search), False)
+        with TestClient(app) as c:
+            response = c.post("/search", files={"image": ("q.png", image)}, params={"k": 6})
+            assert response.status_code == 200
+            assert (c.app.state.engine.device_search is not None) == device_search  # type: ignore[attr-defined]
+            answers.append([(h["id"], round(h["score"], 5)) for h in response.json()["results"]])
+    assert answers[0] == answers[1]

@@ -1,0 +1,69 @@
+"""The torch exact-search path (the GPU's coarse search) against FAISS, and kept in step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from index_builder import GalleryIndex, writing
+from index_builder.build import add_images, scan_folder
+from index_builder.device_search import DeviceSearch
+from model import fingerprint
+from tests.index_builder.helpers import build_tiny, make_images, tiny_embedder
+
+
+def queries(index: GalleryIndex, n: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(n, index.manifest.dim)).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def test_same_ids_as_faiss_and_padding(tmp_path: Path) -> None:
+    make_images(tmp_path / "g", 12)
+    build_tiny(tmp_path / "g", tmp_path / "index")
+    index = GalleryIndex.open(tmp_path / "index")
+    search = DeviceSearch(index, "cpu")
+    q = queries(index)
+    faiss_scores, faiss_ids = index.search(q, 5)
+    scores, ids = search.search(q, 5)
+    np.testing.assert_array_equal(ids, faiss_ids)
+    np.testing.assert_allclose(scores, faiss_scores, rtol=1e-5, atol=1e-6)
+    scores, ids = search.search(q, 20)  # more than the 12 items
+    assert (ids[:, 12:] == -1).all()
+    assert np.isneginf(scores[:, 12:]).all()
+    assert sorted(ids[0, :12].tolist()) == sorted(index.ids.tolist())
+
+
+def test_kept_in_step_with_adds_and_removals(tmp_path: Path) -> None:
+    make_images(tmp_path / "g", 8)
+    build_tiny(tmp_path / "g", tmp_path / "index")
+    embedder = tiny_embedder()
+    new = make_images(tmp_path / "new", 3, seed=9)
+    with writing(tmp_path / "index", fingerprint(embedder.model)) as index:
+        search = DeviceSearch(index, "cpu")
+        report = add_images(index, [s for s in scan_folder(tmp_path / "new")], embedder)
+        search.add(report.ids)
+        index.remove([0, 3])
+        search.remove([0, 3])
+        q = queries(index)
+        _, expected = index.search(q, 9)
+        _, ids = search.search(q, 9)
+        np.testing.assert_array_equal(ids, expected)
+        assert search.count == index.count == 8 + len(new) - 2
+        fresh = DeviceSearch(index, "cpu")  # a reload agrees with the incremental updates
+        assert torch.equal(fresh.ids, search.ids)
+
+
+@pytest.mark.gpu
+def test_cuda_half_precision_matches(tmp_path: Path) -> None:
+    make_images(tmp_path / "g", 12)
+    build_tiny(tmp_path / "g", tmp_path / "index")
+    index = GalleryIndex.open(tmp_path / "index")
+    search = DeviceSearch(index, "cuda")
+    assert search.vectors.dtype == torch.float16
+    scores, _ = search.search(queries(index), 12)
+    faiss_scores, _ = index.search(queries(index), 12)
+    np.testing.assert_allclose(scores, faiss_scores, atol=2e-3)
