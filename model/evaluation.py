@@ -327,27 +327,37 @@ def deletion_check(
     matching: MatchingConfig | None = None,
     parts: int = DELETED_PARTS,
     seed: int = 0,
+    chunk: int = 2048,
 ) -> dict[str, float]:
     """Drop of the structural similarity when the query's ``parts`` most contributing parts
     (row sums of ``T ⊙ S``), or ``parts`` random ones, leave the match; in percent of the
-    mean structural similarity. Global vectors are kept (the image is the same)."""
-    full = match_pairs(query, candidate, matching)
-    contribution = full.contributions[:, 0].sum(dim=-1)  # (P, R)
-    n, r = contribution.shape
+    mean structural similarity. Global vectors are kept (the image is the same). Pairs are
+    taken ``chunk`` at a time (parts are converted to float32 per chunk)."""
     generator = torch.Generator().manual_seed(seed)
-    random_rank = torch.rand(n, r, generator=generator).argsort(dim=1)
-    drops = {}
-    for name, ranking in (
-        ("top_parts_drop", contribution.argsort(dim=1, descending=True)),
-        ("random_parts_drop", random_rank.to(contribution.device)),
-    ):
-        kept = ranking[:, parts:].sort(dim=1).values  # (P, R - parts)
-        index = kept[..., None].expand(-1, -1, query.parts.shape[-1])
-        masked = Embedding(torch.gather(query.parts.float(), 1, index), query.vector)
-        ss = match_pairs(masked, candidate, matching).structural_similarity[:, 0]
-        base = full.structural_similarity[:, 0]
-        drops[name] = 100.0 * float((base - ss).mean() / base.mean())
-    return drops
+    base_sum, top_sum, random_sum = 0.0, 0.0, 0.0
+    for start in range(0, len(query), chunk):
+        q = _take(query, torch.arange(start, min(start + chunk, len(query))))
+        c = _take(candidate, torch.arange(start, min(start + chunk, len(candidate))))
+        full = match_pairs(q, c, matching)
+        contribution = full.contributions[:, 0].sum(dim=-1)  # (P, R)
+        random_rank = torch.rand(contribution.shape, generator=generator).argsort(dim=1)
+        base_sum += float(full.structural_similarity.sum())
+        for ranking, is_top in (
+            (contribution.argsort(dim=1, descending=True), True),
+            (random_rank.to(contribution.device), False),
+        ):
+            kept = ranking[:, parts:].sort(dim=1).values  # (P, R - parts)
+            index = kept[..., None].expand(-1, -1, q.parts.shape[-1])
+            masked = Embedding(torch.gather(q.parts, 1, index), q.vector)
+            ss = float(match_pairs(masked, c, matching).structural_similarity.sum())
+            if is_top:
+                top_sum += ss
+            else:
+                random_sum += ss
+    return {
+        "top_parts_drop": 100.0 * (base_sum - top_sum) / base_sum,
+        "random_parts_drop": 100.0 * (base_sum - random_sum) / base_sum,
+    }
 
 
 def _take(embedding: Embedding, index: torch.Tensor) -> Embedding:
@@ -409,6 +419,6 @@ def evaluate_embeddings(
     if deletion:
         top1 = rankings.reranked_order[:, 0]
         report["deletion"] = deletion_check(
-            _take(embedding, torch.arange(len(embedding))), _take(embedding, top1), matching
+            embedding, Embedding(embedding.parts[top1], embedding.vector[top1]), matching
         )
     return report

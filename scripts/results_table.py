@@ -1,0 +1,62 @@
+"""Print the README's results tables from the JSON reports of `diml evaluate`.
+
+.venv/bin/python scripts/results_table.py out/cub     (scripts/cub_results.sh runs it)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROWS = {
+    "imagenet": "ImageNet MobileNetV2, head-less (no training)",
+    "head-ms-diml": "trained head, DIML multi-similarity (backbone frozen)",
+    "head-margin-diml": "trained head, DIML margin (backbone frozen)",
+    "head-ms": "trained head, global multi-similarity (backbone frozen)",
+    "head-margin": "trained head, global margin (backbone frozen)",
+    "finetune-ms-diml": "fine-tuned network, DIML multi-similarity",
+}
+METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "r_precision", "map@r")
+
+
+def main(folder: Path) -> None:
+    reports: dict[str, dict[str, Any]] = {
+        name: json.loads((folder / f"{name}.json").read_text())
+        for name in ROWS
+        if (folder / f"{name}.json").is_file()
+    }
+    if not reports:
+        raise SystemExit(f"no reports in {folder}; run scripts/cub_results.sh first")
+    print("| model | ranking | R@1 | R@2 | R@4 | R@8 | R-Precision | MAP@R |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in reports.items():
+        for section in ("global", "reranked"):
+            values = " | ".join(f"{r[section][m]:.2f}" for m in METRICS)
+            label = ROWS[name] if section == "global" else ""
+            ranking = "global" if section == "global" else f"re-ranked top {r['rerank_k']}"
+            print(f"| {label} | {ranking} | {values} |")
+    print()
+    print(
+        "| model | PCK@0.1 / 0.2: flow (argmax) | flow (weighted mean) | nearest feature "
+        "| identity | keypoints | SS drop: top-3 parts / 3 random |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in reports.items():
+        pck, drop = r["pck"], r["deletion"]
+        cells = [
+            " / ".join(f"{v:.1f}" for v in pck[m])
+            for m in ("flow", "flow_mean", "nearest", "identity")
+        ]
+        print(
+            f"| {ROWS[name]} | {' | '.join(cells)} | {pck['n_keypoints']} | "
+            f"{drop['top_parts_drop']:.1f}% / {drop['random_parts_drop']:.1f}% |"
+        )
+    grids = sorted({r["grid"] for r in reports.values()})
+    queries = next(iter(reports.values()))["n_queries"]
+    print(f"\ngrid: {', '.join(f'{g} x {g}' for g in grids)}; {queries} test queries")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "out/cub"))
