@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from model.cli import EXIT_USAGE, parse_device
 from model.config import ModelConfig
 from model.datasets import READERS, DatasetError, read_dataset
 from model.images import ImageLoadError
+from model.network import create_model, default_config
 
 KNOWN_ERRORS = (
     DatasetError,
@@ -62,6 +64,11 @@ def add_evaluate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _data_arguments(p)
     p.add_argument("--classes", help="class range, e.g. 21-30 (default: all classes)")
     p.add_argument("--checkpoint", type=Path, help="a trained checkpoint (default: default model)")
+    p.add_argument(
+        "--grid",
+        type=int,
+        help="parts per side of the default model (default 4; a checkpoint fixes its own)",
+    )
     p.add_argument("--json", type=Path, dest="json_out", help="also write the report here")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(run=run_evaluate)
@@ -73,7 +80,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         device = parse_device(args.device)
         images = read_dataset(args.data, args.dataset, args.classes)
-        model = load_model(args.checkpoint, device=device)
+        model = _evaluated_model(args.checkpoint, args.grid, device)
         with _bar(len(images), "embedding") as bar:
             report = evaluate(
                 model,
@@ -94,6 +101,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report, images.name, args.classes))
     return 0
+
+
+def _evaluated_model(checkpoint: Path | None, grid: int | None, device: Any) -> Any:
+    if grid is None:
+        return load_model(checkpoint, device=device)
+    if checkpoint is not None:
+        raise ValueError("--grid is for the default model; a checkpoint has its own grid")
+    config = dataclasses.replace(default_config(), grid=grid)
+    return create_model(config).to(device).eval()
 
 
 def rounded(value: Any, digits: int = 2) -> Any:

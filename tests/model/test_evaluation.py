@@ -145,3 +145,11 @@ def test_evaluate_cli_names_a_missing_file(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "image_class_labels.txt: missing" in err
     assert "expected" in err
+
+
+def test_evaluate_grid_is_for_the_default_model_only(tmp_path, capsys) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"")
+    args = ["evaluate", "--data", str(tmp_path), "--grid", "7", "--checkpoint", "m.safetensors"]
+    assert main(args) == 2
+    assert "--grid is for the default model" in capsys.readouterr().err
