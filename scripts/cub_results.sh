@@ -24,6 +24,8 @@ train() {  # NAME, then diml train options
 }
 
 "$diml" evaluate --data "$cub" --classes 21-30 --device "$device" --json "$out/imagenet.json"
+"$diml" evaluate --data "$cub" --classes 21-30 --device "$device" --grid 7 \
+    --json "$out/imagenet-g7.json"
 for loss in ms-diml margin-diml ms margin; do
     train "head-$loss" --loss "$loss" --freeze-backbone --epochs 25 --head-lr 1e-4
 done

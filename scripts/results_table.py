@@ -12,6 +12,7 @@ from typing import Any
 
 ROWS = {
     "imagenet": "ImageNet MobileNetV2, head-less (no training)",
+    "imagenet-g7": "ImageNet MobileNetV2, head-less (no training)",
     "head-ms-diml": "trained head, DIML multi-similarity (backbone frozen)",
     "head-margin-diml": "trained head, DIML margin (backbone frozen)",
     "head-ms": "trained head, global multi-similarity (backbone frozen)",
@@ -29,20 +30,22 @@ def main(folder: Path) -> None:
     }
     if not reports:
         raise SystemExit(f"no reports in {folder}; run scripts/cub_results.sh first")
-    print("| model | ranking | R@1 | R@2 | R@4 | R@8 | R-Precision | MAP@R |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | grid | ranking | R@1 | R@2 | R@4 | R@8 | R-Precision | MAP@R |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in reports.items():
         for section in ("global", "reranked"):
             values = " | ".join(f"{r[section][m]:.2f}" for m in METRICS)
-            label = ROWS[name] if section == "global" else ""
+            label, grid = (
+                (ROWS[name], f"{r['grid']} x {r['grid']}") if section == "global" else ("", "")
+            )
             ranking = "global" if section == "global" else f"re-ranked top {r['rerank_k']}"
-            print(f"| {label} | {ranking} | {values} |")
+            print(f"| {label} | {grid} | {ranking} | {values} |")
     print()
     print(
-        "| model | PCK@0.1 / 0.2: flow (argmax) | flow (weighted mean) | nearest feature "
+        "| model | grid | PCK@0.1 / 0.2: flow (argmax) | flow (weighted mean) | nearest feature "
         "| identity | keypoints | SS drop: top-3 parts / 3 random |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in reports.items():
         pck, drop = r["pck"], r["deletion"]
         cells = [
@@ -50,12 +53,12 @@ def main(folder: Path) -> None:
             for m in ("flow", "flow_mean", "nearest", "identity")
         ]
         print(
-            f"| {ROWS[name]} | {' | '.join(cells)} | {pck['n_keypoints']} | "
-            f"{drop['top_parts_drop']:.1f}% / {drop['random_parts_drop']:.1f}% |"
+            f"| {ROWS[name]} | {r['grid']} x {r['grid']} | {' | '.join(cells)} | "
+            f"{pck['n_keypoints']} | "
+            f"{drop['top_parts_drop']:.2f}% / {drop['random_parts_drop']:.2f}% |"
         )
-    grids = sorted({r["grid"] for r in reports.values()})
     queries = next(iter(reports.values()))["n_queries"]
-    print(f"\ngrid: {', '.join(f'{g} x {g}' for g in grids)}; {queries} test queries")
+    print(f"\n{queries} test queries")
 
 
 if __name__ == "__main__":
