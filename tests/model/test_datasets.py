@@ -151,3 +151,24 @@ def test_real_cub_dev(cub_dev: Path) -> None:
     test = images.select("21-30")
     assert set(test.classes) == set(range(21, 31))
     assert all(r.path.is_file() for r in test.records[:20])
+
+
+def test_cars_devkit_layout(tmp_path: Path) -> None:
+    scipy_io = pytest.importorskip("scipy.io", reason="SciPy comes with the train extra")
+    fields = [
+        ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"),
+        ("fname", "O"),
+    ]  # fmt: skip
+    (tmp_path / "devkit").mkdir()
+    train = np.array([(1, 2, 11, 22, 5, "00001.jpg")], dtype=fields)
+    test = np.array([(0, 0, 9, 9, 7, "00001.jpg"), (0, 0, 9, 9, 5, "00002.jpg")], dtype=fields)
+    scipy_io.savemat(tmp_path / "devkit" / "cars_train_annos.mat", {"annotations": train})
+    scipy_io.savemat(tmp_path / "cars_test_annos_withlabels.mat", {"annotations": test})
+    images = read_dataset(tmp_path)
+    assert images.name == "cars"
+    assert [(r.path.relative_to(tmp_path).as_posix(), r.label) for r in images.records] == [
+        ("cars_train/00001.jpg", 5),
+        ("cars_test/00001.jpg", 7),
+        ("cars_test/00002.jpg", 5),
+    ]
+    assert images.records[0].box == (1.0, 2.0, 10.0, 20.0)
