@@ -93,6 +93,17 @@ def test_frozen_backbone_training_learns_resumes_and_feeds_evaluate(
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert json.loads(report.read_text())["grid"] == 2
+    pair = [str(r.path) for r in val.records[:2]]
+    best_file = str(out / "best.safetensors")
+    capsys.readouterr()
+    assert main(["explain", *pair, "--checkpoint", best_file, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["grid"] == 2
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in pair:
+        (photos / Path(path).name).write_bytes(Path(path).read_bytes())
+    index = ["index", "build", "--images", str(photos), "--out", str(tmp_path / "index")]
+    assert main([*index, "--checkpoint", best_file, "--quiet"]) == 0
 
 
 @pytest.mark.slow
