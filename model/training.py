@@ -94,11 +94,12 @@ class ClassBalancedBatches:
         seed: int = 0,
         batches_per_epoch: int | None = None,
     ) -> None:
-        self.by_class = [
+        # A class with one image has no positive pair: it is left out of the batches.
+        members = [
             (labels == c).nonzero().flatten().tolist() for c in torch.unique(labels).tolist()
         ]
-        eligible = sum(len(members) >= 2 for members in self.by_class)
-        if eligible < 2:
+        self.by_class = [m for m in members if len(m) >= 2]
+        if len(self.by_class) < 2:
             raise TrainingError("training needs at least two classes with two or more images")
         self.classes_per_batch = min(batch_size // per_class, len(self.by_class))
         self.per_class = per_class

@@ -37,6 +37,12 @@ def test_class_balanced_batches() -> None:
     assert {i for b in many for i in b} == set(range(len(labels)))
 
 
+def test_classes_with_one_image_are_left_out() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    batches = ClassBalancedBatches(labels, 4, 2, batches_per_epoch=20)
+    assert 6 not in {i for b in batches for i in b}
+
+
 def test_a_batch_needs_two_classes() -> None:
     with pytest.raises(TrainingError, match="two classes"):
         ClassBalancedBatches(torch.tensor([0, 0, 0, 1]), 4, 2)
