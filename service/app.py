@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from index_builder.build import build_if_missing
 from index_builder.gallery import CURRENT
-from model import Embedder, load_model
+from model import Embedder, EmbeddingNet, load_model
 from service import errors
 from service.engine import Engine
 from service.limits import BodySizeLimit
@@ -86,10 +86,11 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
 
 def _load(app: FastAPI, settings: Settings) -> None:
     try:
+        model = None
         if settings.gallery is not None:
-            _index_gallery_on_first_start(app, settings, settings.gallery)
+            model = _index_gallery_on_first_start(app, settings, settings.gallery)
         app.state.loading = "loading the model and the index"
-        engine = Engine(settings)
+        engine = Engine(settings, model)
         engine.canary()
     except Exception as e:
         log.error("could not load the model and index: %s", e)
@@ -100,10 +101,13 @@ def _load(app: FastAPI, settings: Settings) -> None:
     log.info("ready: %d items, model %s", engine.index.count, engine.fingerprint[:16])
 
 
-def _index_gallery_on_first_start(app: FastAPI, settings: Settings, gallery: Path) -> None:
-    """Build the index of ``gallery`` when ``settings.index`` holds none yet (first start)."""
+def _index_gallery_on_first_start(
+    app: FastAPI, settings: Settings, gallery: Path
+) -> EmbeddingNet | None:
+    """Build the index of ``gallery`` when ``settings.index`` holds none yet (first start);
+    returns the model it loaded for that, for the engine to reuse."""
     if (settings.index / CURRENT).is_file():
-        return
+        return None
     app.state.loading = "indexing the gallery (first start)"
     device = torch.device(settings.device)
     model = load_model(settings.checkpoint, device=device)
@@ -115,3 +119,4 @@ def _index_gallery_on_first_start(app: FastAPI, settings: Settings, gallery: Pat
             "indexed the gallery %s: %d images, %d skipped", gallery, report.indexed,
             len(report.skipped),
         )  # fmt: skip
+    return model

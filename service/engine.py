@@ -41,6 +41,7 @@ from model import (
     structural_match,
 )
 from model.images import geometry_of
+from model.network import EmbeddingNet
 from model.pipeline import explain_embeddings
 from service.errors import ApiError
 from service.metrics import StageTimer
@@ -149,10 +150,11 @@ class MicroBatcher:
 class Engine:
     """Model, index and batcher, loaded once per process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, model: EmbeddingNet | None = None) -> None:
+        """``model``: the one ``settings.checkpoint`` names, when the caller loaded it already."""
         self.settings = settings
         device = torch.device(settings.device)
-        self.model = load_model(settings.checkpoint, device=device)
+        self.model = model or load_model(settings.checkpoint, device=device)
         self.config = self.model.config
         self.fingerprint = fingerprint(self.model)
         self.embedder = Embedder(self.model, device, half=device.type == "cuda")

@@ -276,3 +276,17 @@ def test_a_cancelled_request_does_not_stop_the_batcher() -> None:
     assert len(later.result(5)) == 3
     assert backbone.sizes == [1, 3]  # the cancelled request never reached the backbone
     batcher.close()
+
+
+def test_first_start_indexes_the_gallery_then_reuses_the_index(
+    served: dict[str, Path], tmp_path: Path
+) -> None:
+    index = tmp_path / "new.index"
+    with _client(served, index, gallery=served["gallery"]) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["items"] == 12
+    version = (index / "CURRENT").read_text()
+    with _client(served, index, gallery=served["gallery"]) as client:  # a later start
+        assert client.get("/readyz").json()["items"] == 12
+    assert (index / "CURRENT").read_text() == version  # not built again
