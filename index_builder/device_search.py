@@ -25,8 +25,6 @@ class DeviceSearch:
         self.index = index
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.ids = torch.empty(0, dtype=torch.int64, device=self.device)
-        self.vectors = torch.empty(0, index.manifest.dim, dtype=self.dtype, device=self.device)
         self.refresh()
 
     @property

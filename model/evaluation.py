@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from model.config import MatchingConfig, Preprocessing
 from model.datasets import ImageSet, Record
-from model.images import ImageGeometry, ImageLoadError, geometry_of, load_image, preprocess
+from model.images import geometry_of, load_image, preprocess
 from model.matching import match_pairs, structural_match
 from model.metrics import RECALL_KS, relevant_counts, retrieval_metrics
 from model.network import Embedding, EmbeddingNet
@@ -57,11 +57,7 @@ class ImageFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        path = self.records[index].path
-        try:
-            image = load_image(path)
-        except ImageLoadError as e:
-            raise ImageLoadError(str(path), f"{e.reason} (data set image)", e.kind) from e
+        image = load_image(self.records[index].path)  # errors name the file
         if self.transform is None:
             pixels, g = preprocess(image, self.spec)
         else:
@@ -70,31 +66,10 @@ class ImageFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 
 def batches(
-    records: Sequence[Record],
-    spec: Preprocessing,
-    batch_size: int,
-    workers: int = 0,
-    transform: Callable[[Any], torch.Tensor] | None = None,
-    order: Sequence[int] | None = None,
+    records: Sequence[Record], spec: Preprocessing, batch_size: int, workers: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Decoded, preprocessed batches of ``records`` (in ``order`` when given)."""
-    data = ImageFiles(records, spec, transform)
-    loader = DataLoader(
-        data,
-        batch_size=batch_size,
-        sampler=list(order) if order is not None else None,
-        num_workers=workers,
-        pin_memory=False,
-    )
-    yield from loader
-
-
-def geometries(rows: torch.Tensor) -> list[ImageGeometry]:
-    """(N, 5) rows from :class:`ImageFiles` -> ImageGeometry objects."""
-    return [
-        ImageGeometry(int(w), int(h), float(left), float(top), float(size))
-        for w, h, left, top, size in rows.tolist()
-    ]
+    """Decoded batches of ``records`` at test-time preprocessing, in order."""
+    yield from DataLoader(ImageFiles(records, spec), batch_size=batch_size, num_workers=workers)
 
 
 @torch.inference_mode()
@@ -322,8 +297,9 @@ def keypoint_report(
 
 
 def deletion_check(
-    query: Embedding,
-    candidate: Embedding,
+    embedding: Embedding,
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
     matching: MatchingConfig | None = None,
     parts: int = DELETED_PARTS,
     seed: int = 0,
@@ -331,13 +307,14 @@ def deletion_check(
 ) -> dict[str, float]:
     """Drop of the structural similarity when the query's ``parts`` most contributing parts
     (row sums of ``T ⊙ S``), or ``parts`` random ones, leave the match; in percent of the
-    mean structural similarity. Global vectors are kept (the image is the same). Pairs are
-    taken ``chunk`` at a time (parts are converted to float32 per chunk)."""
+    mean structural similarity, over the pairs ``embedding[queries[i]]``,
+    ``embedding[candidates[i]]``. Global vectors are kept (the image is the same). Pairs are
+    gathered ``chunk`` at a time (and converted to float32 per chunk)."""
     generator = torch.Generator().manual_seed(seed)
     base_sum, top_sum, random_sum = 0.0, 0.0, 0.0
-    for start in range(0, len(query), chunk):
-        q = _take(query, torch.arange(start, min(start + chunk, len(query))))
-        c = _take(candidate, torch.arange(start, min(start + chunk, len(candidate))))
+    for start in range(0, len(queries), chunk):
+        q = _take(embedding, queries[start : start + chunk])
+        c = _take(embedding, candidates[start : start + chunk])
         full = match_pairs(q, c, matching)
         contribution = full.contributions[:, 0].sum(dim=-1)  # (P, R)
         random_rank = torch.rand(contribution.shape, generator=generator).argsort(dim=1)
@@ -417,8 +394,7 @@ def evaluate_embeddings(
             images, embedding, geometry, rankings.reranked_order, rankings.rerank_k, grid, matching
         )
     if deletion:
+        queries = torch.arange(len(embedding))
         top1 = rankings.reranked_order[:, 0]
-        report["deletion"] = deletion_check(
-            embedding, Embedding(embedding.parts[top1], embedding.vector[top1]), matching
-        )
+        report["deletion"] = deletion_check(embedding, queries, top1, matching)
     return report

@@ -21,7 +21,7 @@ import torch
 from pytorch_metric_learning import distances, losses, miners
 
 from model.config import MatchingConfig
-from model.matching import match_all
+from model.matching import match_all, match_pairs
 from model.network import Embedding
 from model.training import LOSSES
 
@@ -60,8 +60,7 @@ class StructuralDistance(distances.BaseDistance):
 
     def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
         q, r = unpack(query_emb, self.dim), unpack(ref_emb, self.dim)
-        score = match_all(q, r, self.matching, True).score.diagonal()
-        return self._scale(score)
+        return self._scale(match_pairs(q, r, self.matching, True).score[:, 0])
 
     def _scale(self, score: torch.Tensor) -> torch.Tensor:
         if self.as_distance:
@@ -77,7 +76,6 @@ class Criterion:
     loss: torch.nn.Module
     miner: torch.nn.Module | None
     structural: bool
-    dim: int
 
     def __call__(self, embedding: Embedding, labels: torch.Tensor) -> torch.Tensor:
         inputs = pack(embedding) if self.structural else embedding.vector
@@ -118,7 +116,7 @@ def make_criterion(name: str, dim: int, matching: MatchingConfig | None = None) 
         ),
     }
     loss, miner = factory[base]()
-    return Criterion(name, loss, miner, diml, dim)
+    return Criterion(name, loss, miner, diml)
 
 
 def _distance(

@@ -76,12 +76,13 @@ def add_evaluate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from model.evaluation import evaluate
+    from model.training import progress_bar
 
     try:
         device = parse_device(args.device)
         images = read_dataset(args.data, args.dataset, args.classes)
         model = _evaluated_model(args.checkpoint, args.grid, device)
-        with _bar(len(images), "embedding") as bar:
+        with progress_bar(len(images), "embedding", sys.stderr.isatty()) as bar:
             report = evaluate(
                 model,
                 images,
@@ -257,9 +258,3 @@ def _print_epoch(entry: dict[str, Any]) -> None:
         f"MAP@R {g['map@r']:.2f} -> {r['map@r']:.2f}{'  (kept)' if entry['selected'] else ''}",
         flush=True,
     )
-
-
-def _bar(total: int, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty())

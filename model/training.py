@@ -155,17 +155,23 @@ def feature_maps(
     batch_size: int,
     workers: int,
     progress: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone feature maps (N, C, h, w) in float16 on the CPU, and geometry rows (N, 5)."""
-    maps, rows = [], []
+) -> torch.Tensor:
+    """Backbone feature maps (N, C, h, w) in float16 on the CPU, at test-time preprocessing."""
+    maps = []
     backbone = model.backbone.to(device).eval()
-    for pixels, geometry in batches(records, model.config.preprocessing, batch_size, workers):
+    for pixels, _ in batches(records, model.config.preprocessing, batch_size, workers):
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             maps.append(backbone(pixels.to(device)).half().cpu())
-        rows.append(geometry)
         if progress is not None:
             progress(len(pixels))
-    return torch.cat(maps), torch.cat(rows)
+    return torch.cat(maps)
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
+    """A tqdm bar counting images (a no-op when not ``enabled``)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled)
 
 
 def freeze_batch_norm(model: nn.Module) -> None:
@@ -269,7 +275,7 @@ class Trainer:
         )
         if resume:
             self._restore()
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[str, torch.Tensor] = {}
 
     def _check_resumable(self, settings: dict[str, Any]) -> None:
         if not (self.run.state.exists() and self.run.last.exists() and self.run.settings.exists()):
@@ -311,18 +317,14 @@ class Trainer:
         torch.save(state, tmp)
         os.replace(tmp, self.run.state)
 
-    def _maps(self, name: str, records: Sequence[Record]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _maps(self, name: str, records: Sequence[Record]) -> torch.Tensor:
         if name not in self._cache:
-            with self._bar(len(records), f"caching {name} features") as bar:
+            desc = f"caching {name} features"
+            with progress_bar(len(records), desc, self.show_progress) as bar:
                 self._cache[name] = feature_maps(
                     self.model, records, self.device, 64, self.workers, bar.update
                 )
         return self._cache[name]
-
-    def _bar(self, total: int, desc: str) -> Any:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit="img", disable=not self.show_progress)
 
     def fit(self, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Train up to ``config.epochs``; returns the last epoch's log entry."""
@@ -361,7 +363,7 @@ class Trainer:
         freeze_batch_norm(self.model)
         if self.config.freeze_backbone:
             self.model.backbone.eval()
-            maps, _ = self._maps("train", self.train_set.records)
+            maps = self._maps("train", self.train_set.records)
             steps: Iterator[tuple[torch.Tensor, torch.Tensor]] = (
                 (maps[index].to(self.device), index) for index in map(torch.tensor, self.sampler)
             )
@@ -369,7 +371,8 @@ class Trainer:
             steps = self._image_batches()
         labels = self.train_set.labels
         total, count, seen = torch.zeros((), device=self.device), 0, 0
-        with self._bar(len(self.sampler), f"epoch {self.epoch + 1}/{self.config.epochs}") as bar:
+        desc = f"epoch {self.epoch + 1}/{self.config.epochs}"
+        with progress_bar(len(self.sampler), desc, self.show_progress) as bar:
             for inputs, index in steps:
                 loss = self._step(inputs, labels[index].to(self.device))
                 total += loss.detach()
@@ -412,7 +415,7 @@ class Trainer:
         """Global and re-ranked retrieval metrics on the validation classes."""
         self.model.eval()
         if self.config.freeze_backbone:
-            maps, _ = self._maps("val", self.val_set.records)
+            maps = self._maps("val", self.val_set.records)
             parts, vectors = [], []
             for start in range(0, len(maps), 256):
                 e = self.model.head(maps[start : start + 256].to(self.device).float())

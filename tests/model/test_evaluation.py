@@ -104,9 +104,13 @@ def test_deletion_check_top_parts_matter_more_than_random_ones() -> None:
     qp, cp = torch.cat([shared, noise_q], 1), torch.cat([noise_c, shared], 1)
     q = Embedding(qp, F.normalize(qp.mean(1), dim=-1))
     c = Embedding(cp, F.normalize(cp.mean(1), dim=-1))
-    drops = deletion_check(q, c)
+    both = Embedding.cat([q, c])
+    queries, candidates = torch.arange(n), torch.arange(n, 2 * n)
+    drops = deletion_check(both, queries, candidates)
     assert drops["top_parts_drop"] > 5 * max(drops["random_parts_drop"], 1.0)
-    assert drops == deletion_check(q, c)  # seeded
+    assert drops == deletion_check(both, queries, candidates)  # seeded
+    # Chunks add up (Sinkhorn stops per batch, within its tolerance).
+    assert deletion_check(both, queries, candidates, chunk=5) == pytest.approx(drops, rel=1e-4)
 
 
 def test_evaluate_cli_on_real_photos(cub_dev, tmp_path, capsys) -> None:

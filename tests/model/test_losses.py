@@ -51,6 +51,10 @@ def test_structural_distance_is_the_test_time_score() -> None:
     torch.testing.assert_close(
         distance.square(), (2 - scores).clamp_min(1e-8), atol=1e-4, rtol=1e-4
     )
+    # pairwise_distance matches row i with column i only: the diagonal.
+    torch.testing.assert_close(
+        StructuralDistance(D).pairwise_distance(pack(e), pack(e)), similarity.diagonal()
+    )
     # Rows are queries: mu comes from the row image's parts against the column's vector,
     # so the matrix is the test-time one (and symmetric, as the transpose symmetry says).
     torch.testing.assert_close(similarity, similarity.T, atol=1e-5, rtol=1e-5)
