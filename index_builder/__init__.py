@@ -2,7 +2,7 @@
 
 from index_builder.build import Report, Source, add_images, build_index, read_list, scan_folder
 from index_builder.files import IndexBusyError
-from index_builder.gallery import FingerprintMismatchError, GalleryIndex, writing
+from index_builder.gallery import FingerprintMismatchError, GalleryIndex, has_index, writing
 from index_builder.manifest import IndexFormatError, Manifest
 from index_builder.table import Item, NewItem
 from index_builder.vector_index import VectorIndex, default_factory
@@ -21,6 +21,7 @@ __all__ = [
     "add_images",
     "build_index",
     "default_factory",
+    "has_index",
     "read_list",
     "scan_folder",
     "writing",

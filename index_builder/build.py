@@ -29,7 +29,6 @@ from tqdm import tqdm
 from index_builder.files import crashpoint, writer_lock
 from index_builder.gallery import (
     BUILDING,
-    CURRENT,
     SNAPSHOT_META,
     SNAPSHOT_SEGMENT_META,
     FingerprintMismatchError,
@@ -100,17 +99,6 @@ def scan_folder(root: Path) -> list[Source]:
             label = rel.parts[0] if len(rel.parts) > 1 else None
             sources.append(Source(path, rel.as_posix(), label))
     return sources
-
-
-def build_if_missing(
-    out: Path, gallery: Path, embedder: Embedder, progress: bool = False
-) -> Report | None:
-    """Index the folder ``gallery`` into ``out`` unless ``out`` already holds an index (a first
-    start); an interrupted first build resumes. None when there was an index already."""
-    if (out / CURRENT).is_file():
-        return None
-    log.info("no index in %s yet: indexing the gallery %s", out, gallery)
-    return build_index(scan_folder(gallery), out, embedder, progress=progress)
 
 
 def read_list(csv_path: Path) -> list[Source]:

@@ -277,6 +277,11 @@ def writing(root: str | Path, expected_fingerprint: str | None = None) -> Iterat
             index.close()
 
 
+def has_index(root: Path) -> bool:
+    """Whether ``root`` holds a published index (a build in progress does not count)."""
+    return (root / CURRENT).is_file()
+
+
 def live_version(root: Path) -> Path:
     """The folder that ``root/CURRENT`` names."""
     pointer = root / CURRENT

@@ -14,8 +14,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from index_builder.build import build_if_missing
-from index_builder.gallery import CURRENT
+from index_builder import build_index, has_index, scan_folder
 from model import Embedder, EmbeddingNet, load_model
 from service import errors
 from service.engine import Engine
@@ -104,19 +103,17 @@ def _load(app: FastAPI, settings: Settings) -> None:
 def _index_gallery_on_first_start(
     app: FastAPI, settings: Settings, gallery: Path
 ) -> EmbeddingNet | None:
-    """Build the index of ``gallery`` when ``settings.index`` holds none yet (first start);
-    returns the model it loaded for that, for the engine to reuse."""
-    if (settings.index / CURRENT).is_file():
+    """Build the index of ``gallery`` when ``settings.index`` holds none yet (first start; an
+    interrupted first build resumes); returns the model it loaded, for the engine to reuse."""
+    if has_index(settings.index):
         return None
     app.state.loading = "indexing the gallery (first start)"
     device = torch.device(settings.device)
     model = load_model(settings.checkpoint, device=device)
-    report = build_if_missing(
-        settings.index, gallery, Embedder(model, device, half=device.type == "cuda")
-    )
-    if report is not None:
-        log.info(
-            "indexed the gallery %s: %d images, %d skipped", gallery, report.indexed,
-            len(report.skipped),
-        )  # fmt: skip
+    embedder = Embedder(model, device, half=device.type == "cuda")
+    report = build_index(scan_folder(gallery), settings.index, embedder)
+    log.info(
+        "indexed the gallery %s: %d images, %d skipped", gallery, report.indexed,
+        len(report.skipped),
+    )  # fmt: skip
     return model

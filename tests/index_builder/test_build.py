@@ -20,8 +20,9 @@ from index_builder import (
     scan_folder,
     writing,
 )
-from index_builder.build import SourceListError, build_if_missing
+from index_builder.build import SourceListError
 from index_builder.files import writer_lock
+from index_builder.gallery import has_index
 from model import fingerprint
 from tests.index_builder.helpers import build_tiny, make_images, tiny_embedder
 
@@ -245,13 +246,12 @@ def test_report_json(gallery: Path, tmp_path: Path) -> None:
     assert data["images_per_second"] > 0
 
 
-def test_build_if_missing_builds_once(tmp_path: Path) -> None:
-    gallery = tmp_path / "gallery"
-    make_images(gallery, 6)
-    embedder = tiny_embedder()
-    report = build_if_missing(tmp_path / "index", gallery, embedder)
-    assert report is not None
-    assert report.count == 6
-    make_images(gallery / "more", 2, seed=5)  # a later start does not rebuild
-    assert build_if_missing(tmp_path / "index", gallery, embedder) is None
-    assert GalleryIndex.open(tmp_path / "index").count == 6
+def test_has_index_only_once_published(tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    assert not has_index(out)  # no folder
+    out.mkdir()
+    (out / ".building").mkdir()  # a build in progress is not an index yet
+    assert not has_index(out)
+    make_images(tmp_path / "gallery", 4)
+    build_tiny(tmp_path / "gallery", out)
+    assert has_index(out)
