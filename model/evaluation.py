@@ -367,6 +367,7 @@ def evaluate(
         device,
         keypoints,
     )
+    report["grid"] = model.config.grid
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
 

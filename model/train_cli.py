@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from model.backbones import BackboneWeightsError
 from model.checkpoint import CheckpointError, load_model
 from model.cli import EXIT_USAGE, parse_device
 from model.config import ModelConfig
 from model.datasets import READERS, DatasetError, read_dataset
 from model.images import ImageLoadError
-from model.network import create_model, default_config
+from model.network import EmbeddingNet, create_model, default_config
 
 KNOWN_ERRORS = (
     DatasetError,
@@ -96,7 +98,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"diml evaluate: {e}", file=sys.stderr)
         return EXIT_USAGE
     report = rounded(report)
-    report["grid"] = model.config.grid
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
@@ -104,7 +105,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluated_model(checkpoint: Path | None, grid: int | None, device: Any) -> Any:
+def _evaluated_model(
+    checkpoint: Path | None, grid: int | None, device: torch.device
+) -> EmbeddingNet:
     if grid is None:
         return load_model(checkpoint, device=device)
     if checkpoint is not None:
