@@ -4,6 +4,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -245,13 +246,19 @@ def test_micro_batcher_embeds_concurrent_requests_together() -> None:
     batcher.close()
 
 
-def test_micro_batcher_bounds_its_queue() -> None:
+def _busy_batcher(max_queue: int) -> tuple[_Backbone, MicroBatcher, Any]:
+    """A batcher whose worker has taken a first one-image job and waits on the backbone."""
     backbone = _Backbone()
-    batcher = MicroBatcher(backbone, max_batch=1, window_s=0.0, max_queue=2)  # type: ignore[arg-type]
+    batcher = MicroBatcher(backbone, max_batch=1, window_s=0.0, max_queue=max_queue)  # type: ignore[arg-type]
     first = batcher.submit(torch.zeros(1, 3, 8, 8))
     deadline = time.monotonic() + 5
     while batcher.jobs.qsize() and time.monotonic() < deadline:  # the worker takes it, then waits
         time.sleep(0.01)
+    return backbone, batcher, first
+
+
+def test_micro_batcher_bounds_its_queue() -> None:
+    backbone, batcher, first = _busy_batcher(max_queue=2)
     waiting = [batcher.submit(torch.zeros(1, 3, 8, 8)) for _ in range(2)]
     with pytest.raises(OverloadedError):
         batcher.submit(torch.zeros(1, 3, 8, 8))
@@ -262,12 +269,7 @@ def test_micro_batcher_bounds_its_queue() -> None:
 
 def test_a_cancelled_request_does_not_stop_the_batcher() -> None:
     # A request past its deadline cancels its future; the batcher must skip it and keep serving.
-    backbone = _Backbone()
-    batcher = MicroBatcher(backbone, max_batch=1, window_s=0.0, max_queue=4)  # type: ignore[arg-type]
-    first = batcher.submit(torch.zeros(1, 3, 8, 8))
-    deadline = time.monotonic() + 5
-    while batcher.jobs.qsize() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    backbone, batcher, first = _busy_batcher(max_queue=4)
     abandoned = batcher.submit(torch.zeros(2, 3, 8, 8))
     assert abandoned.cancel()
     backbone.release.set()
