@@ -149,12 +149,12 @@ def test_the_image_entrypoint_indexes_the_gallery_and_serves_it(tmp_path: Path) 
             try:
                 ready = httpx.get(f"{url}/readyz", timeout=2)
             except httpx.TransportError:
-                time.sleep(0.5)
+                time.sleep(0.1)
                 continue
             if ready.status_code == 200:
                 break
             messages.add(ready.json()["error"]["message"])
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert ready.json()["items"] == 80
         assert "indexing the gallery (first start)" in messages
         query = REPO / "gallery" / "cat" / "cat-mirror.jpg"
