@@ -32,8 +32,12 @@ class CheckpointError(ValueError):
 
 def fingerprint(model: EmbeddingNet) -> str:
     """sha256 hex of the config and all weights and buffers of ``model``."""
-    digest = hashlib.sha256(model.config.to_json().encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    return _fingerprint(model.config.to_json(), model.state_dict())
+
+
+def _fingerprint(config_json: str, state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(config_json.encode())
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -96,10 +100,13 @@ def load_checkpoint(
     except RuntimeError as e:
         detail = " ".join(str(e).splitlines()[:4])
         raise CheckpointError(f"{path}: the weights do not fit the stored config: {detail}") from e
-    if fingerprint(model) != meta["fingerprint"]:
+    # Verified against the config text as stored: a checkpoint written before a config field
+    # was added (and so read with that field's default) still checks.
+    computed = _fingerprint(meta["config"], model.state_dict())
+    if computed != meta["fingerprint"]:
         raise CheckpointError(
             f"{path}: fingerprint mismatch (stored {meta['fingerprint'][:12]}, computed "
-            f"{fingerprint(model)[:12]}): the file is corrupt or was edited; re-export it"
+            f"{computed[:12]}): the file is corrupt or was edited; re-export it"
         )
     return model.to(device).eval()
 

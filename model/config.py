@@ -45,12 +45,17 @@ class MatchingConfig:
     Sinkhorn iterations; the loop stops early once the L1 error of the plan's row marginals is
     below ``tol`` for every pair, checked once per ``check_every`` iterations (one host-device
     synchronisation per check, none per iteration).
+
+    The ranking score of a pair is ``global + structural_weight * structural``: the published
+    rule has weight 1; a model stores the weight chosen on its validation classes
+    (``model.calibration``), so that re-ranking does not undo a better global ranking.
     """
 
     epsilon: float = 0.05
     max_iter: int = 100
     tol: float = 1e-4
     check_every: int = 10
+    structural_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0:
@@ -59,6 +64,8 @@ class MatchingConfig:
             raise ValueError("max_iter and check_every must be >= 1")
         if self.tol < 0:
             raise ValueError(f"tol must be >= 0, got {self.tol}")
+        if not 0 <= self.structural_weight < float("inf"):
+            raise ValueError(f"structural_weight must be >= 0, got {self.structural_weight}")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from model.config import MatchingConfig, Preprocessing
 from model.datasets import ImageSet, Record
 from model.images import geometry_of, load_image, preprocess
-from model.matching import match_pairs, structural_match
+from model.matching import match_pairs, ranking_score, structural_match
 from model.metrics import RECALL_KS, relevant_counts, retrieval_metrics
 from model.network import Embedding, EmbeddingNet
 
@@ -108,6 +108,77 @@ class Rankings:
     rerank_k: int
 
 
+@dataclass(frozen=True)
+class HeadScores:
+    """Every query's global ranking and both terms of the score for its first ``k`` candidates.
+
+    order: (N, depth) indices by the global vector, best first (the query left out);
+    global_similarity, structural_similarity: (N, k) for ``order[:, :k]``. Computing the
+    structural term once lets any weight of it be tried without solving transport again.
+    """
+
+    order: torch.Tensor
+    global_similarity: torch.Tensor
+    structural_similarity: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.global_similarity.shape[1])
+
+    def reranked(self, weight: float) -> torch.Tensor:
+        """(N, depth): the first ``k`` re-ranked by ``global + weight * structural`` (stable:
+        ties keep the global order), the rest in global order."""
+        if self.k < 2:
+            return self.order
+        score = ranking_score(self.global_similarity, self.structural_similarity, weight)
+        resorted = torch.sort(score, dim=1, descending=True, stable=True).indices
+        out = self.order.clone()
+        out[:, : self.k] = torch.gather(self.order[:, : self.k], 1, resorted)
+        return out
+
+
+def head_scores(
+    embedding: Embedding,
+    depth: int,
+    rerank_k: int,
+    matching: MatchingConfig | None = None,
+    device: torch.device | None = None,
+    chunk: int = 256,
+    pairs_per_step: int = 8192,
+) -> HeadScores:
+    """Rank every image against all others by the global vector (stable: ties keep the data
+    set's order) and match each query with its first ``rerank_k`` candidates."""
+    n = len(embedding)
+    depth = min(depth, n - 1)
+    rerank_k = min(rerank_k, depth)
+    device = device or torch.device("cpu")
+    vectors = embedding.vector.to(device, torch.float32)
+    orders = []
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        sims = vectors[start:stop] @ vectors.T  # (b, N)
+        rows = torch.arange(stop - start, device=device)
+        sims[rows, rows + start] = -torch.inf
+        orders.append(torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth])
+    order = torch.cat(orders).cpu()
+    global_sim = torch.zeros(n, rerank_k)
+    structural = torch.zeros(n, rerank_k)
+    step = max(1, pairs_per_step // max(rerank_k, 1))
+    for a in range(0, n if rerank_k else 0, step):
+        queries = torch.arange(a, min(a + step, n))
+        candidates = order[queries, :rerank_k]
+        match = structural_match(
+            embedding.parts[queries].to(device, torch.float32),
+            embedding.vector[queries].to(device),
+            embedding.parts[candidates].to(device, torch.float32),
+            embedding.vector[candidates].to(device),
+            matching,
+        )
+        global_sim[queries] = match.global_similarity.cpu()
+        structural[queries] = match.structural_similarity.cpu()
+    return HeadScores(order, global_sim, structural)
+
+
 def rank_all(
     embedding: Embedding,
     depth: int,
@@ -116,56 +187,15 @@ def rank_all(
     device: torch.device | None = None,
     chunk: int = 256,
 ) -> Rankings:
-    """Rank every image against all others by the global vector, then re-rank each top-K.
+    """Rank every image against all others by the global vector, then re-rank each top-K by
+    the model's score (``matching.structural_weight`` weighs the structural term).
 
     Ties keep the data set's order (stable sorts). ``depth`` >= ``rerank_k``; the query itself
     is never in its own ranking.
     """
-    n = len(embedding)
-    depth = min(depth, n - 1)
-    rerank_k = min(rerank_k, depth)
-    device = device or torch.device("cpu")
-    vectors = embedding.vector.to(device, torch.float32)
-    global_rows, reranked_rows = [], []
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        sims = vectors[start:stop] @ vectors.T  # (b, N)
-        rows = torch.arange(stop - start, device=device)
-        sims[rows, rows + start] = -torch.inf
-        order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth]
-        global_rows.append(order.cpu())
-        reranked_rows.append(_rerank(embedding, start, order.cpu(), rerank_k, matching, device))
-    return Rankings(torch.cat(global_rows), torch.cat(reranked_rows), rerank_k)
-
-
-def _rerank(
-    embedding: Embedding,
-    start: int,
-    order: torch.Tensor,
-    rerank_k: int,
-    matching: MatchingConfig | None,
-    device: torch.device,
-    pairs_per_step: int = 8192,
-) -> torch.Tensor:
-    """Re-rank the first ``rerank_k`` of each row of ``order`` by ``SS + global``."""
-    if rerank_k < 2:
-        return order
-    out = order.clone()
-    step = max(1, pairs_per_step // rerank_k)
-    for a in range(0, len(order), step):
-        b = min(a + step, len(order))
-        queries = torch.arange(start + a, start + b)
-        candidates = order[a:b, :rerank_k]
-        match = structural_match(
-            embedding.parts[queries].to(device, torch.float32),
-            embedding.vector[queries].to(device),
-            embedding.parts[candidates].to(device, torch.float32),
-            embedding.vector[candidates].to(device),
-            matching,
-        )
-        resorted = torch.sort(match.score, dim=1, descending=True, stable=True).indices.cpu()
-        out[a:b, :rerank_k] = torch.gather(candidates, 1, resorted)
-    return out
+    scores = head_scores(embedding, depth, rerank_k, matching, device, chunk)
+    weight = (matching or MatchingConfig()).structural_weight
+    return Rankings(scores.order, scores.reranked(weight), scores.k)
 
 
 def retrieval_report(rankings: Rankings, labels: torch.Tensor) -> dict[str, dict[str, float]]:
@@ -368,6 +398,8 @@ def evaluate(
         keypoints,
     )
     report["grid"] = model.config.grid
+    report["dim"] = model.dim
+    report["structural_weight"] = model.config.matching.structural_weight
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
 

@@ -1,8 +1,10 @@
 """Explanations: the exact decomposition of one pair's score into part-to-part contributions.
 
-``score = global_similarity + structural_similarity`` and ``structural_similarity = sum_ij C_ij``
-with ``C = plan * similarity``; row sums of ``C`` are the query parts' contributions, column sums
-the result parts'. Everything a user needs to see why two images match, in plain Python types.
+``score = global_similarity + structural_weight * structural_similarity`` and
+``structural_similarity = sum_ij C_ij`` with ``C = plan * similarity`` (the weight is the
+model's ``MatchingConfig.structural_weight``); row sums of ``C`` are the query parts'
+contributions, column sums the result parts'. Everything a user needs to see why two images
+match, in plain Python types.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from typing import Any
 
 import torch
 
+from model.config import MatchingConfig
 from model.images import ImageGeometry
-from model.matching import StructuralMatch
+from model.matching import StructuralMatch, ranking_score
 
 Box = tuple[float, float, float, float]
 
@@ -50,6 +53,7 @@ class Explanation:
     matches: list[PartMatch]
     global_similarity: float
     structural_similarity: float
+    structural_weight: float
     score: float
     converged: bool
     marginal_error: float
@@ -71,6 +75,7 @@ class Explanation:
             "matches": [vars(m) for m in self.matches],
             "global_similarity": self.global_similarity,
             "structural_similarity": self.structural_similarity,
+            "structural_weight": self.structural_weight,
             "score": self.score,
             "sinkhorn": {
                 "converged": self.converged,
@@ -89,11 +94,14 @@ def explain(
     query_geometry: ImageGeometry,
     result_geometry: ImageGeometry,
     grid: int,
-    epsilon: float,
+    matching: MatchingConfig,
     index: tuple[int, int] = (0, 0),
     top: int = 5,
 ) -> Explanation:
     """The explanation of pair ``index = (b, k)`` of ``match``, with its ``top`` strongest matches.
+
+    ``matching`` is the configuration ``match`` was computed with (epsilon and the weight of the
+    structural term in the score).
 
     The strongest matches are the plan entries with the largest contributions ``T_ij * S_ij``.
     """
@@ -117,8 +125,9 @@ def explain(
     ]
     structural = float(contributions.sum())
     global_sim = float(match.global_similarity[b, k])
+    weight = matching.structural_weight
     return Explanation(
-        epsilon=epsilon,
+        epsilon=matching.epsilon,
         grid=grid,
         plan=plan.tolist(),
         similarity=similarity.tolist(),
@@ -131,7 +140,8 @@ def explain(
         matches=matches,
         global_similarity=global_sim,
         structural_similarity=structural,
-        score=structural + global_sim,
+        structural_weight=weight,
+        score=ranking_score(global_sim, structural, weight),
         converged=bool(match.converged[b, k]),
         marginal_error=float(match.marginal_error[b, k]),
         iterations=match.iterations,

@@ -6,7 +6,8 @@ For a query q and a candidate g with L2-normalised parts ``q_i, g_j`` and global
 - ``S[i, j] = <q_i, g_j>``;
 - ``mu_i ∝ relu(<q_i, ḡ>)``, ``nu_j ∝ relu(<g_j, q̄>)`` (uniform when all are zero);
 - ``T`` = entropic OT plan for the cost ``1 - S`` (:func:`model.optimal_transport.sinkhorn`);
-- ``SS = sum_ij T_ij S_ij``; ``score = SS + <q̄, ḡ>``; contributions ``C = T ⊙ S``.
+- ``SS = sum_ij T_ij S_ij``; ``score = <q̄, ḡ> + w * SS`` with ``w = config.structural_weight``
+  (1 in the published rule); contributions ``C = T ⊙ S`` sum to ``SS``.
 
 Everything is batched over ``(B, K)`` query-candidate pairs and computed in fp32.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -69,6 +71,14 @@ def part_weights(correlation: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, corr / total.clamp_min(torch.finfo(corr.dtype).tiny), uniform)
 
 
+Term = TypeVar("Term", torch.Tensor, float)
+
+
+def ranking_score(global_similarity: Term, structural_similarity: Term, weight: float) -> Term:
+    """The ranking rule: ``global + weight * structural`` (tensors elementwise, or floats)."""
+    return global_similarity + weight * structural_similarity
+
+
 def structural_match(
     query_parts: torch.Tensor,
     query_vector: torch.Tensor,
@@ -111,7 +121,7 @@ def structural_match(
         candidate_weights=nu,
         structural_similarity=structural,
         global_similarity=global_sim,
-        score=structural + global_sim,
+        score=ranking_score(global_sim, structural, config.structural_weight),
         marginal_error=result.marginal_error,
         converged=result.converged,
         iterations=result.iterations,

@@ -62,4 +62,4 @@ def explain_embeddings(
     matching settings of the model ``config`` that made them."""
     with torch.inference_mode():
         match = match_pairs(a, b, config.matching)
-    return explain(match, a_geometry, b_geometry, config.grid, config.matching.epsilon, top=top)
+    return explain(match, a_geometry, b_geometry, config.grid, config.matching, top=top)

@@ -71,8 +71,9 @@ def render_explanation(
 
     e = explanation
     header = (
-        f"score {e.score:.4f} = global {e.global_similarity:.4f} + structural "
-        f"{e.structural_similarity:.4f}    (grid {e.grid}x{e.grid}, epsilon {e.epsilon:g})"
+        f"score {e.score:.4f} = global {e.global_similarity:.4f} + {e.structural_weight:g} x "
+        f"structural {e.structural_similarity:.4f}    "
+        f"(grid {e.grid}x{e.grid}, epsilon {e.epsilon:g})"
     )
     draw_rgb.text((PAD, PAD), header, fill=(0, 0, 0), font=font)
     tint = f"tint: part contribution, {low:+.4f} (clear) to {high:+.4f} (red)"

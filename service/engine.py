@@ -235,7 +235,7 @@ class Engine:
         timer: StageTimer,
     ) -> list[list[dict[str, Any]]]:
         """B queries -> B lists of up to k hits: coarse search by the global vector, the top
-        ``rerank_k`` re-ranked by score = structural + global, the rest in global order."""
+        ``rerank_k`` re-ranked by score = global + weight x structural, the rest in global order."""
         with timer.stage("coarse_search"), self.lock:
             _, ids = self._search(queries.vector.numpy(), max(options.k, options.rerank_k))
             valid = ids >= 0  # FAISS pads with -1 past the end
@@ -273,7 +273,7 @@ class Engine:
         """(B, K) candidate positions: the first ``rerank_k`` sorted by score, then the rest."""
         score = match.score.masked_fill(~valid, float("-inf"))
         head = min(rerank_k, score.shape[1])
-        top = torch.argsort(score[:, :head], dim=1, descending=True)
+        top = torch.sort(score[:, :head], dim=1, descending=True, stable=True).indices
         rest = torch.arange(head, score.shape[1]).expand(score.shape[0], -1)
         return torch.cat([top, rest], dim=1)
 
@@ -302,7 +302,7 @@ class Engine:
                 "id": item.id,
                 "key": item.key,
                 "label": item.label,
-                "score": structural + global_sim if reranked else global_sim,
+                "score": float(match.score[b, position]) if reranked else global_sim,
                 "global_similarity": global_sim,
                 "structural_similarity": structural,
                 "reranked": reranked,
@@ -315,7 +315,7 @@ class Engine:
                     geometry,
                     self.geometry(item),
                     self.config.grid,
-                    self.config.matching.epsilon,
+                    self.config.matching,
                     index=(b, position),
                     top=options.matches,
                 )

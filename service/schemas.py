@@ -37,6 +37,9 @@ class ExplanationOut(BaseModel):
     matches: list[PartMatchOut]
     global_similarity: float
     structural_similarity: float
+    structural_weight: float = Field(
+        description="the model's weight w of the structural term: score = global + w x structural"
+    )
     score: float
     sinkhorn: SinkhornOut
     plan: list[list[float]] | None = Field(None, description="R x R flow, rows = query parts")
@@ -47,7 +50,10 @@ class Hit(BaseModel):
     id: int
     key: str
     label: str | None
-    score: float = Field(description="structural + global similarity when re-ranked, else global")
+    score: float = Field(
+        description="global + w x structural similarity when re-ranked (w: the model's "
+        "structural_weight), else the global similarity"
+    )
     global_similarity: float
     structural_similarity: float
     reranked: bool

@@ -127,7 +127,8 @@ async function openDetail(hit) {
     $("detail-title").textContent = `Why ${hit.key} matches`;
     $("detail").hidden = false;
     $("detail").scrollIntoView({ behavior: "smooth", block: "start" });
-    say(`score ${state.explanation.score.toFixed(4)} = global ${state.explanation.global_similarity.toFixed(4)} + structural ${state.explanation.structural_similarity.toFixed(4)}`);
+    const e = state.explanation;
+    say(`score ${e.score.toFixed(4)} = global ${e.global_similarity.toFixed(4)} + ${e.structural_weight} × structural ${e.structural_similarity.toFixed(4)}`);
   } catch (e) {
     say(`Could not explain: ${e.message}`, true);
   }
@@ -235,7 +236,9 @@ function focusPart(side, r) {
 function drawBars(e) {
   const bars = $("bars");
   bars.replaceChildren();
-  const parts = e.contributions.query.map((v, r) => ({ v, r })).sort((a, b) => b.v - a.v);
+  // Each part's share of the score: its contribution times the model's structural weight.
+  const w = e.structural_weight;
+  const parts = e.contributions.query.map((v, r) => ({ v: w * v, r })).sort((a, b) => b.v - a.v);
   const total = Math.abs(e.global_similarity) + parts.reduce((s, p) => s + Math.abs(p.v), 0) || 1;
   const add = (cls, value, title) => {
     const bar = document.createElement("div");
@@ -249,7 +252,8 @@ function drawBars(e) {
   for (const p of parts) add("part", p.v, `query part ${p.r}: ${p.v.toFixed(5)}`);
   $("bars-caption").textContent =
     `grey: global similarity ${e.global_similarity.toFixed(4)}; red: the ${parts.length} query parts' ` +
-    `contributions, largest first, summing to ${e.structural_similarity.toFixed(4)}; ` +
+    `contributions times the structural weight ${w}, largest first, summing to ` +
+    `${(w * e.structural_similarity).toFixed(4)}; ` +
     `together the score ${e.score.toFixed(4)}`;
 }
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from model.network import DEFAULT_STRUCTURAL_WEIGHT
 from service.cli import main
 
 
@@ -28,7 +29,9 @@ def test_explain_json_on_two_real_photos(
     assert sum(data["contributions"]["query"]) == pytest.approx(structural, abs=1e-5)
     assert sum(data["contributions"]["result"]) == pytest.approx(structural, abs=1e-5)
     assert sum(map(sum, data["plan"])) == pytest.approx(1.0, abs=1e-4)
-    assert data["score"] == pytest.approx(structural + data["global_similarity"], abs=1e-9)
+    weight = data["structural_weight"]
+    assert weight == DEFAULT_STRUCTURAL_WEIGHT  # the default model's calibrated weight
+    assert data["score"] == pytest.approx(data["global_similarity"] + weight * structural, abs=1e-9)
     assert data["sinkhorn"]["converged"] is True
     width, height = Image.open(cub_images[0]).size
     assert max(box[2] for box in data["query_regions"]) <= width + 1e-6

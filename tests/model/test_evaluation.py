@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.config import MatchingConfig
 from model.datasets import read_dataset
 from model.evaluation import (
     cell_centres,
@@ -42,6 +43,21 @@ def test_reranking_sorts_the_top_k_by_the_structural_score_and_keeps_the_rest() 
     sims = e.vector @ e.vector.T
     sims.fill_diagonal_(-2)
     assert rankings.global_order[:, 0].tolist() == sims.argmax(1).tolist()
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 2.0])
+def test_reranking_uses_the_models_structural_weight(weight: float) -> None:
+    e = random_embedding(25, seed=2)
+    matching = MatchingConfig(structural_weight=weight)
+    rankings = rank_all(e, depth=12, rerank_k=6, matching=matching)
+    full = match_all(e, e)
+    for q in range(25):
+        top = rankings.global_order[q, :6]
+        score = full.global_similarity[q, top] + weight * full.structural_similarity[q, top]
+        expected = top[torch.sort(score, descending=True, stable=True).indices]
+        assert rankings.reranked_order[q, :6].tolist() == expected.tolist()
+    if weight == 0.0:  # the global ranking, ties and all
+        assert torch.equal(rankings.reranked_order, rankings.global_order)
 
 
 def test_same_class_pairs_takes_the_first_three_of_the_class() -> None:

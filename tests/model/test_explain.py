@@ -7,12 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from model.config import Preprocessing
+from model.config import MatchingConfig, Preprocessing
 from model.explain import explain
 from model.images import preprocess
 from model.matching import match_all
 from model.network import Embedding
 from model.render import render_explanation
+
+MATCHING = MatchingConfig()
 
 
 def _embedding(n: int) -> Embedding:
@@ -34,7 +36,7 @@ def case() -> tuple:
 
 def test_invariants(case: tuple) -> None:
     match, gq, gr = case
-    e = explain(match, gq, gr, grid=4, epsilon=0.05, index=(1, 2), top=5)
+    e = explain(match, gq, gr, grid=4, matching=MATCHING, index=(1, 2), top=5)
     assert sum(e.query_contributions) == pytest.approx(e.structural_similarity, abs=1e-5)
     assert sum(e.result_contributions) == pytest.approx(e.structural_similarity, abs=1e-5)
     assert e.score == pytest.approx(e.structural_similarity + e.global_similarity, abs=1e-12)
@@ -53,7 +55,7 @@ def test_invariants(case: tuple) -> None:
 
 def test_regions_are_in_each_images_own_pixels(case: tuple) -> None:
     match, gq, gr = case
-    e = explain(match, gq, gr, grid=4, epsilon=0.05)
+    e = explain(match, gq, gr, grid=4, matching=MATCHING)
     assert len(e.query_regions) == 16
     x0 = min(b[0] for b in e.query_regions)
     x1 = max(b[2] for b in e.query_regions)
@@ -69,7 +71,7 @@ def test_regions_are_in_each_images_own_pixels(case: tuple) -> None:
 
 def test_json_form_has_the_documented_keys(case: tuple) -> None:
     match, gq, gr = case
-    data = json.loads(json.dumps(explain(match, gq, gr, grid=4, epsilon=0.05).to_dict()))
+    data = json.loads(json.dumps(explain(match, gq, gr, grid=4, matching=MATCHING).to_dict()))
     for key in (
         "epsilon", "grid", "plan", "similarity", "query_weights", "result_weights",
         "query_regions", "result_regions", "contributions", "matches",
@@ -82,14 +84,14 @@ def test_json_form_has_the_documented_keys(case: tuple) -> None:
     assert set(data["matches"][0]) == {
         "query_region", "result_region", "flow", "similarity", "contribution",
     }  # fmt: skip
-    small = explain(match, gq, gr, grid=4, epsilon=0.05).to_dict(matrices=False)
+    small = explain(match, gq, gr, grid=4, matching=MATCHING).to_dict(matrices=False)
     assert "plan" not in small
     assert "similarity" not in small
 
 
 def test_rendering_draws_both_images(case: tuple) -> None:
     match, gq, gr = case
-    e = explain(match, gq, gr, grid=4, epsilon=0.05)
+    e = explain(match, gq, gr, grid=4, matching=MATCHING)
     picture = render_explanation(
         Image.new("RGB", (400, 300), "white"), Image.new("RGB", (300, 500), "white"), e
     )

@@ -24,8 +24,9 @@ def test_search_explains_every_result(client: TestClient, served: dict[str, Path
     for hit in hits:
         e = hit["explanation"]
         assert hit["reranked"] is True
+        weight = e["structural_weight"]
         assert hit["score"] == pytest.approx(
-            hit["structural_similarity"] + hit["global_similarity"]
+            hit["global_similarity"] + weight * hit["structural_similarity"]
         )
         assert sum(e["contributions"]["query"]) == pytest.approx(
             hit["structural_similarity"], abs=1e-5

@@ -1,0 +1,67 @@
+"""Calibration of the structural weight: solved once, each weight re-sorts, the best is kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.calibration import WEIGHTS, calibrate, objective
+from model.config import MatchingConfig
+from model.evaluation import rank_all, ranking_depth, retrieval_report
+from model.matching import match_pairs
+from model.metrics import relevant_counts, retrieval_metrics
+from model.network import Embedding
+
+
+def clustered(
+    n_classes: int, per_class: int, noise: float, seed: int
+) -> tuple[Embedding, torch.Tensor]:
+    """Images of a class share part vectors (each with its own noise)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, 4, 16, generator=g)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    parts = centres[labels] + noise * torch.randn(len(labels), 4, 16, generator=g)
+    parts = F.normalize(parts, dim=-1)
+    return Embedding(parts, F.normalize(parts.mean(1), dim=-1)), labels
+
+
+def test_each_weight_gives_the_metrics_of_that_ranking_rule() -> None:
+    embedding, labels = clustered(6, 5, noise=1.5, seed=0)
+    result = calibrate(embedding, labels, rerank_k=10, weights=(0.0, 0.5, 2.0))
+    depth = ranking_depth(labels, 10)
+    for weight, metrics in result.reranked.items():
+        rankings = rank_all(embedding, depth, 10, MatchingConfig(structural_weight=weight))
+        assert metrics == retrieval_report(rankings, labels)["reranked"]
+    assert result.global_metrics == retrieval_report(rankings, labels)["global"]
+
+
+def test_the_chosen_weight_maximises_the_objective_and_ties_go_to_the_smaller() -> None:
+    embedding, labels = clustered(6, 5, noise=1.5, seed=1)
+    result = calibrate(embedding, labels, rerank_k=10)
+    assert set(result.reranked) == set(WEIGHTS)
+    best = max(objective(m) for m in result.reranked.values())
+    assert objective(result.best) == best
+    assert result.weight == min(w for w, m in result.reranked.items() if objective(m) == best)
+    # Weight 0 is the global ranking, so the chosen rule is never worse than it on these classes.
+    assert objective(result.best) >= objective(result.global_metrics)
+
+
+def test_a_useless_structural_term_gets_weight_zero() -> None:
+    # Identical parts in every image: the structural term is the same constant for every pair,
+    # so every weight gives the global ranking, and the tie goes to weight 0.
+    embedding, labels = clustered(5, 4, noise=0.8, seed=2)
+    parts = torch.ones_like(embedding.parts) / embedding.parts.shape[-1] ** 0.5
+    flat = Embedding(parts, embedding.vector)
+    result = calibrate(flat, labels, rerank_k=8)
+    assert result.weight == 0.0
+    r = relevant_counts(labels)
+    ss = match_pairs(flat[:1], flat[1:2]).structural_similarity
+    torch.testing.assert_close(ss, torch.ones_like(ss))
+    assert result.best == retrieval_metrics(labels[rank_all(flat, 19, 8).global_order], labels, r)
+
+
+def test_calibration_refuses_negative_weights() -> None:
+    embedding, labels = clustered(3, 3, noise=1.0, seed=3)
+    with pytest.raises(ValueError, match=">= 0"):
+        calibrate(embedding, labels, weights=(-1.0, 1.0))
