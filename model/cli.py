@@ -87,8 +87,9 @@ def format_table(e: Explanation, query_name: str, result_name: str) -> str:
         f"{query_name} vs {result_name}  (grid {e.grid}x{e.grid}, epsilon {e.epsilon:g})",
         f"  score                 {e.score:+.4f}",
         f"  = global similarity   {e.global_similarity:+.4f}",
-        f"  + {e.structural_weight:g} x structural  {e.structural_similarity:+.4f}  "
-        "(sum of all part contributions)",
+        f"  + {f'{e.structural_weight:g} x structural':<20}"
+        f"{e.structural_weight * e.structural_similarity:+.4f}  (structural "
+        f"{e.structural_similarity:+.4f}: the sum of all part contributions)",
         "",
         "  query part  result part    flow   similarity  contribution  share of structural",
     ]

@@ -1,4 +1,4 @@
-"""``diml train`` and ``diml evaluate``."""
+"""``diml train``, ``diml evaluate`` and ``diml calibrate``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from model.backbones import BackboneWeightsError
+from model.calibration import WEIGHTS
 from model.checkpoint import CheckpointError, load_model
 from model.cli import EXIT_USAGE, parse_device
 from model.config import ModelConfig
@@ -51,6 +52,59 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
 def add_training(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_train(commands)
     add_evaluate(commands)
+    add_calibrate(commands)
+
+
+def add_calibrate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "calibrate",
+        help="choose the weight of the structural term in the score on validation classes",
+        description="Ranks every image of the given (validation) classes against the others, "
+        "re-ranks each global top-K with score = global + w x structural for each w of "
+        f"{', '.join(f'{w:g}' for w in WEIGHTS)}, and prints Recall@1 and MAP@R for each. The "
+        "chosen w maximises Recall@1 + MAP@R (the smaller w on a tie); --out writes the model "
+        "with it. diml train calibrates its checkpoints itself; never calibrate on test classes.",
+    )
+    _data_arguments(p)
+    p.add_argument("--classes", required=True, help="validation class range, e.g. 16-20")
+    p.add_argument("--checkpoint", type=Path, help="a trained checkpoint (default: default model)")
+    p.add_argument("--grid", type=int, help="parts per side of the default model (default 4)")
+    p.add_argument("--out", type=Path, help="write the model with the chosen weight here")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(run=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from model.calibration import calibrate
+    from model.evaluation import embed_records
+    from model.training import progress_bar, save_calibrated
+
+    try:
+        device = parse_device(args.device)
+        images = read_dataset(args.data, args.dataset, args.classes)
+        model = _evaluated_model(args.checkpoint, args.grid, device)
+        with progress_bar(len(images), "embedding", sys.stderr.isatty()) as bar:
+            embedding, _ = embed_records(
+                model, images.records, device, args.batch_size, args.workers, bar.update
+            )
+        result = calibrate(embedding, images.labels, args.rerank_k, model.config.matching, device)
+    except KNOWN_ERRORS as e:
+        print(f"diml calibrate: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    g = result.global_metrics
+    print(f"{images.name} classes {args.classes}: {len(images)} images, top {args.rerank_k}")
+    print(f"  {'global':>12}  R@1 {g['recall@1']:6.2f}  MAP@R {g['map@r']:6.2f}")
+    for weight, m in result.reranked.items():
+        mark = "  <- chosen" if weight == result.weight else ""
+        print(f"  w = {weight:<8g}  R@1 {m['recall@1']:6.2f}  MAP@R {m['map@r']:6.2f}{mark}")
+    print(
+        f"structural weight: {result.weight:g} "
+        f"(the model had {model.config.matching.structural_weight:g})"
+    )
+    if args.out is not None:
+        save_calibrated(model, result.weight, args.out)
+        print(f"wrote {args.out}")
+    return 0
 
 
 def add_evaluate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -131,7 +185,8 @@ def format_report(report: dict[str, Any], name: str, classes: str | None) -> str
     metrics = list(report["global"])
     lines = [
         f"{name} classes {classes or 'all'}: {report['n_queries']} queries, re-ranking the top "
-        f"{report['rerank_k']}, grid {report.get('grid', '?')}",
+        f"{report['rerank_k']} by global + {report.get('structural_weight', 1):g} x structural, "
+        f"grid {report.get('grid', '?')}",
         "  " + " " * 9 + "".join(f"{m:>12}" for m in metrics),
     ]
     for section in ("global", "reranked"):
@@ -155,7 +210,7 @@ def format_report(report: dict[str, Any], name: str, classes: str | None) -> str
 
 
 def add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from model.training import LOSSES, TrainConfig
+    from model.training import HEAD_INITS, LOSSES, TRAINABLE, TrainConfig
 
     defaults = TrainConfig()
     p = commands.add_parser(
@@ -171,9 +226,31 @@ def add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--out", type=Path, required=True, help="the run folder")
     p.add_argument("--loss", choices=LOSSES, default=defaults.loss)
     p.add_argument(
+        "--train",
+        choices=TRAINABLE,
+        default=defaults.train,
+        help="what trains: tail = the backbone's last stage and the head on cached maps of the "
+        "frozen rest (default; minutes on a CPU), head = the head alone on cached maps, "
+        "all = the whole network on freshly augmented images (a GPU)",
+    )
+    p.add_argument(
         "--freeze-backbone",
-        action="store_true",
-        help="train only the head on cached backbone feature maps (fast, also on a CPU)",
+        action="store_const",
+        const="head",
+        dest="train",
+        help="the same as --train head",
+    )
+    p.add_argument(
+        "--views",
+        type=int,
+        default=defaults.views,
+        help=f"random crops cached per training image for tail/head (default {defaults.views})",
+    )
+    p.add_argument(
+        "--head-init",
+        choices=HEAD_INITS,
+        default=defaults.head_init,
+        help="pca: the head starts from a PCA of the backbone's part features (default)",
     )
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -221,7 +298,9 @@ def run_train(args: argparse.Namespace) -> int:
             lr=args.lr,
             head_lr=args.head_lr,
             weight_decay=args.weight_decay,
-            freeze_backbone=args.freeze_backbone,
+            train=args.train,
+            views=args.views,
+            head_init=args.head_init,
             seed=args.seed,
             rerank_k=args.rerank_k,
             batches_per_epoch=args.batches_per_epoch,
@@ -242,22 +321,50 @@ def run_train(args: argparse.Namespace) -> int:
         print(
             f"training {args.loss} on {train.name} classes {args.classes} ({len(train)} images), "
             f"selecting on classes {args.val_classes} ({len(val)} images), "
-            f"{'head only' if args.freeze_backbone else 'whole network'}, on {device}",
+            f"training: {WHAT_TRAINS[args.train]}, on {device}",
             file=sys.stderr,
         )
         trainer.fit(on_epoch=_print_epoch)
     except (TrainingError, *KNOWN_ERRORS) as e:
         print(f"diml train: {e}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"best epoch's model (validation re-ranked MAP@R): {trainer.run.best}")
+    best = _best_entry(trainer.run.log)
+    if best.get("start"):
+        print(
+            "no epoch beat the starting model on the validation classes; "
+            f"{trainer.run.best} is the start (the backbone's own features, head-less)"
+        )
+    else:
+        print(
+            f"best: epoch {best['epoch']} by validation R@1 + MAP@R (re-ranked, structural "
+            f"weight {best['val']['structural_weight']:g}): {trainer.run.best}"
+        )
     return 0
 
 
+def _best_entry(log: Path) -> dict[str, Any]:
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    return [e for e in entries if e["selected"]][-1]
+
+
+WHAT_TRAINS = {
+    "tail": "the backbone's last stage and the head, on cached maps",
+    "head": "the head only, on cached maps",
+    "all": "the whole network",
+}
+
+
 def _print_epoch(entry: dict[str, Any]) -> None:
-    g, r = entry["val"]["global"], entry["val"]["reranked"]
+    val = entry["val"]
+    g, r = val["global"], val["reranked"]
+    what = (
+        "start (the backbone's own features, head-less)"
+        if entry.get("start")
+        else f"epoch {entry['epoch']}: loss {entry['loss']:.4f}, {entry['images_per_second']} img/s"
+    )
     print(
-        f"epoch {entry['epoch']}: loss {entry['loss']:.4f}, {entry['images_per_second']} img/s; "
-        f"val R@1 {g['recall@1']:.2f} -> {r['recall@1']:.2f} re-ranked, "
-        f"MAP@R {g['map@r']:.2f} -> {r['map@r']:.2f}{'  (kept)' if entry['selected'] else ''}",
+        f"{what}; val R@1 {g['recall@1']:.2f} -> {r['recall@1']:.2f} re-ranked, "
+        f"MAP@R {g['map@r']:.2f} -> {r['map@r']:.2f} (structural weight "
+        f"{val['structural_weight']:g}){'  (kept)' if entry['selected'] else ''}",
         flush=True,
     )

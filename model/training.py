@@ -1,19 +1,25 @@
 """Training: class-balanced batches, a DIML or global loss, Adam, validation-based selection.
 
-Two modes:
+What trains (``TrainConfig.train``):
 
-- full fine-tuning: RandomResizedCrop + horizontal flip (the published augmentations), the
-  whole network trained (batch-norm statistics frozen, as usual in metric learning), mixed
-  precision on CUDA;
-- ``freeze_backbone``: the backbone's feature maps of every training and validation image are
-  computed once (test-time preprocessing) and kept in memory; only the 1x1 head trains, with
-  horizontal flips of the cached maps as augmentation. Minutes on a CPU.
+- ``tail`` (the default): the backbone's last stage and the head, on cached maps of the frozen
+  earlier stages (``model.feature_cache``): the test-time crop and ``views`` random crops with
+  flips of every training image. Most of fine-tuning's gain, minutes on a CPU;
+- ``head``: only the 1x1 head, on cached maps of the whole frozen backbone (same views);
+- ``all``: the whole network on freshly augmented images each epoch (RandomResizedCrop + flip,
+  as published; batch-norm statistics frozen, mixed precision on CUDA).
 
-After each epoch the model is evaluated on the *validation* classes (never the test classes)
-and the best epoch by re-ranked MAP@R is kept. A run folder holds ``last.safetensors`` and
-``state.pt`` (optimiser, epoch, random states: ``--resume`` continues from them),
-``best.safetensors`` (the selected model, which ``diml evaluate/explain/index --checkpoint``
-take), ``run.json`` (the settings) and ``log.jsonl`` (one JSON line per epoch).
+The head starts from a PCA of the backbone's part features (``head_init="pca"``), or at random.
+
+Selection never trusts the training classes and never sees the test classes. Before the first
+epoch, the model the run starts from (the backbone's own features, head-less) is evaluated on
+the *validation* classes; after each epoch, the trained model is. Each evaluation calibrates the
+structural weight of the ranking score on those classes (``model.calibration``) and is scored by
+``Recall@1 + MAP@R`` of the calibrated ranking. ``best.safetensors`` always holds the best so
+far, starting with the start itself, so it is never worse on the validation classes than the
+model the run started from. A run folder also holds ``last.safetensors`` and ``state.pt``
+(optimiser, epoch, random states: ``--resume`` continues from them), ``run.json`` (the settings)
+and ``log.jsonl`` (one JSON line per evaluation, epoch 0 being the start).
 """
 
 from __future__ import annotations
@@ -23,9 +29,8 @@ import json
 import logging
 import math
 import os
-import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,17 +39,21 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from model.calibration import calibrate, objective
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig, Preprocessing
-from model.datasets import ImageSet, Record
-from model.evaluation import ImageFiles, batches, embed_records, evaluate_embeddings
-from model.network import Embedding, EmbeddingNet, create_model
+from model.datasets import ImageSet
+from model.evaluation import ImageFiles, embed_records
+from model.feature_cache import body_sequence, cache_maps, last_stage_start, pca_init
+from model.network import Embedding, EmbeddingHead, EmbeddingNet, create_model
+from model.sampling import ClassBalancedBatches
 
 log = logging.getLogger(__name__)
 
-SELECT_METRIC = ("reranked", "map@r")
 # The DIML losses on structural similarity, then the global baselines (model.losses).
 LOSSES = ("ms-diml", "margin-diml", "ms", "margin", "contrastive", "triplet")
+TRAINABLE = ("tail", "head", "all")
+HEAD_INITS = ("pca", "random")
 
 
 class TrainingError(ValueError):
@@ -53,23 +62,34 @@ class TrainingError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a run (saved as ``run.json``; a resumed run must match it)."""
+    """Everything that decides a run (saved as ``run.json``; a resumed run must match it).
+
+    ``lr`` is the backbone's learning rate (its last stage for ``train="tail"``), ``head_lr`` the
+    head's; ``views`` is how many random crops of each training image are cached.
+    """
 
     loss: str = "ms-diml"
     epochs: int = 20
     batch_size: int = 64
     per_class: int = 4
     lr: float = 1e-5
-    head_lr: float = 1e-3
+    head_lr: float = 1e-4
     weight_decay: float = 4e-4
-    freeze_backbone: bool = False
+    train: str = "tail"
+    views: int = 6
+    head_init: str = "pca"
     seed: int = 0
     rerank_k: int = 100
     batches_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise TrainingError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        for name, value, known in (
+            ("loss", self.loss, LOSSES),
+            ("train", self.train, TRAINABLE),
+            ("head-init", self.head_init, HEAD_INITS),
+        ):
+            if value not in known:
+                raise TrainingError(f"unknown --{name} {value!r}; choose one of {', '.join(known)}")
         if self.per_class < 2 or self.batch_size < 2 * self.per_class:
             raise TrainingError(
                 "a batch needs at least two classes of at least two images each: "
@@ -77,61 +97,13 @@ class TrainConfig:
             )
         if self.epochs < 1:
             raise TrainingError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.views < 0:
+            raise TrainingError(f"--views must be >= 0, got {self.views}")
 
-
-class ClassBalancedBatches:
-    """Batches of ``batch_size // per_class`` random classes with ``per_class`` images each.
-
-    Each class's images are drawn from a shuffled queue that refills when empty, so an epoch
-    sees every image about once; an epoch has ``len(labels) // batch_size`` batches unless told.
-    """
-
-    def __init__(
-        self,
-        labels: torch.Tensor,
-        batch_size: int,
-        per_class: int,
-        seed: int = 0,
-        batches_per_epoch: int | None = None,
-    ) -> None:
-        # A class with one image has no positive pair: it is left out of the batches.
-        members = [
-            (labels == c).nonzero().flatten().tolist() for c in torch.unique(labels).tolist()
-        ]
-        self.by_class = [m for m in members if len(m) >= 2]
-        if len(self.by_class) < 2:
-            raise TrainingError("training needs at least two classes with two or more images")
-        self.classes_per_batch = min(batch_size // per_class, len(self.by_class))
-        self.per_class = per_class
-        self.length = batches_per_epoch or max(1, len(labels) // batch_size)
-        self.rng = random.Random(seed)
-        self.queues: list[list[int]] = [[] for _ in self.by_class]
-
-    def __len__(self) -> int:
-        return self.length
-
-    def _draw(self, c: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < self.per_class:
-            if not self.queues[c]:
-                self.queues[c] = self.rng.sample(self.by_class[c], len(self.by_class[c]))
-            pick = self.queues[c].pop()
-            if pick not in out or len(self.by_class[c]) < self.per_class:
-                out.append(pick)
-        return out
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.length):
-            classes = self.rng.sample(range(len(self.by_class)), self.classes_per_batch)
-            yield [i for c in classes for i in self._draw(c)]
-
-    def state(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(), "queues": self.queues}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        rng = state["rng"]
-        self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
-        self.queues = [list(q) for q in state["queues"]]
+    @property
+    def cached(self) -> bool:
+        """Whether training runs on cached maps (``tail`` and ``head``) rather than images."""
+        return self.train != "all"
 
 
 def train_transform(spec: Preprocessing) -> Callable[[Any], torch.Tensor]:
@@ -145,26 +117,6 @@ def train_transform(spec: Preprocessing) -> Callable[[Any], torch.Tensor]:
             v2.Normalize(list(spec.mean), list(spec.std)),
         ]
     )
-
-
-@torch.inference_mode()
-def feature_maps(
-    model: EmbeddingNet,
-    records: Sequence[Record],
-    device: torch.device,
-    batch_size: int,
-    workers: int,
-    progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Backbone feature maps (N, C, h, w) in float16 on the CPU, at test-time preprocessing."""
-    maps = []
-    backbone = model.backbone.to(device).eval()
-    for pixels, _ in batches(records, model.config.preprocessing, batch_size, workers):
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            maps.append(backbone(pixels.to(device)).half().cpu())
-        if progress is not None:
-            progress(len(pixels))
-    return torch.cat(maps)
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
@@ -211,6 +163,18 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def save_calibrated(model: EmbeddingNet, weight: float, path: Path) -> None:
+    """Save ``model`` with ``weight`` as its structural weight (the model itself is unchanged)."""
+    config = model.config
+    model.config = dataclasses.replace(
+        config, matching=dataclasses.replace(config.matching, structural_weight=weight)
+    )
+    try:
+        save_checkpoint(model, path)
+    finally:
+        model.config = config
 
 
 class Trainer:
@@ -263,11 +227,13 @@ class Trainer:
 
         self.criterion = make_criterion(config.loss, self.model.dim, model_config.matching)
         self.criterion.loss.to(device)
-        if config.freeze_backbone:
-            self.model.backbone.requires_grad_(False)
+        body = body_sequence(self.model.backbone)
+        split = {"tail": last_stage_start(self.model.backbone), "head": len(body), "all": 0}
+        self.prefix, self.rest = body[: split[config.train]], body[split[config.train] :]
+        self.prefix.requires_grad_(False)
         groups = [{"params": self.model.head.parameters(), "lr": config.head_lr}]
-        if not config.freeze_backbone:
-            groups.append({"params": self.model.backbone.parameters(), "lr": config.lr})
+        if len(self.rest):
+            groups.append({"params": self.rest.parameters(), "lr": config.lr})
         self.optimizer = torch.optim.Adam(groups, weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
         self.sampler = ClassBalancedBatches(
@@ -317,58 +283,98 @@ class Trainer:
         torch.save(state, tmp)
         os.replace(tmp, self.run.state)
 
-    def _maps(self, name: str, records: Sequence[Record]) -> torch.Tensor:
+    def _maps(self, name: str) -> torch.Tensor:
+        """(1 + views, N, C, h, w) cached prefix maps of the training images; (1, N, ...) of the
+        validation images."""
         if name not in self._cache:
+            train = name == "train"
+            images = self.train_set if train else self.val_set
+            views = self.config.views if train else 0
+            spec = self.model.config.preprocessing
             desc = f"caching {name} features"
-            with progress_bar(len(records), desc, self.show_progress) as bar:
-                self._cache[name] = feature_maps(
-                    self.model, records, self.device, 64, self.workers, bar.update
+            with progress_bar(len(images) * (1 + views), desc, self.show_progress) as bar:
+                self._cache[name] = cache_maps(
+                    self.prefix,
+                    images.records,
+                    spec,
+                    views,
+                    self.device,
+                    workers=self.workers,
+                    transform=train_transform(spec),
+                    progress=bar.update,
                 )
         return self._cache[name]
 
     def fit(self, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Train up to ``config.epochs``; returns the last epoch's log entry."""
+        """Train up to ``config.epochs``; returns the last log entry."""
+        if self.config.cached and self.epoch < self.config.epochs:  # before the clock starts
+            self._maps("train")
+            self._maps("val")
         entry: dict[str, Any] = {}
-        if self.config.freeze_backbone:  # cache before the clock starts
-            self._maps("train", self.train_set.records)
-            self._maps("val", self.val_set.records)
+        if self.epoch == 0 and not self.run.state.exists():
+            entry = self._start(on_epoch)
         while self.epoch < self.config.epochs:
             started = time.perf_counter()
             loss, seen = self._train_epoch()
             seconds = time.perf_counter() - started
-            val = self.validate()
             self.epoch += 1
-            value = val[SELECT_METRIC[0]][SELECT_METRIC[1]]
-            improved = value > self.best_value
-            if improved:
-                self.best_value = value
-                save_checkpoint(self.model, self.run.best)
-            self._save()
-            entry = {
-                "epoch": self.epoch,
-                "loss": loss,
+            speed = {
                 "train_seconds": round(seconds, 2),
                 "images_per_second": round(seen / seconds, 1),
-                "val": val,
-                "selected": improved,
             }
-            with self.run.log.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-            if on_epoch is not None:
-                on_epoch(entry)
+            entry = self._select(self.model, on_epoch, loss=loss, **speed)
+            self._save()
         return entry
+
+    def _start(self, on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+        """Epoch 0: the start (the backbone's own features, head-less) becomes the first best;
+        then the head is initialised."""
+        config = dataclasses.replace(self.model.config, dim=None)
+        start = create_model(config, weights=None).to(self.device)
+        start.backbone.load_state_dict(self.model.backbone.state_dict())
+        entry = self._select(start, on_epoch, start=True)
+        if self.config.head_init == "pca":
+            pca_init(self.model.head, self._train_features())
+        self._save()
+        return entry
+
+    def _select(
+        self,
+        model: EmbeddingNet,
+        on_epoch: Callable[[dict[str, Any]], None] | None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Validate ``model``, keep it as best if it is, log the result."""
+        val, weight = self.validate(model)
+        value = objective(val["reranked"])
+        improved = value > self.best_value
+        if improved:
+            self.best_value = value
+            save_calibrated(model, weight, self.run.best)
+        entry = {"epoch": self.epoch, **fields, "val": val, "selected": improved}
+        with self.run.log.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if on_epoch is not None:
+            on_epoch(entry)
+        return entry
+
+    @torch.inference_mode()
+    def _train_features(self) -> torch.Tensor:
+        """(N, C, h, w): what enters the head for the training images' test-time crops."""
+        if self.config.cached:
+            rest = self.rest.eval()
+            maps = self._maps("train")[0].split(64)
+            return torch.cat([rest(m.to(self.device).float()).cpu() for m in maps])
+        backbone = self.model.backbone.eval()
+        data = ImageFiles(self.train_set.records, self.model.config.preprocessing)
+        loader = torch.utils.data.DataLoader(data, batch_size=64, num_workers=self.workers)
+        return torch.cat([backbone(pixels.to(self.device)).float().cpu() for pixels, _ in loader])
 
     def _train_epoch(self) -> tuple[float, int]:
         self.model.train()
         freeze_batch_norm(self.model)
-        if self.config.freeze_backbone:
-            self.model.backbone.eval()
-            maps = self._maps("train", self.train_set.records)
-            steps: Iterator[tuple[torch.Tensor, torch.Tensor]] = (
-                (maps[index].to(self.device), index) for index in map(torch.tensor, self.sampler)
-            )
-        else:
-            steps = self._image_batches()
+        self.prefix.eval()
+        steps = self._cached_batches() if self.config.cached else self._image_batches()
         labels = self.train_set.labels
         total, count, seen = torch.zeros((), device=self.device), 0, 0
         desc = f"epoch {self.epoch + 1}/{self.config.epochs}"
@@ -380,6 +386,14 @@ class Trainer:
                 seen += len(index)
                 bar.update(1)
         return round(float(total) / max(count, 1), 5), seen
+
+    def _cached_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each image of a batch in one of its cached views, drawn at random."""
+        maps = self._maps("train")
+        for batch in self.sampler:
+            index = torch.tensor(batch)
+            view = torch.randint(0, len(maps), (len(index),))
+            yield maps[view, index].to(self.device, non_blocking=True), index
 
     def _image_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         data = ImageFiles(
@@ -397,12 +411,7 @@ class Trainer:
     def _step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cuda = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=cuda):
-            if self.config.freeze_backbone:
-                flip = torch.rand(len(inputs), device=inputs.device) < 0.5
-                inputs = torch.where(flip[:, None, None, None], inputs.flip(-1), inputs)
-                embedding: Embedding = self.model.head(inputs.float())
-            else:
-                embedding = self.model(inputs)
+            embedding: Embedding = self.model.head(self.rest(inputs.float()))
         loss = self.criterion(Embedding(embedding.parts.float(), embedding.vector.float()), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -411,30 +420,24 @@ class Trainer:
         return loss
 
     @torch.inference_mode()
-    def validate(self) -> dict[str, Any]:
-        """Global and re-ranked retrieval metrics on the validation classes."""
-        self.model.eval()
-        if self.config.freeze_backbone:
-            maps = self._maps("val", self.val_set.records)
+    def validate(self, model: EmbeddingNet | None = None) -> tuple[dict[str, Any], float]:
+        """Global and calibrated re-ranked metrics of ``model`` (default: the one training) on
+        the validation classes, and the calibrated structural weight."""
+        model = (model or self.model).eval()
+        if self.config.cached:
+            maps = self._maps("val")[0]
+            rest = body_sequence(model.backbone)[len(self.prefix) :]
+            head: EmbeddingHead = model.head
             parts, vectors = [], []
             for start in range(0, len(maps), 256):
-                e = self.model.head(maps[start : start + 256].to(self.device).float())
+                e = head(rest(maps[start : start + 256].to(self.device).float()))
                 parts.append(e.parts.half().cpu())
                 vectors.append(e.vector.cpu())
             embedding = Embedding(torch.cat(parts), torch.cat(vectors))
         else:
-            embedding, _ = embed_records(
-                self.model, self.val_set.records, self.device, 64, self.workers
-            )
-        report = evaluate_embeddings(
-            embedding,
-            self.val_set,
-            None,
-            self.model.config.grid,
-            self.config.rerank_k,
-            self.model.config.matching,
-            self.device,
-            keypoints=False,
-            deletion=False,
+            embedding, _ = embed_records(model, self.val_set.records, self.device, 64, self.workers)
+        result = calibrate(
+            embedding, self.val_set.labels, self.config.rerank_k, model.config.matching, self.device
         )
-        return {k: report[k] for k in ("global", "reranked")}
+        val = {"global": result.global_metrics, "reranked": result.best}
+        return {**val, "structural_weight": result.weight}, result.weight

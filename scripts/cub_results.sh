@@ -1,16 +1,30 @@
 #!/usr/bin/env bash
-# The README's results table on CUB-200-2011: train on classes 1-15, pick the epoch on classes
-# 16-20 (validation), test on classes 21-30 (never seen in training or selection).
+# The README's results tables on CUB-200-2011: train on classes 1-15, select epochs and calibrate
+# the structural weight on classes 16-20 (validation), test on classes 21-30 (never seen in
+# training, selection or calibration).
 #   bash scripts/cub_results.sh [CUB_DIR] [OUT]          (default ../shared/data/cub-dev, out/cub)
-#   FINETUNE_EPOCHS=5 bash scripts/cub_results.sh   also fine-tunes the whole network (DEVICE=cuda)
+#   GRID7=1 ...            also trains the default recipe at 7 x 7 (slower: 49 parts)
+#   FINETUNE_EPOCHS=N ...  also fine-tunes the whole network (--train all), e.g. on one GPU:
+#       DEVICE=cuda WORKERS=8 FINETUNE_EPOCHS=40 bash scripts/cub_results.sh
 # A finished run is reused (--resume); delete OUT to start again. Prints the Markdown tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cub=${1:-../shared/data/cub-dev}
 out=${2:-out/cub}
 device=${DEVICE:-cpu}
+workers=${WORKERS:-0}  # image decoding processes (8 on a GPU machine)
 diml=.venv/bin/diml
 mkdir -p "$out"
+
+test_on() {  # NAME CHECKPOINT-OR-EMPTY [diml evaluate options]
+    local name=$1 checkpoint=$2
+    shift 2
+    [ -f "$out/$name.json" ] && return
+    local model=()
+    [ -n "$checkpoint" ] && model=(--checkpoint "$checkpoint")
+    "$diml" evaluate --data "$cub" --classes 21-30 --device "$device" --workers "$workers" \
+        "${model[@]}" --json "$out/$name.json" "$@"
+}
 
 train() {  # NAME, then diml train options
     local name=$1
@@ -18,19 +32,21 @@ train() {  # NAME, then diml train options
     local resume=()
     [ -f "$out/$name/run.json" ] && resume=(--resume)
     "$diml" train --data "$cub" --classes 1-15 --val-classes 16-20 --device "$device" \
-        --out "$out/$name" --quiet "${resume[@]}" "$@"
-    "$diml" evaluate --data "$cub" --classes 21-30 --device "$device" \
-        --checkpoint "$out/$name/best.safetensors" --json "$out/$name.json"
+        --workers "$workers" --out "$out/$name" --quiet "${resume[@]}" "$@"
+    test_on "$name" "$out/$name/best.safetensors"
 }
 
-"$diml" evaluate --data "$cub" --classes 21-30 --device "$device" --json "$out/imagenet.json"
-"$diml" evaluate --data "$cub" --classes 21-30 --device "$device" --grid 7 \
-    --json "$out/imagenet-g7.json"
-for loss in ms-diml margin-diml ms margin; do
-    train "head-$loss" --loss "$loss" --freeze-backbone --epochs 25 --head-lr 1e-4
-done
+# The training-free default model (its structural weight was calibrated on classes 1-20).
+test_on imagenet ""
+test_on imagenet-g7 "" --grid 7
+# The default recipe of `diml train`, then what each of its parts adds.
+train default
+train head-pca --train head
+train head-random --train head --head-init random --head-lr 1e-3
+if [ -n "${GRID7:-}" ]; then
+    train default-g7 --grid 7
+fi
 if [ -n "${FINETUNE_EPOCHS:-}" ]; then
-    train finetune-ms-diml --loss ms-diml --epochs "$FINETUNE_EPOCHS" --lr "${FINETUNE_LR:-5e-5}" \
-        --head-lr 1e-4
+    train finetune --train all --epochs "$FINETUNE_EPOCHS" --lr "${FINETUNE_LR:-1e-5}"
 fi
 .venv/bin/python scripts/results_table.py "$out"

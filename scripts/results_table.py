@@ -13,13 +13,19 @@ from typing import Any
 ROWS = {
     "imagenet": "ImageNet MobileNetV2, head-less (no training)",
     "imagenet-g7": "ImageNet MobileNetV2, head-less (no training)",
-    "head-ms-diml": "trained head, DIML multi-similarity (backbone frozen)",
-    "head-margin-diml": "trained head, DIML margin (backbone frozen)",
-    "head-ms": "trained head, global multi-similarity (backbone frozen)",
-    "head-margin": "trained head, global margin (backbone frozen)",
-    "finetune-ms-diml": "fine-tuned network, DIML multi-similarity",
+    "default": "`diml train` default: last stage + PCA-initialised head, DIML multi-similarity",
+    "default-g7": "`diml train --grid 7`",
+    "head-pca": "`--train head`: PCA-initialised head alone",
+    "head-random": "`--train head --head-init random --head-lr 1e-3`: the earlier recipe",
+    "finetune": "`--train all`: the whole network fine-tuned",
 }
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "r_precision", "map@r")
+
+
+def bytes_per_item(report: dict[str, Any]) -> int:
+    """What the index stores per image: the float16 part grid and the float32 global vector."""
+    dim, parts = report["dim"], report["grid"] ** 2
+    return parts * dim * 2 + dim * 4
 
 
 def main(folder: Path) -> None:
@@ -30,16 +36,23 @@ def main(folder: Path) -> None:
     }
     if not reports:
         raise SystemExit(f"no reports in {folder}; run scripts/cub_results.sh first")
-    print("| model | grid | ranking | R@1 | R@2 | R@4 | R@8 | R-Precision | MAP@R |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | grid | bytes / item | ranking | R@1 | R@2 | R@4 | R@8 | R-Precision | MAP@R |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in reports.items():
         for section in ("global", "reranked"):
             values = " | ".join(f"{r[section][m]:.2f}" for m in METRICS)
-            label, grid = (
-                (ROWS[name], f"{r['grid']} x {r['grid']}") if section == "global" else ("", "")
-            )
-            ranking = "global" if section == "global" else f"re-ranked top {r['rerank_k']}"
-            print(f"| {label} | {grid} | {ranking} | {values} |")
+            if section == "global":
+                label, grid, size = (
+                    ROWS[name],
+                    f"{r['grid']} x {r['grid']}",
+                    f"{bytes_per_item(r):,}",
+                )
+                ranking = "global"
+            else:
+                label, grid, size = "", "", ""
+                weight = r["structural_weight"]
+                ranking = f"re-ranked top {r['rerank_k']}, w = {weight:g}"
+            print(f"| {label} | {grid} | {size} | {ranking} | {values} |")
     print()
     print(
         "| model | grid | PCK@0.1 / 0.2: flow (argmax) | flow (weighted mean) | nearest feature "

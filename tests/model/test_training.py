@@ -10,10 +10,13 @@ import torch
 
 pytest.importorskip("pytorch_metric_learning", reason="the train extra is not installed")
 
+from model.calibration import calibrate, objective
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig, Preprocessing
 from model.datasets import read_dataset
-from model.training import ClassBalancedBatches, TrainConfig, Trainer, TrainingError
+from model.evaluation import embed_records
+from model.sampling import ClassBalancedBatches, SamplingError
+from model.training import TrainConfig, Trainer, TrainingError
 from service.cli import main
 
 SMALL = Preprocessing(resize=128, crop=112)
@@ -44,36 +47,49 @@ def test_classes_with_one_image_are_left_out() -> None:
 
 
 def test_a_batch_needs_two_classes() -> None:
-    with pytest.raises(TrainingError, match="two classes"):
+    with pytest.raises(SamplingError, match="two classes"):
         ClassBalancedBatches(torch.tensor([0, 0, 0, 1]), 4, 2)
     with pytest.raises(TrainingError, match="at least two classes"):
         TrainConfig(batch_size=4, per_class=4)
 
 
 @pytest.mark.slow
-def test_frozen_backbone_training_learns_resumes_and_feeds_evaluate(
+def test_tail_training_learns_selects_on_validation_resumes_and_feeds_evaluate(
     cub_dev: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     train = read_dataset(cub_dev, "cub", "1-4")
     val = read_dataset(cub_dev, "cub", "5-6")
     config = TrainConfig(
-        loss="ms-diml", epochs=2, batch_size=32, per_class=4, freeze_backbone=True,
-        batches_per_epoch=8, rerank_k=20,
+        loss="ms-diml", epochs=2, batch_size=32, per_class=4, views=1, batches_per_epoch=8,
+        rerank_k=20,
     )  # fmt: skip
+    assert config.train == "tail"
+    assert config.head_init == "pca"
     out = tmp_path / "run"
     trainer = Trainer(CONFIG, config, train, val, out, torch.device("cpu"), progress=False)
-    head_before = trainer.model.head.proj.weight.detach().clone()  # type: ignore[union-attr]
-    backbone_before = next(trainer.model.backbone.parameters()).detach().clone()
+    body = trainer.model.backbone.body
+    first_before = next(body[0].parameters()).detach().clone()
+    last_before = next(body[-1].parameters()).detach().clone()
     trainer.fit()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in log] == [1, 2]
-    assert log[1]["loss"] < log[0]["loss"]  # it learns
-    assert set(log[0]["val"]) == {"global", "reranked"}
-    assert not torch.equal(trainer.model.head.proj.weight, head_before)  # type: ignore[union-attr]
-    assert torch.equal(next(trainer.model.backbone.parameters()), backbone_before)
+    assert [e["epoch"] for e in log] == [0, 1, 2]
+    assert log[0]["start"]
+    assert log[0]["selected"]  # the start is the first best
+    assert log[2]["loss"] < log[1]["loss"]  # it learns
+    assert set(log[1]["val"]) == {"global", "reranked", "structural_weight"}
+    assert torch.equal(next(body[0].parameters()), first_before)  # the prefix is frozen
+    assert not torch.equal(next(body[-1].parameters()), last_before)  # the last stage trains
 
+    # best.safetensors is the best evaluation of the log, with its calibrated weight.
+    chosen = [e for e in log if e["selected"]][-1]
     best = load_checkpoint(out / "best.safetensors")
-    assert best.config == CONFIG
+    assert best.config.matching.structural_weight == chosen["val"]["structural_weight"]
+    assert best.config.dim == (None if chosen.get("start") else CONFIG.dim)
+    embedding, _ = embed_records(best, val.records, torch.device("cpu"))
+    again = calibrate(embedding, val.labels, 20, best.config.matching)
+    value = objective(again.best)
+    assert value == pytest.approx(max(objective(e["val"]["reranked"]) for e in log), abs=0.5)
+    assert value >= objective(log[0]["val"]["reranked"]) - 0.5  # never worse than the start
     # Resume to a third epoch: the log goes on, the state carries over.
     resumed = Trainer(
         CONFIG, TrainConfig(**{**config.__dict__, "epochs": 3}), train, val, out,
@@ -81,7 +97,7 @@ def test_frozen_backbone_training_learns_resumes_and_feeds_evaluate(
     )  # fmt: skip
     assert resumed.epoch == 2
     resumed.fit()
-    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    assert len((out / "log.jsonl").read_text().splitlines()) == 4
     # Other settings cannot resume the run, and a new run will not overwrite it.
     with pytest.raises(TrainingError, match="other settings"):
         Trainer(
@@ -118,7 +134,7 @@ def test_fine_tuning_the_whole_network_with_augmentations(cub_dev: Path, tmp_pat
     train = read_dataset(cub_dev, "cub", "1-2")
     val = read_dataset(cub_dev, "cub", "3")
     config = TrainConfig(
-        loss="margin-diml", epochs=1, batch_size=8, per_class=4, batches_per_epoch=2
+        loss="margin-diml", epochs=1, batch_size=8, per_class=4, batches_per_epoch=2, train="all"
     )
     trainer = Trainer(
         tiny, config, train, val, tmp_path / "run", torch.device("cpu"), progress=False
@@ -139,3 +155,24 @@ def test_cli_refuses_overlapping_classes_and_names_bad_files(
     bad = ["train", "--data", str(tmp_path), "--dataset", "cub", "--classes", "1"]
     assert main([*bad, "--val-classes", "2", "--out", str(tmp_path / "r")]) == 2
     assert "image_class_labels.txt: missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_that_never_beats_the_start_keeps_the_start(
+    cub_dev: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A head-only run with a random head and an absurd learning rate cannot beat the backbone's
+    # own features; the CLI says so and best.safetensors is the head-less start.
+    out = tmp_path / "run"
+    args = [
+        "train", "--data", str(cub_dev), "--classes", "1-3", "--val-classes", "4-5",
+        "--out", str(out), "--freeze-backbone", "--head-init", "random", "--head-lr", "50",
+        "--epochs", "1", "--batch-size", "16", "--views", "0", "--dim", "8", "--grid", "2",
+        "--rerank-k", "10", "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "no epoch beat the starting model" in printed
+    best = load_checkpoint(out / "best.safetensors")
+    assert best.config.dim is None
+    assert best.config.grid == 2
