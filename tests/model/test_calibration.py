@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model.calibration import WEIGHTS, calibrate, objective
+from model.checkpoint import load_checkpoint
 from model.config import MatchingConfig
 from model.evaluation import rank_all, ranking_depth, retrieval_report
 from model.matching import match_pairs
 from model.metrics import relevant_counts, retrieval_metrics
 from model.network import Embedding
+from service.cli import main
 
 
 def clustered(
@@ -65,3 +69,21 @@ def test_calibration_refuses_negative_weights() -> None:
     embedding, labels = clustered(3, 3, noise=1.0, seed=3)
     with pytest.raises(ValueError, match=">= 0"):
         calibrate(embedding, labels, weights=(-1.0, 1.0))
+
+
+def test_cli_prints_every_weight_and_saves_the_chosen_one(
+    cub_dev: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "calibrated.safetensors"
+    args = ["calibrate", "--data", str(cub_dev), "--classes", "5-6", "--rerank-k", "10"]
+    assert main([*args, "--grid", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for weight in WEIGHTS:
+        assert f"w = {weight:<8g}" in printed
+    chosen = float(printed.split("structural weight: ")[1].split()[0])
+    model = load_checkpoint(out)
+    assert model.config.matching.structural_weight == chosen
+    assert model.config.grid == 2
+    assert model.config.dim is None  # the default model, saved with its new weight
+    assert main([*args, "--checkpoint", str(tmp_path / "absent.safetensors")]) == 2
+    assert "absent.safetensors: no such checkpoint" in capsys.readouterr().err
