@@ -32,6 +32,7 @@ from model.metrics import RECALL_KS, relevant_counts, retrieval_metrics
 from model.network import Embedding, EmbeddingNet
 
 PCK_ALPHAS = (0.1, 0.2)
+PUBLISHED_WEIGHT = 1.0  # the structural weight of the published ranking rule
 PCK_CANDIDATES = 3
 DELETED_PARTS = 3
 
@@ -418,10 +419,17 @@ def evaluate_embeddings(
     """Retrieval, and on keypoint-annotated sets PCK and the deletion check, of embeddings."""
     labels = images.labels
     depth = ranking_depth(labels, rerank_k)
-    rankings = rank_all(embedding, depth, rerank_k, matching, device)
+    scores = head_scores(embedding, depth, rerank_k, matching, device)
+    weight = (matching or MatchingConfig()).structural_weight
+    rankings = Rankings(scores.order, scores.reranked(weight), scores.k)
     report: dict[str, Any] = {"n_queries": int((relevant_counts(labels) > 0).sum())}
     report["rerank_k"] = rankings.rerank_k
     report.update(retrieval_report(rankings, labels))
+    # The published rule (structural weight 1) beside the model's, to show what it would do.
+    published = scores.reranked(PUBLISHED_WEIGHT)
+    report["reranked_published"] = retrieval_metrics(
+        labels[published], labels, relevant_counts(labels)
+    )
     if keypoints and geometry is not None and images.has_keypoints:
         report["pck"] = keypoint_report(
             images, embedding, geometry, rankings.reranked_order, rankings.rerank_k, grid, matching

@@ -189,9 +189,11 @@ def format_report(report: dict[str, Any], name: str, classes: str | None) -> str
         f"grid {report.get('grid', '?')}",
         "  " + " " * 9 + "".join(f"{m:>12}" for m in metrics),
     ]
-    for section in ("global", "reranked"):
-        row = "".join(f"{report[section][m]:12.2f}" for m in metrics)
-        lines.append(f"  {section:<9}{row}")
+    for section in ("global", "reranked", "reranked_published"):
+        if section in report:
+            row = "".join(f"{report[section][m]:12.2f}" for m in metrics)
+            name = "w = 1" if section == "reranked_published" else section
+            lines.append(f"  {name:<9}{row}")
     if "pck" in report:
         pck = report["pck"]
         alphas = "/".join(f"{a:g}" for a in pck["alpha"])

@@ -36,22 +36,24 @@ def main(folder: Path) -> None:
     }
     if not reports:
         raise SystemExit(f"no reports in {folder}; run scripts/cub_results.sh first")
-    print("| model | grid | bytes / item | ranking | R@1 | R@2 | R@4 | R@8 | R-Precision | MAP@R |")
+    print(
+        "| model | grid | stored bytes / item | ranking | R@1 | R@2 | R@4 | R@8 | R-Precision | MAP@R |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in reports.items():
-        for section in ("global", "reranked"):
+        rankings = {
+            "global": "global",
+            "reranked": f"re-ranked top {r['rerank_k']}, model's w = {r['structural_weight']:g}",
+            "reranked_published": "(re-ranked, published w = 1)",
+        }
+        for section, ranking in rankings.items():
+            if section not in r:
+                continue
             values = " | ".join(f"{r[section][m]:.2f}" for m in METRICS)
+            label, grid, size = "", "", ""
             if section == "global":
-                label, grid, size = (
-                    ROWS[name],
-                    f"{r['grid']} x {r['grid']}",
-                    f"{bytes_per_item(r):,}",
-                )
-                ranking = "global"
-            else:
-                label, grid, size = "", "", ""
-                weight = r["structural_weight"]
-                ranking = f"re-ranked top {r['rerank_k']}, w = {weight:g}"
+                label, grid = ROWS[name], f"{r['grid']} x {r['grid']}"
+                size = f"{bytes_per_item(r):,}"
             print(f"| {label} | {grid} | {size} | {ranking} | {values} |")
     print()
     print(

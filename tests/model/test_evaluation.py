@@ -141,10 +141,14 @@ def test_evaluate_cli_on_real_photos(cub_dev, tmp_path, capsys) -> None:
     assert report["n_queries"] == n
     assert report["rerank_k"] == 20
     keys = {"recall@1", "recall@2", "recall@4", "recall@8", "r_precision", "map@r"}
-    for section in ("global", "reranked"):
+    for section in ("global", "reranked", "reranked_published"):
         assert set(report[section]) == keys
         assert all(0 <= v <= 100 for v in report[section].values())
         assert report[section]["recall@1"] <= report[section]["recall@8"]
+    # The default model's structural weight is 0: its re-ranked order is the global one.
+    assert report["structural_weight"] == 0
+    assert report["reranked"] == report["global"]
+    assert report["dim"] == 1280
     # Two bird species: the ImageNet features already tell them apart most of the time.
     assert report["global"]["recall@1"] > 60
     pck = report["pck"]
