@@ -91,7 +91,10 @@ def load_image(
             image = source
         else:
             data = source if isinstance(source, bytes) else Path(source).read_bytes()
-            image = Image.open(io.BytesIO(data))
+            # Only the accepted formats' decoders are tried: Pillow's other plugins (DDS, EPS,
+            # JPEG 2000, FITS...) never see untrusted bytes.
+            tried = _openers(formats)
+            image = Image.open(io.BytesIO(data), formats=tried)
         if formats is not None and image.format not in formats:
             raise ImageLoadError(
                 name,
@@ -119,12 +122,31 @@ def load_image(
         raise ImageLoadError(name, "is a folder, not an image file", "unreadable") from e
     except PermissionError as e:
         raise ImageLoadError(name, "permission denied; make the file readable", "unreadable") from e
-    except UnidentifiedImageError as e:
+    except Image.DecompressionBombError as e:  # the header alone declares far too many pixels
         raise ImageLoadError(
-            name, "not a readable image; use JPEG, PNG, WebP, GIF, BMP or TIFF", "not_image"
+            name,
+            f"declares too many pixels ({e}); the limit is {max_pixels:,}: downscale the image",
+            "too_many_pixels",
         ) from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+    except UnidentifiedImageError as e:
+        accepted = ", ".join(sorted(formats)) if formats else "JPEG, PNG, WebP, GIF, BMP or TIFF"
+        raise ImageLoadError(name, f"not a readable image; use {accepted}", "not_image") from e
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        NotImplementedError,
+        Image.DecompressionBombWarning,
+    ) as e:
         raise ImageLoadError(name, f"corrupt or truncated image data ({e})", "corrupt") from e
+
+
+def _openers(formats: Collection[str] | None) -> list[str] | None:
+    """The Pillow plugins that may open ``formats`` (MPO, for one, opens through JPEG's)."""
+    if formats is None:
+        return None
+    Image.init()  # registers every plugin once; cheap afterwards
+    return sorted(f for f in formats if f in Image.OPEN)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from model.config import Preprocessing
 from model.images import ImageLoadError, geometry_of, load_image, preprocess, to_rgb
+from tests.hostile import dds_header, png_header
 
 
 def _png(image: Image.Image, **params: object) -> bytes:
@@ -126,9 +127,10 @@ def test_too_many_pixels_are_refused_before_decoding() -> None:
 def test_formats_outside_the_allow_list_are_refused() -> None:
     buffer = io.BytesIO()
     _reference().save(buffer, "PPM")
-    with pytest.raises(ImageLoadError, match="PPM images are not accepted; use JPEG, PNG") as e:
+    # Pillow is not even asked to decode it as PPM: only the accepted formats are tried.
+    with pytest.raises(ImageLoadError, match="not a readable image; use JPEG, PNG") as e:
         load_image(buffer.getvalue(), formats={"JPEG", "PNG"})
-    assert e.value.kind == "format"
+    assert e.value.kind == "not_image"
     assert load_image(_png(_reference()), formats={"PNG"}).size == (60, 40)
 
 
@@ -165,3 +167,22 @@ def test_preprocess_shape_and_normalisation() -> None:
     assert float(pixels.abs().max()) < 0.01  # the ImageNet mean colour normalises to ~0
     assert geometry.size == pytest.approx(224 * 480 / 256)
     assert geometry.left == pytest.approx((640 - geometry.size) / 2, abs=1.5)
+
+
+@pytest.mark.parametrize("formats", [None, {"PNG", "JPEG"}])
+def test_a_header_past_pillows_own_bomb_limit_is_too_many_pixels(formats: set | None) -> None:
+    # 40000 x 40000 is past twice Pillow's MAX_IMAGE_PIXELS: Image.open itself refuses it.
+    with pytest.raises(ImageLoadError) as info:
+        load_image(png_header(40_000, 40_000), formats=formats)
+    assert info.value.kind == "too_many_pixels"
+    assert "downscale" in str(info.value)
+
+
+def test_only_the_accepted_formats_decoders_see_the_bytes() -> None:
+    dds = dds_header()  # Pillow has a DDS plugin; it must not be tried
+    with pytest.raises(ImageLoadError) as info:
+        load_image(dds, formats={"PNG", "JPEG"})
+    assert info.value.kind == "not_image"
+    # With every format allowed, whatever Pillow's plugin raises is still an ImageLoadError.
+    with pytest.raises(ImageLoadError):
+        load_image(dds)

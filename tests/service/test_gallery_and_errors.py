@@ -14,6 +14,7 @@ from PIL import Image
 from model import Embedding
 from service.app import create_app
 from service.engine import MicroBatcher, OverloadedError
+from tests.hostile import dds_header, png_header
 from tests.index_builder.helpers import make_images
 from tests.service.conftest import png, settings_for
 
@@ -83,6 +84,10 @@ def _big_png(side: int) -> bytes:
         (png(fmt="JPEG")[:300], 422, "corrupt_image"),
         (b"", 422, "empty_upload"),
         (_big_png(3000), 413, "too_many_pixels"),
+        # A header past Pillow's own bomb limit (Image.open refuses it): was a 500.
+        (png_header(40_000, 40_000), 413, "too_many_pixels"),
+        # A format Pillow knows but the service does not accept: its decoder is never run.
+        (dds_header(), 415, "unsupported_media_type"),
     ],
 )
 def test_bad_images_get_the_right_status(
