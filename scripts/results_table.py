@@ -36,9 +36,8 @@ def main(folder: Path) -> None:
     }
     if not reports:
         raise SystemExit(f"no reports in {folder}; run scripts/cub_results.sh first")
-    print(
-        "| model | grid | stored bytes / item | ranking | R@1 | R@2 | R@4 | R@8 | R-Precision | MAP@R |"
-    )
+    columns = "R@1 | R@2 | R@4 | R@8 | R-Precision | MAP@R"
+    print(f"| model | grid | stored bytes / item | ranking | {columns} |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in reports.items():
         rankings = {
