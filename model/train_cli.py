@@ -16,7 +16,7 @@ from model.calibration import WEIGHTS
 from model.checkpoint import CheckpointError, load_model
 from model.cli import EXIT_USAGE, parse_device
 from model.config import ModelConfig
-from model.datasets import READERS, DatasetError, read_dataset
+from model.datasets import READERS, DatasetError, ImageSet, read_dataset
 from model.images import ImageLoadError
 from model.network import EmbeddingNet, create_model, default_config
 
@@ -67,10 +67,8 @@ def add_calibrate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     _data_arguments(p)
     p.add_argument("--classes", required=True, help="validation class range, e.g. 16-20")
-    p.add_argument("--checkpoint", type=Path, help="a trained checkpoint (default: default model)")
-    p.add_argument("--grid", type=int, help="parts per side of the default model (default 4)")
+    _model_arguments(p)
     p.add_argument("--out", type=Path, help="write the model with the chosen weight here")
-    p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(run=run_calibrate)
 
 
@@ -80,9 +78,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from model.training import progress_bar, save_calibrated
 
     try:
-        device = parse_device(args.device)
-        images = read_dataset(args.data, args.dataset, args.classes)
-        model = _evaluated_model(args.checkpoint, args.grid, device)
+        device, images, model = _model_and_images(args)
         with progress_bar(len(images), "embedding", sys.stderr.isatty()) as bar:
             embedding, _ = embed_records(
                 model, images.records, device, args.batch_size, args.workers, bar.update
@@ -119,15 +115,20 @@ def add_evaluate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     _data_arguments(p)
     p.add_argument("--classes", help="class range, e.g. 21-30 (default: all classes)")
+    _model_arguments(p)
+    p.add_argument("--json", type=Path, dest="json_out", help="also write the report here")
+    p.set_defaults(run=run_evaluate)
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model that ``evaluate`` and ``calibrate`` embed the images with."""
     p.add_argument("--checkpoint", type=Path, help="a trained checkpoint (default: default model)")
     p.add_argument(
         "--grid",
         type=int,
         help="parts per side of the default model (default 4; a checkpoint fixes its own)",
     )
-    p.add_argument("--json", type=Path, dest="json_out", help="also write the report here")
     p.add_argument("--batch-size", type=int, default=32)
-    p.set_defaults(run=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -135,9 +136,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from model.training import progress_bar
 
     try:
-        device = parse_device(args.device)
-        images = read_dataset(args.data, args.dataset, args.classes)
-        model = _evaluated_model(args.checkpoint, args.grid, device)
+        device, images, model = _model_and_images(args)
         with progress_bar(len(images), "embedding", sys.stderr.isatty()) as bar:
             report = evaluate(
                 model,
@@ -157,6 +156,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report, images.name, args.classes))
     return 0
+
+
+def _model_and_images(args: argparse.Namespace) -> tuple[torch.device, ImageSet, EmbeddingNet]:
+    """The device, the images of ``--classes`` and the model that ``evaluate`` and
+    ``calibrate`` work on."""
+    device = parse_device(args.device)
+    images = read_dataset(args.data, args.dataset, args.classes)
+    return device, images, _evaluated_model(args.checkpoint, args.grid, device)
 
 
 def _evaluated_model(
