@@ -19,7 +19,7 @@ from model import Embedder, EmbeddingNet, load_model
 from service import errors
 from service.engine import Engine
 from service.limits import BodySizeLimit
-from service.metrics import Metrics
+from service.metrics import Metrics, method_label
 from service.routes import explain, gallery, health, search
 from service.settings import Settings, get_settings
 
@@ -75,8 +75,9 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         metrics: Metrics = request.app.state.metrics
-        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(path, request.method).observe(time.perf_counter() - start)
+        method = method_label(request.method)
+        metrics.requests.labels(path, method, str(response.status_code)).inc()
+        metrics.latency.labels(path, method).observe(time.perf_counter() - start)
         return response
 
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)

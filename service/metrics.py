@@ -9,6 +9,10 @@ from contextlib import contextmanager
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 STAGES = ("decode", "embed", "coarse_search", "rerank", "explain")
+# HTTP methods that get their own label value; any other string a client sends is "other", so
+# that invented methods cannot grow the metrics without bound (routes are bounded already:
+# route templates, or "unmatched").
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -28,6 +32,10 @@ class Metrics:
             "diml_stage_seconds", "time per stage of a request", ["stage"],
             buckets=BUCKETS, registry=self.registry,
         )  # fmt: skip
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
 
 
 class StageTimer:

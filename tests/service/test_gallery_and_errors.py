@@ -201,6 +201,16 @@ def test_metrics_count_requests_and_stages(client: TestClient) -> None:
         assert f'diml_stage_seconds_count{{stage="{stage}"}}' in text
 
 
+def test_invented_http_methods_share_one_metrics_label(client: TestClient) -> None:
+    for i in range(20):
+        client.request(f"FOO{i}", "/healthz")
+    text = client.get("/metrics").text
+    assert "FOO" not in text
+    assert 'method="other"' in text
+    series = [line for line in text.splitlines() if line.startswith("diml_requests_total{")]
+    assert len([line for line in series if 'method="other"' in line]) <= 2  # e.g. 405, 404
+
+
 def test_a_request_past_its_deadline_gets_503(served: dict[str, Path]) -> None:
     with _client(served, request_timeout_s=1e-4) as client:
         searched = client.post("/search", files={"image": ("q.png", png())})
