@@ -12,13 +12,12 @@ global ranking by that measure.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from model.config import MatchingConfig
-from model.evaluation import HeadScores, head_scores, ranking_depth
+from model.evaluation import head_scores, ranking_depth
 from model.metrics import relevant_counts, retrieval_metrics
 from model.network import Embedding
 
@@ -43,9 +42,6 @@ class Calibration:
         """The re-ranked metrics at the chosen weight."""
         return self.reranked[self.weight]
 
-    def apply(self, matching: MatchingConfig) -> MatchingConfig:
-        return dataclasses.replace(matching, structural_weight=self.weight)
-
 
 def calibrate(
     embedding: Embedding,
@@ -61,13 +57,6 @@ def calibrate(
     if not weights or min(weights) < 0:
         raise ValueError(f"calibration needs weights >= 0, got {weights}")
     scores = head_scores(embedding, ranking_depth(labels, rerank_k), rerank_k, matching, device)
-    return calibrate_scores(scores, labels, weights)
-
-
-def calibrate_scores(
-    scores: HeadScores, labels: torch.Tensor, weights: tuple[float, ...] = WEIGHTS
-) -> Calibration:
-    """:func:`calibrate` on already computed :class:`HeadScores`."""
     r = relevant_counts(labels)
     rows = {w: retrieval_metrics(labels[scores.reranked(w)], labels, r) for w in weights}
     best = max(sorted(weights), key=lambda w: objective(rows[w]))  # first maximum: smallest w

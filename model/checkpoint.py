@@ -8,6 +8,7 @@ manifests store it; the service refuses an index whose fingerprint differs from 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,16 +45,28 @@ def _fingerprint(config_json: str, state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(model: EmbeddingNet, path: str | os.PathLike[str]) -> str:
-    """Write ``model`` to ``path`` atomically (aside, fsync, rename); return its fingerprint."""
+def save_checkpoint(
+    model: EmbeddingNet, path: str | os.PathLike[str], config: ModelConfig | None = None
+) -> str:
+    """Write ``model`` to ``path`` atomically (aside, fsync, rename); return its fingerprint.
+
+    ``config`` replaces the model's own config in the file; it may differ only in its matching
+    settings (e.g. a calibrated structural weight), which do not change the network.
+    """
+    config = config or model.config
+    if dataclasses.replace(config, matching=model.config.matching) != model.config:
+        raise ValueError(
+            "save_checkpoint: the config may differ from the model's only in matching settings: "
+            + "; ".join(config.differences(model.config))
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fp = fingerprint(model)
+    fp = _fingerprint(config.to_json(), state)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": model.config.to_json(),
+        "config": config.to_json(),
         "fingerprint": fp,
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -93,6 +93,12 @@ class ModelConfig:
         """R, the number of parts per image (grid x grid)."""
         return self.grid * self.grid
 
+    def with_structural_weight(self, weight: float) -> ModelConfig:
+        """The same model with ``weight`` as the structural weight of its ranking score."""
+        return dataclasses.replace(
+            self, matching=dataclasses.replace(self.matching, structural_weight=weight)
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

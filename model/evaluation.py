@@ -137,6 +137,12 @@ class HeadScores:
         out[:, : self.k] = torch.gather(self.order[:, : self.k], 1, resorted)
         return out
 
+    def rankings(self, matching: MatchingConfig | None = None) -> Rankings:
+        """The global ranking and the one re-ranked by the model's score (``matching``'s
+        structural weight)."""
+        weight = (matching or MatchingConfig()).structural_weight
+        return Rankings(self.order, self.reranked(weight), self.k)
+
 
 def head_scores(
     embedding: Embedding,
@@ -194,9 +200,7 @@ def rank_all(
     Ties keep the data set's order (stable sorts). ``depth`` >= ``rerank_k``; the query itself
     is never in its own ranking.
     """
-    scores = head_scores(embedding, depth, rerank_k, matching, device, chunk)
-    weight = (matching or MatchingConfig()).structural_weight
-    return Rankings(scores.order, scores.reranked(weight), scores.k)
+    return head_scores(embedding, depth, rerank_k, matching, device, chunk).rankings(matching)
 
 
 def retrieval_report(rankings: Rankings, labels: torch.Tensor) -> dict[str, dict[str, float]]:
@@ -420,16 +424,14 @@ def evaluate_embeddings(
     labels = images.labels
     depth = ranking_depth(labels, rerank_k)
     scores = head_scores(embedding, depth, rerank_k, matching, device)
-    weight = (matching or MatchingConfig()).structural_weight
-    rankings = Rankings(scores.order, scores.reranked(weight), scores.k)
-    report: dict[str, Any] = {"n_queries": int((relevant_counts(labels) > 0).sum())}
+    rankings = scores.rankings(matching)
+    r = relevant_counts(labels)
+    report: dict[str, Any] = {"n_queries": int((r > 0).sum())}
     report["rerank_k"] = rankings.rerank_k
     report.update(retrieval_report(rankings, labels))
     # The published rule (structural weight 1) beside the model's, to show what it would do.
     published = scores.reranked(PUBLISHED_WEIGHT)
-    report["reranked_published"] = retrieval_metrics(
-        labels[published], labels, relevant_counts(labels)
-    )
+    report["reranked_published"] = retrieval_metrics(labels[published], labels, r)
     if keypoints and geometry is not None and images.has_keypoints:
         report["pck"] = keypoint_report(
             images, embedding, geometry, rankings.reranked_order, rankings.rerank_k, grid, matching

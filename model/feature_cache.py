@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from model.backbones import Backbone
 from model.config import Preprocessing
 from model.datasets import Record
+from model.evaluation import ImageFiles
 from model.network import EmbeddingHead
 
 PCA_POWER = 0.25
@@ -64,8 +65,6 @@ def cache_maps(
 ) -> torch.Tensor:
     """maps: (1 + views, N, C, h, w) float16 on the CPU: ``prefix`` applied to the test-time
     crop of every record (view 0), then to ``views`` passes of ``transform`` (random crops)."""
-    from model.evaluation import ImageFiles  # evaluation imports this module's users
-
     prefix = prefix.to(device).eval()
     out = []
     for view in range(1 + views):

@@ -13,7 +13,7 @@ import torch
 
 from model.backbones import BackboneWeightsError
 from model.calibration import WEIGHTS
-from model.checkpoint import CheckpointError, load_model
+from model.checkpoint import CheckpointError, load_model, save_checkpoint
 from model.cli import EXIT_USAGE, parse_device
 from model.config import ModelConfig
 from model.datasets import READERS, DatasetError, ImageSet, read_dataset
@@ -75,7 +75,7 @@ def add_calibrate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 def run_calibrate(args: argparse.Namespace) -> int:
     from model.calibration import calibrate
     from model.evaluation import embed_records
-    from model.training import progress_bar, save_calibrated
+    from model.training import progress_bar
 
     try:
         device, images, model = _model_and_images(args)
@@ -98,7 +98,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         f"(the model had {model.config.matching.structural_weight:g})"
     )
     if args.out is not None:
-        save_calibrated(model, result.weight, args.out)
+        save_checkpoint(model, args.out, model.config.with_structural_weight(result.weight))
         print(f"wrote {args.out}")
     return 0
 

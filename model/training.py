@@ -165,18 +165,6 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def save_calibrated(model: EmbeddingNet, weight: float, path: Path) -> None:
-    """Save ``model`` with ``weight`` as its structural weight (the model itself is unchanged)."""
-    config = model.config
-    model.config = dataclasses.replace(
-        config, matching=dataclasses.replace(config.matching, structural_weight=weight)
-    )
-    try:
-        save_checkpoint(model, path)
-    finally:
-        model.config = config
-
-
 class Trainer:
     """Trains ``model_config`` on ``train`` and selects epochs on ``val``; see the module doc."""
 
@@ -350,7 +338,7 @@ class Trainer:
         improved = value > self.best_value
         if improved:
             self.best_value = value
-            save_calibrated(model, weight, self.run.best)
+            save_checkpoint(model, self.run.best, model.config.with_structural_weight(weight))
         entry = {"epoch": self.epoch, **fields, "val": val, "selected": improved}
         with self.run.log.open("a") as f:
             f.write(json.dumps(entry) + "\n")

@@ -41,6 +41,21 @@ def test_round_trip_gives_the_same_model_and_fingerprint(
     assert read_config(path) == model.config
 
 
+def test_a_checkpoint_can_carry_other_matching_settings_only(
+    trained: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    _, model = trained
+    calibrated = model.config.with_structural_weight(0.3)
+    path = tmp_path / "calibrated.safetensors"
+    fp = save_checkpoint(model, path, calibrated)
+    loaded = load_checkpoint(path)  # verifies the fingerprint
+    assert loaded.config == calibrated
+    assert fingerprint(loaded) == fp != fingerprint(model)
+    assert model.config.matching.structural_weight == 1.0  # the saved model is untouched
+    with pytest.raises(ValueError, match="only in matching settings: dim"):
+        save_checkpoint(model, tmp_path / "other.safetensors", ModelConfig(dim=16, grid=4))
+
+
 def test_fingerprint_changes_with_weights_and_config() -> None:
     a = create_model(ModelConfig(dim=32), weights=None)
     b = create_model(ModelConfig(dim=32, grid=7), weights=None)
