@@ -39,7 +39,7 @@ from index_builder.manifest import Manifest
 from index_builder.segments import SegmentStore
 from index_builder.table import ItemTable, NewItem
 from index_builder.vector_index import VectorIndex, default_factory
-from model import Embedder, ImageLoadError, fingerprint, load_image, preprocess
+from model import Embedder, ImageLoadError, fingerprint, load_for_model
 from model.network import EmbeddingNet
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,9 @@ class _Decode(Dataset[dict[str, Any]]):
             return out
         out["sha256"] = hashlib.sha256(data).hexdigest()
         try:
-            image = load_image(data)
-            out["pixels"], _ = preprocess(image, self.spec)
-            out["size"] = image.size
+            loaded = load_for_model(data, self.spec)
+            out["pixels"] = loaded.pixels
+            out["size"] = (loaded.geometry.width, loaded.geometry.height)
         except ImageLoadError as e:
             out["reason"] = e.reason
         return out

@@ -14,7 +14,15 @@ from model.checkpoint import (
 )
 from model.config import MatchingConfig, ModelConfig, Preprocessing
 from model.explain import Explanation, PartMatch, explain
-from model.images import ImageGeometry, ImageLoadError, load_image, preprocess, to_rgb
+from model.images import (
+    ImageGeometry,
+    ImageLoadError,
+    ModelInput,
+    load_for_model,
+    load_image,
+    preprocess,
+    to_rgb,
+)
 from model.matching import (
     StructuralMatch,
     match_all,
@@ -41,6 +49,7 @@ __all__ = [
     "ImageLoadError",
     "MatchingConfig",
     "ModelConfig",
+    "ModelInput",
     "PartMatch",
     "Preprocessing",
     "SinkhornResult",
@@ -51,6 +60,7 @@ __all__ = [
     "explain",
     "fingerprint",
     "load_checkpoint",
+    "load_for_model",
     "load_image",
     "load_model",
     "match_all",

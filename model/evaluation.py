@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from model.config import MatchingConfig, Preprocessing
 from model.datasets import ImageSet, Record
-from model.images import geometry_of, load_image, preprocess
+from model.images import geometry_of, load_for_model, load_image
 from model.matching import match_pairs, ranking_score, structural_match
 from model.metrics import RECALL_KS, relevant_counts, retrieval_metrics
 from model.network import Embedding, EmbeddingNet
@@ -58,10 +58,12 @@ class ImageFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = load_image(self.records[index].path)  # errors name the file
+        path = self.records[index].path  # errors name the file
         if self.transform is None:
-            pixels, g = preprocess(image, self.spec)
+            loaded = load_for_model(path, self.spec, max_aspect=None)
+            pixels, g = loaded.pixels, loaded.geometry
         else:
+            image = load_image(path)
             pixels, g = self.transform(image), geometry_of(image.width, image.height, self.spec)
         return pixels, torch.tensor([g.width, g.height, g.left, g.top, g.size])
 

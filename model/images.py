@@ -5,14 +5,22 @@ applied; palette, grayscale, CMYK, 16-bit and 32-bit float images are converted;
 composited on white. :func:`preprocess` then resizes and centre-crops as the model's
 :class:`~model.config.Preprocessing` says, and returns the :class:`ImageGeometry` that tells where
 each grid cell lies in the original image.
+
+Untrusted files cost what the model needs, not what they declare: only the accepted formats'
+decoders run; pixel count, aspect ratio and (for JPEG) whether the data can hold the declared
+pixels are checked from the header; :func:`load_for_model` decodes reduced and cuts the crop
+before resizing it. Truncated files are refused (``corrupt``), never padded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import os
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +31,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from model.config import Preprocessing
 
 DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_ASPECT = 20.0
 
 ImageSource = str | os.PathLike[str] | bytes | Image.Image
+Reserve = Callable[[int], AbstractContextManager[object]]
 
 
 class ImageLoadError(ValueError):
@@ -32,7 +42,8 @@ class ImageLoadError(ValueError):
 
     ``reason`` is the message without the input's name; ``kind`` one of ``unreadable`` (no such
     file, a folder, no permission), ``not_image``, ``format`` (an image, but not of an allowed
-    format), ``too_many_pixels`` and ``corrupt`` (truncated or damaged data).
+    format), ``too_many_pixels``, ``aspect_ratio`` and ``corrupt`` (truncated or damaged
+    data).
     """
 
     def __init__(self, name: str, reason: str, kind: str) -> None:
@@ -77,14 +88,62 @@ def load_image(
     source: ImageSource,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     formats: Collection[str] | None = None,
+    max_aspect: float | None = None,
 ) -> Image.Image:
-    """Decode ``source`` (a path, raw bytes or a PIL image) into an upright RGB image.
+    """Decode ``source`` (a path, raw bytes or a PIL image) into an upright RGB image, full size.
 
     Raises :class:`ImageLoadError` naming the input when it is missing, not an image, not one of
-    ``formats`` (PIL format names, e.g. ``{"JPEG", "PNG"}``; None allows all), truncated, or has
-    more than ``max_pixels`` pixels (checked from the header, before decoding). A multi-frame
-    image (GIF, TIFF) gives its first frame.
+    ``formats`` (PIL format names, e.g. ``{"JPEG", "PNG"}``; None allows all), truncated, has
+    more than ``max_pixels`` pixels or a longer side over ``max_aspect`` times the shorter (both
+    checked from the header, before decoding). A multi-frame image (GIF, TIFF) gives its first
+    frame. :func:`load_for_model` decodes only what the model needs.
     """
+    image, _ = _decode(source, max_pixels, formats, max_aspect, None, None)
+    return image
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A decoded image as the model takes it: normalised ``pixels`` (3, crop, crop), the
+    ``geometry`` of the crop in the original's pixels, and ``picture``, the upright RGB image
+    reduced to about the size the model looks at (for drawing explanations)."""
+
+    pixels: torch.Tensor
+    geometry: ImageGeometry
+    picture: Image.Image
+
+
+def load_for_model(
+    source: ImageSource,
+    spec: Preprocessing,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: Collection[str] | None = None,
+    max_aspect: float | None = DEFAULT_MAX_ASPECT,
+    reserve: Reserve | None = None,
+) -> ModelInput:
+    """Decode ``source`` at the cost of what the model needs, not of what the file declares.
+
+    Checks as :func:`load_image` (with an aspect-ratio limit by default), then decodes reduced:
+    JPEG through its DCT scaling (``draft``), other formats reduced by an integer factor right
+    after decoding, so that the shorter side stays at least ``spec.resize``; the crop is cut
+    before it is resized. ``reserve(n)``, when given, is entered with the bytes the decode will
+    hold before any pixel is decoded (the service bounds concurrent decoding memory with it).
+    """
+    picture, size = _decode(source, max_pixels, formats, max_aspect, spec.resize, reserve)
+    pixels, geometry = preprocess(picture, spec, original_size=size)
+    return ModelInput(pixels, geometry, picture)
+
+
+def _decode(
+    source: ImageSource,
+    max_pixels: int,
+    formats: Collection[str] | None,
+    max_aspect: float | None,
+    reduce_to: int | None,
+    reserve: Reserve | None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The upright RGB picture (reduced so its shorter side stays >= ``reduce_to`` when given)
+    and the original's upright size."""
     name = _describe(source)
     try:
         if isinstance(source, Image.Image):
@@ -93,27 +152,23 @@ def load_image(
             data = source if isinstance(source, bytes) else Path(source).read_bytes()
             # Only the accepted formats' decoders are tried: Pillow's other plugins (DDS, EPS,
             # JPEG 2000, FITS...) never see untrusted bytes.
-            tried = _openers(formats)
-            image = Image.open(io.BytesIO(data), formats=tried)
-        if formats is not None and image.format not in formats:
-            raise ImageLoadError(
-                name,
-                f"{image.format} images are not accepted; use {', '.join(sorted(formats))}",
-                "format",
-            )
+            image = Image.open(io.BytesIO(data), formats=_openers(formats))
+        size = len(data) if not isinstance(source, Image.Image) else None
+        _check_header(image, name, size, max_pixels, formats, max_aspect)
         width, height = image.size
-        if width * height > max_pixels:
-            raise ImageLoadError(
-                name,
-                f"{width}x{height} is {width * height:,} pixels, over the limit of "
-                f"{max_pixels:,}; downscale the image first",
-                "too_many_pixels",
-            )
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-            image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        if reduce_to is not None and image.format == "JPEG":
+            scale = reduce_to / min(width, height)
+            image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+        with reserve(decoded_bytes(image)) if reserve else contextlib.nullcontext():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image.load()
+            if reduce_to is not None:
+                image = _reduce(image, reduce_to)
+            upright = ImageOps.exif_transpose(image)
+            if upright.size != image.size:  # turned by 90 degrees
+                width, height = height, width
+            return to_rgb(upright), (width, height)
     except ImageLoadError:
         raise
     except FileNotFoundError as e:
@@ -139,6 +194,71 @@ def load_image(
         Image.DecompressionBombWarning,
     ) as e:
         raise ImageLoadError(name, f"corrupt or truncated image data ({e})", "corrupt") from e
+
+
+def _check_header(
+    image: Image.Image,
+    name: str,
+    file_bytes: int | None,
+    max_pixels: int,
+    formats: Collection[str] | None,
+    max_aspect: float | None,
+) -> None:
+    """What the header alone tells: format, pixel count, aspect ratio, data too short to hold
+    the pixels it declares."""
+    if formats is not None and image.format not in formats:
+        raise ImageLoadError(
+            name,
+            f"{image.format} images are not accepted; use {', '.join(sorted(formats))}",
+            "format",
+        )
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageLoadError(name, f"declares an empty {width}x{height} image", "corrupt")
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            name,
+            f"{width}x{height} is {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,}; downscale the image first",
+            "too_many_pixels",
+        )
+    if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+        raise ImageLoadError(
+            name,
+            f"{width}x{height} is more than {max_aspect:g} times as long as it is wide; "
+            "crop the image to the subject first",
+            "aspect_ratio",
+        )
+    # Huffman-coded JPEG spends at least one bit on every 8 x 8 block it holds (a DC code and an
+    # end-of-block code per block, several blocks per 8 x 8 pixels in colour): a file with fewer
+    # bytes than one bit per 64 pixels declares pixels it does not carry. libjpeg would fill them
+    # with grey and call the image good.
+    if file_bytes is not None and image.format == "JPEG" and file_bytes * 512 < width * height:
+        raise ImageLoadError(
+            name,
+            f"truncated: {file_bytes:,} bytes cannot hold the {width}x{height} pixels the "
+            "header declares",
+            "corrupt",
+        )
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """The memory that decoding ``image`` (opened, not yet loaded) takes, from its header: Pillow
+    keeps 1 byte per pixel for 1/L/P, 2 for 16-bit, 4 for every other mode."""
+    width, height = image.size
+    mode = image.mode
+    per_pixel = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    return width * height * per_pixel
+
+
+def _reduce(image: Image.Image, short_side: int) -> Image.Image:
+    """Shrink by the largest integer factor that keeps the shorter side >= ``short_side``
+    (box averaging; palette and bilevel images by sampling)."""
+    factor = min(image.size) // short_side
+    if factor < 2:
+        return image
+    size = (math.ceil(image.width / factor), math.ceil(image.height / factor))
+    return image.resize(size, Image.Resampling.BOX)
 
 
 def _openers(formats: Collection[str] | None) -> list[str] | None:
@@ -168,10 +288,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit integer or float grayscale to 8-bit RGB, keeping relative intensities."""
-    values = np.asarray(image, dtype=np.float64)
+    """16-bit and 32-bit integer or float grayscale to 8-bit RGB, keeping relative intensities.
+
+    Works in float32 on the image as given: callers reduce it first (:func:`load_for_model`).
+    """
+    values = np.asarray(image, dtype=np.float32)
     if image.mode == "F":
-        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
     else:
         scaled = values / (65535.0 if values.max(initial=0) > 255 else 255.0)
@@ -179,21 +303,33 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(gray).convert("RGB")
 
 
-def preprocess(image: Image.Image, spec: Preprocessing) -> tuple[torch.Tensor, ImageGeometry]:
+def preprocess(
+    image: Image.Image, spec: Preprocessing, original_size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, ImageGeometry]:
     """Resize the shorter side to ``spec.resize``, centre-crop ``spec.crop``, normalise.
 
     image: RGB, any size -> pixels: (3, crop, crop) float32, geometry in original pixels.
+    ``original_size`` (width, height): the image ``image`` was reduced from, when it was. The
+    crop is cut from the image and resized in one step, so the cost follows the crop, not the
+    image's aspect ratio.
     """
     if image.mode != "RGB":
         image = to_rgb(image)
-    (new_w, new_h), (left, top) = _resize_and_crop(image.width, image.height, spec)
-    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
-    crop = resized.crop((left, top, left + spec.crop, top + spec.crop))
+    width, height = original_size or image.size
+    geometry = geometry_of(width, height, spec)
+    sx, sy = image.width / width, image.height / height
+    box = (
+        geometry.left * sx,
+        geometry.top * sy,
+        (geometry.left + geometry.size) * sx,
+        (geometry.top + geometry.size) * sy,
+    )
+    crop = image.resize((spec.crop, spec.crop), Image.Resampling.BILINEAR, box=box)
     array = np.asarray(crop, dtype=np.float32) / 255.0
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
     pixels = torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())
-    return pixels, geometry_of(image.width, image.height, spec)
+    return pixels, geometry
 
 
 def geometry_of(width: int, height: int, spec: Preprocessing) -> ImageGeometry:

@@ -18,18 +18,24 @@ LINE_COLOURS = [
 
 
 def render_explanation(
-    query: Image.Image, result: Image.Image, explanation: Explanation, top: int = 5
+    query: Image.Image,
+    result: Image.Image,
+    explanation: Explanation,
+    top: int = 5,
+    heights: tuple[int, int] | None = None,
 ) -> Image.Image:
     """An RGB picture of ``explanation`` drawn over ``query`` (left) and ``result`` (right).
 
     Each grid cell is tinted by its part's contribution to the structural similarity, on one
     scale for both images running from the smallest contribution (clear) to the largest (strong
     red; negative contributions are blue); the ``top`` strongest matches are joined by numbered
-    lines whose width follows their contribution.
+    lines whose width follows their contribution. ``heights``: the heights of the originals the
+    explanation's regions are measured in, when the pictures given are reduced copies.
     """
     font = _font(14)
-    left_img, sl = _fit(query)
-    right_img, sr = _fit(result)
+    query_height, result_height = heights or (query.height, result.height)
+    left_img, sl = _fit(query, query_height)
+    right_img, sr = _fit(result, result_height)
     matches = explanation.matches[:top]
     width = left_img.width + GAP + right_img.width + 2 * PAD
     height = HEADER + HEIGHT + PAD + ROW * (len(matches) + 1) + PAD
@@ -103,10 +109,10 @@ def _row(
         draw.text((PAD + x, y), text, fill=colour, font=font)
 
 
-def _fit(image: Image.Image) -> tuple[Image.Image, float]:
-    scale = HEIGHT / image.height
-    size = (max(1, round(image.width * scale)), HEIGHT)
-    return image.convert("RGB").resize(size, Image.Resampling.BILINEAR), scale
+def _fit(image: Image.Image, original_height: int) -> tuple[Image.Image, float]:
+    """``image`` scaled to ``HEIGHT`` pixels high, and the scale from original pixels to it."""
+    size = (max(1, round(image.width * HEIGHT / image.height)), HEIGHT)
+    return image.convert("RGB").resize(size, Image.Resampling.BILINEAR), HEIGHT / original_height
 
 
 def _place(box: Box, scale: float, x0: int) -> tuple[float, float, float, float]:

@@ -18,7 +18,7 @@ from index_builder import build_index, has_index, scan_folder
 from model import Embedder, EmbeddingNet, load_model
 from service import errors
 from service.engine import Engine
-from service.limits import BodySizeLimit
+from service.limits import BodySizeLimit, return_freed_images_to_the_system
 from service.metrics import Metrics, method_label
 from service.routes import explain, gallery, health, search
 from service.settings import Settings, get_settings
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 
 DESCRIPTION = """Image search that explains itself. Each result comes with the parts of the two
-images that matched and how much each pair contributed: `score = global + structural`, and the
-structural similarity is the sum of the part contributions."""
+images that matched and how much each pair contributed: `score = global + w x structural` (w,
+the model's `structural_weight`, is in every explanation), and the structural similarity is the
+sum of the part contributions."""
 
 
 def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        return_freed_images_to_the_system()
         loader = threading.Thread(target=_load, args=(app, settings), daemon=True)
         loader.start()
         if not load_in_background:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Awaitable
-from typing import Annotated, TypeVar
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Path, Request
 
-from service.engine import Engine
+from service.engine import DeadlineExceededError, Engine
 from service.errors import ApiError
+from service.limits import deadline
 from service.metrics import StageTimer
 from service.settings import Settings
 
@@ -73,13 +74,19 @@ def require_write(request: Request) -> None:
         raise ApiError(403, "forbidden", "this API key may not change the gallery")
 
 
-async def within_deadline(engine: Engine, work: Awaitable[T]) -> T:
-    """``work``, or 503 ``deadline_exceeded`` once the request's time is up."""
+async def within_deadline(engine: Engine, work: Coroutine[Any, Any, T]) -> T:
+    """``work``, or 503 ``deadline_exceeded`` once the request's time is up.
+
+    The work sees the deadline (:func:`service.limits.time_left`): decoding and embedding that
+    have not started by then are never started. No ``Retry-After``: the same request would
+    most likely time out again.
+    """
+    timeout = engine.settings.request_timeout_s
     try:
-        return await asyncio.wait_for(work, timeout=engine.settings.request_timeout_s)
+        with deadline(timeout):  # copied into the task below and into the threads it uses
+            return await asyncio.wait_for(work, timeout=timeout)
     except TimeoutError as e:
-        raise ApiError(503, "deadline_exceeded", "the request took too long; retry",
-                       {"Retry-After": "1"}) from e  # fmt: skip
+        raise DeadlineExceededError from e
 
 
 def get_timer(request: Request) -> StageTimer:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import queue
@@ -33,9 +34,10 @@ from model import (
     Explanation,
     ImageGeometry,
     ImageLoadError,
+    ModelInput,
     explain,
     fingerprint,
-    load_image,
+    load_for_model,
     load_model,
     preprocess,
     structural_match,
@@ -44,6 +46,7 @@ from model.images import geometry_of
 from model.network import EmbeddingNet
 from model.pipeline import explain_embeddings
 from service.errors import ApiError
+from service.limits import BudgetExhaustedError, MemoryBudget, time_left
 from service.metrics import StageTimer
 from service.settings import ALLOWED_FORMATS, Settings
 
@@ -53,18 +56,10 @@ IMAGE_ERRORS = {
     "not_image": (415, "unsupported_media_type"),
     "format": (415, "unsupported_media_type"),
     "too_many_pixels": (413, "too_many_pixels"),
+    "aspect_ratio": (422, "unsupported_aspect_ratio"),
     "corrupt": (422, "corrupt_image"),
     "unreadable": (422, "corrupt_image"),
 }
-
-
-@dataclass(frozen=True)
-class Query:
-    """A decoded query: its pixels for the backbone, where its parts lie, the picture itself."""
-
-    pixels: torch.Tensor
-    geometry: ImageGeometry
-    image: Image.Image
 
 
 @dataclass(frozen=True)
@@ -79,10 +74,22 @@ class SearchOptions:
 
 
 class OverloadedError(ApiError):
+    def __init__(self, what: str = "too many requests are waiting") -> None:
+        super().__init__(503, "overloaded", f"{what}; retry shortly", {"Retry-After": "1"})
+
+
+class DeadlineExceededError(ApiError):
     def __init__(self) -> None:
-        super().__init__(
-            503, "overloaded", "too many requests are waiting; retry shortly", {"Retry-After": "1"}
-        )
+        super().__init__(503, "deadline_exceeded", "the request took too long and was dropped; "
+                         "send a smaller image or retry later")  # fmt: skip
+
+
+def _check_deadline() -> float | None:
+    """Seconds left to the current request (None without a deadline); raises past it."""
+    left = time_left()
+    if left is not None and left <= 0:
+        raise DeadlineExceededError
+    return left
 
 
 class MicroBatcher:
@@ -174,6 +181,7 @@ class Engine:
         if use_device is None:
             use_device = device.type == "cuda"
         self.device_search = DeviceSearch(self.index, device) if use_device else None
+        self.decode_budget = MemoryBudget(settings.decode_memory_mb * 2**20)
         self.batcher = MicroBatcher(
             self.embedder,
             settings.max_batch_images,
@@ -191,22 +199,34 @@ class Engine:
 
     # -- decoding and embedding ----------------------------------------------------------------
 
-    def decode(self, data: bytes, name: str = "image") -> Query:
+    def decode(self, data: bytes, name: str = "image") -> ModelInput:
         """Bytes of an upload -> pixels and geometry; ApiError 413/415/422 when they are not a
-        usable image (the message never includes a server path)."""
+        usable image (the message never includes a server path), 503 when the decoding memory
+        budget stays full or the request's deadline passes before decoding could start."""
         if not data:
             raise ApiError(422, "empty_upload", f"{name}: the upload is empty; send an image file")
+        left = _check_deadline()
+        wait = self.settings.request_timeout_s if left is None else left
         try:
-            image = load_image(data, self.settings.max_pixels, ALLOWED_FORMATS)
+            return load_for_model(
+                data,
+                self.config.preprocessing,
+                self.settings.max_pixels,
+                ALLOWED_FORMATS,
+                self.settings.max_aspect_ratio,
+                reserve=functools.partial(self.decode_budget.reserve, timeout=wait),
+            )
         except ImageLoadError as e:
             status, code = IMAGE_ERRORS.get(e.kind, (422, "corrupt_image"))
             raise ApiError(status, code, f"{name}: {e.reason}") from e
-        pixels, geometry = preprocess(image, self.config.preprocessing)
-        return Query(pixels, geometry, image)
+        except BudgetExhaustedError:
+            _check_deadline()
+            raise OverloadedError("too many large images are being decoded") from None
 
-    async def embed(self, queries: list[Query]) -> Embedding:
-        """Embed through the shared batcher. The caller's deadline cancelling this await also
-        cancels the job, which the batcher then skips."""
+    async def embed(self, queries: list[ModelInput]) -> Embedding:
+        """Embed through the shared batcher, unless the request's deadline has passed. The
+        deadline cancelling this await also cancels the job, which the batcher then skips."""
+        _check_deadline()
         return await asyncio.wrap_future(
             self.batcher.submit(torch.stack([q.pixels for q in queries]))
         )

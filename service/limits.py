@@ -1,10 +1,89 @@
-"""The request-body limit, enforced while the body streams in (chunked uploads included)."""
+"""Bounds on what one request may cost: its body (enforced while it streams in, chunked uploads
+included), its deadline (seen by the work it started, in any thread), and the memory that
+decoding images takes across all requests at once."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_DEADLINE: ContextVar[float | None] = ContextVar("diml_deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Within the block, the current request must be answered within ``seconds`` from now.
+    Work started there (tasks, thread-pool calls) sees the deadline through :func:`time_left`."""
+    token = _DEADLINE.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def time_left() -> float | None:
+    """Seconds until the current request's deadline (negative past it); None without one."""
+    deadline = _DEADLINE.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def return_freed_images_to_the_system() -> None:
+    """Make glibc give the memory of freed images back to the system.
+
+    glibc serves allocations over its mmap threshold as their own mappings, unmapped on free,
+    but it raises that threshold to the size of each such block freed (up to 32 MB): after
+    the first large image, decoded images come from per-thread heaps that do not shrink, and
+    the process keeps the peak of every burst of uploads. A fixed 1 MiB threshold (which also
+    turns the raising off) keeps the resident size close to what is in use. No-op elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # musl and others: their allocators differ
+        return
+
+
+class BudgetExhaustedError(Exception):
+    """No room in a :class:`MemoryBudget` before the wait's timeout."""
+
+
+class MemoryBudget:
+    """A counting semaphore over bytes: reservations wait until what they ask for fits.
+
+    A reservation larger than the whole budget waits for all of it (so it runs alone rather
+    than never). Used to bound the memory that concurrent image decoding holds.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, size: int, timeout: float) -> Iterator[None]:
+        """Hold ``size`` bytes of the budget for the ``with`` block; waits up to ``timeout``
+        seconds for room, then raises :class:`BudgetExhaustedError`."""
+        size = min(size, self.capacity)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.used + size <= self.capacity, timeout):
+                raise BudgetExhaustedError
+            self.used += size
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= size
+                self._changed.notify_all()
 
 
 class _TooLargeError(Exception):

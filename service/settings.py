@@ -34,6 +34,9 @@ class Settings(BaseSettings):
                                        "DEVICE (default: on CUDA; else FAISS)")  # fmt: skip
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="request body limit")
     max_pixels: int = Field(40_000_000, gt=0, description="decoded image size limit")
+    max_aspect_ratio: float = Field(20.0, ge=1, description="longer side / shorter side limit")
+    decode_memory_mb: int = Field(512, gt=0, description="memory that images being decoded "
+                                  "may hold at once; past it, decodes wait, then 503")  # fmt: skip
     max_batch_images: int = Field(16, gt=0, description="images in one batch search")
     batch_window_ms: float = Field(2.0, ge=0, description="micro-batching wait for company")
     max_queue: int = Field(64, gt=0, description="images waiting for the backbone; past it 503")

@@ -3,8 +3,11 @@ formats Pillow knows but the service does not accept."""
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
+
+from PIL import Image
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -21,3 +24,82 @@ def png_header(width: int, height: int) -> bytes:
 def dds_header() -> bytes:
     """The start of a DirectDraw Surface: Pillow has a plugin for it; the service accepts none."""
     return b"DDS " + struct.pack("<I", 124) + bytes(120)
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def _patched(data: bytes, offset: int, fmt: str, *values: int) -> bytes:
+    return data[:offset] + struct.pack(fmt, *values) + data[offset + struct.calcsize(fmt) :]
+
+
+def header_bombs(width: int, height: int) -> dict[str, bytes]:
+    """A small file in every accepted format whose header declares ``width`` x ``height``
+    pixels (each a real file of one or a few pixels with its size fields rewritten)."""
+    tiny = Image.new("RGB", (8, 8), (120, 60, 30))
+    jpeg = encode(tiny, "JPEG")
+    sof = jpeg.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+    bmp = encode(tiny, "BMP")  # BITMAPINFOHEADER: width and height at bytes 18 and 22
+    w16, h16 = min(width, 65535), min(height, 65535)  # JPEG and GIF sizes are 16-bit
+    gif = encode(tiny.convert("P"), "GIF")
+    descriptor = _first_gif_frame(gif)
+    gif = _patched(_patched(gif, 6, "<HH", w16, h16), descriptor + 5, "<HH", w16, h16)
+    webp = encode(tiny, "WEBP", quality=50)  # VP8 key frame: 14-bit sizes after the start code
+    start = webp.index(b"\x9d\x01\x2a") + 3
+    return {
+        "PNG": png_header(width, height),
+        "JPEG": _patched(jpeg, sof + 5, ">HH", h16, w16),
+        "BMP": _patched(bmp, 18, "<ii", width, height),
+        "GIF": gif,
+        "WEBP": _patched(webp, start, "<HH", min(width, 16383), min(height, 16383)),
+        "TIFF": tiff_header(width, height),
+    }
+
+
+def _first_gif_frame(gif: bytes) -> int:
+    """Offset of the first image descriptor (left, top, width, height follow the 0x2C)."""
+    flags = gif[10]
+    position = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)  # past the colour table
+    while gif[position] == 0x21:  # extension blocks: label, then sub-blocks up to a 0 length
+        position += 2
+        while gif[position]:
+            position += gif[position] + 1
+        position += 1
+    assert gif[position] == 0x2C
+    return position
+
+
+def tiff_header(width: int, height: int) -> bytes:
+    """An uncompressed 8-bit grayscale TIFF that declares ``width`` x ``height`` and holds one
+    row of pixel data."""
+    entries = [  # tag, type (3 SHORT, 4 LONG), value
+        (256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1),
+        (273, 4, 8 + 2 + 12 * 9 + 4), (277, 3, 1), (278, 4, height), (279, 4, width * height),
+    ]  # fmt: skip
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        packed = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, 1) + packed
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + bytes(width)
+
+
+def long_png(width: int, height: int) -> bytes:
+    """A real grayscale PNG of ``width`` x ``height`` (it compresses to almost nothing)."""
+    return encode(Image.new("L", (width, height), 90), "PNG")
+
+
+def sixteen_bit_png(side: int) -> bytes:
+    """A real ``side`` x ``side`` 16-bit grayscale PNG."""
+    return encode(Image.new("I;16", (side, side), 40000), "PNG")
+
+
+def jpeg_without_scan(width: int, height: int) -> bytes:
+    """A JPEG of ``width`` x ``height`` cut after its scan header, with an end marker appended:
+    libjpeg fills the missing pixels with grey and reports no error."""
+    jpeg = encode(Image.new("L", (width, height), 128), "JPEG", quality=10)
+    sos = jpeg.index(b"\xff\xda")
+    length = struct.unpack(">H", jpeg[sos + 2 : sos + 4])[0]
+    return jpeg[: sos + 2 + length] + b"\xff\xd9"

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from model import Embedding, ImageGeometry, ImageLoadError, load_image, render_explanation
+from model import Embedding, ImageGeometry, ImageLoadError, load_for_model, render_explanation
 from service.deps import MAX_ID, EngineDep, Read, within_deadline
 from service.engine import Engine
 from service.errors import ApiError
@@ -32,13 +32,15 @@ async def _side(
                        f"'{name}_id' (a gallery id)")  # fmt: skip
     if upload is not None:
         query = await run_in_threadpool(engine.decode, await upload.read(), upload.filename or name)
-        return (await engine.embed([query])), query.geometry, query.image
+        return (await engine.embed([query])), query.geometry, query.picture
     assert item_id is not None
     embedding, geometry, item = await run_in_threadpool(engine.stored, item_id)
     image = None
     if picture:
         try:
-            image = await run_in_threadpool(load_image, item.path or "")
+            spec = engine.config.preprocessing
+            stored = await run_in_threadpool(load_for_model, item.path or "", spec, max_aspect=None)
+            image = stored.picture
         except ImageLoadError as e:
             raise ApiError(404, "not_found", f"the image of gallery item {item_id} is no longer "
                            "available") from e  # fmt: skip
@@ -69,7 +71,8 @@ async def _explain_sides(
     if format == "png":
         assert a[2] is not None
         assert b[2] is not None
-        picture = await run_in_threadpool(render_explanation, a[2], b[2], explanation, top)
+        heights = (a[1].height, b[1].height)
+        picture = await run_in_threadpool(render_explanation, a[2], b[2], explanation, top, heights)
         buffer = io.BytesIO()
         picture.save(buffer, "PNG")
         return Response(buffer.getvalue(), media_type="image/png")

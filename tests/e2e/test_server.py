@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.hostile import header_bombs, long_png, sixteen_bit_png
 from tests.index_builder.helpers import make_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,5 +140,49 @@ def test_ready_reports_the_index(served: dict[str, Path], fresh_index: Path) -> 
     try:
         ready = s.wait_ready()
         assert ready.json()["items"] == 12
+    finally:
+        s.stop()
+
+
+def _memory_mb(pid: int) -> dict[str, float]:
+    """Resident (VmRSS) and peak resident (VmHWM) memory of a process, from /proc (MB)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in lines if line.startswith(("VmRSS", "VmHWM")))
+    return {k: int(v.split()[0]) / 1024 for k, v in fields.items()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads memory from /proc")
+def test_concurrent_hostile_uploads_stay_within_the_decoding_budget(
+    served: dict[str, Path], fresh_index: Path
+) -> None:
+    # 24 uploads at once, each under 200 KB and each 72-144 MB once decoded: 16-bit 6000 x 6000
+    # PNGs, 1:19 PNGs inside the pixel limit, and BMP/TIFF headers that declare 6000 x 6000
+    # pixels they do not hold (Pillow allocates the image before finding the data short).
+    budget_mb = 160
+    s = Server(fresh_index, served["checkpoint"], DIML_DECODE_MEMORY_MB=str(budget_mb),
+               DIML_REQUEST_TIMEOUT_S="60")  # fmt: skip
+    try:
+        s.wait_ready()
+        files = [sixteen_bit_png(6_000), long_png(1_400, 26_600)]
+        files += [header_bombs(6_000, 6_000)[fmt] for fmt in ("BMP", "TIFF")]
+        warm = httpx.post(f"{s.url}/search", files={"image": ("q", files[0])}, timeout=60)
+        assert warm.status_code == 200
+        Path(f"/proc/{s.process.pid}/clear_refs").write_text("5")  # restart the peak
+        before = _memory_mb(s.process.pid)["VmRSS"]
+
+        def send(data: bytes) -> int:
+            response = httpx.post(f"{s.url}/search", files={"image": ("q", data)}, timeout=120)
+            return response.status_code
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(24) as pool:
+            statuses = list(pool.map(send, files * 6))
+        took = time.monotonic() - start
+        growth = _memory_mb(s.process.pid)["VmHWM"] - before
+        assert all(status < 500 or status == 503 for status in statuses), statuses
+        assert statuses.count(200) >= 6  # the real images were searched, not all refused
+        # The budget counts Pillow's decoded images; the rest (reduced copies, request
+        # bodies, torch's scratch for 24 queries) stays well under 150 MB.
+        assert growth < budget_mb + 150, f"+{growth:.0f} MB in {took:.1f} s"
     finally:
         s.stop()

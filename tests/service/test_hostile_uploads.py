@@ -1,0 +1,107 @@
+"""Hostile uploads through the HTTP API: each class of bad file gets its 4xx with the JSON
+error shape, never a 5xx; decoding memory is bounded across requests; a request past its
+deadline starts no more work."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.engine import DeadlineExceededError
+from service.limits import BudgetExhaustedError, MemoryBudget, deadline
+from tests.hostile import header_bombs, jpeg_without_scan, long_png, sixteen_bit_png
+from tests.service.conftest import png, settings_for
+
+EXPECTED = {
+    "too_many_pixels": 413,
+    "unsupported_aspect_ratio": 422,
+    "corrupt_image": 422,
+}
+
+
+def _search(client: TestClient, data: bytes) -> tuple[int, str]:
+    response = client.post("/search", files={"image": ("x", data)}, params={"k": 1})
+    assert response.headers["content-type"] == "application/json"
+    return response.status_code, response.json().get("error", {}).get("code", "")
+
+
+def test_every_class_of_hostile_file_gets_its_4xx(client: TestClient) -> None:
+    cases: dict[str, tuple[bytes, str]] = {}
+    for fmt, data in header_bombs(60_000, 60_000).items():
+        cases[f"{fmt} bomb"] = (data, "too_many_pixels")
+    for fmt, data in header_bombs(6_000, 6_000).items():
+        cases[f"{fmt} header without its pixels"] = (data, "corrupt_image")
+    for fmt, data in header_bombs(300, 9_000).items():
+        cases[f"{fmt} 1:30"] = (data, "unsupported_aspect_ratio")
+    cases["long PNG"] = (long_png(126, 316_000), "unsupported_aspect_ratio")
+    cases["JPEG with no scan data"] = (jpeg_without_scan(6_300, 6_300), "corrupt_image")
+    for name, (data, code) in cases.items():
+        status, answered = _search(client, data)
+        assert (status, answered) == (EXPECTED[code], code), name
+    assert _search(client, sixteen_bit_png(2_000))[0] == 200
+
+
+def test_memory_budget_bounds_what_is_held_at_once() -> None:
+    budget = MemoryBudget(100)
+    held, peak, lock = [0], [0], threading.Lock()
+
+    def work(size: int) -> None:
+        with budget.reserve(size, timeout=10):
+            with lock:
+                held[0] += min(size, 100)
+                peak[0] = max(peak[0], held[0])
+            time.sleep(0.02)
+            with lock:
+                held[0] -= min(size, 100)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in [40, 70, 30, 250, 60] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 0 < peak[0] <= 100
+    assert budget.used == 0
+    with (
+        budget.reserve(100, timeout=1),
+        pytest.raises(BudgetExhaustedError),
+        budget.reserve(1, timeout=0.05),
+    ):
+        pass
+
+
+def test_a_full_decoding_budget_answers_503_not_out_of_memory(served: dict[str, Path]) -> None:
+    app = create_app(settings_for(served, decode_memory_mb=8, request_timeout_s=0.5),
+                     load_in_background=False)  # fmt: skip
+    with TestClient(app) as client:
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        with engine.decode_budget.reserve(8 * 2**20, timeout=1):  # another decode holds it all
+            response = client.post("/search", files={"image": ("q.png", png())})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] in ("overloaded", "deadline_exceeded")
+        assert client.post("/search", files={"image": ("q.png", png())}).status_code == 200
+
+
+def test_past_the_deadline_no_decode_or_embed_is_started(client: TestClient) -> None:
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    submitted: list[object] = []
+    original = engine.batcher.submit
+
+    def recording(pixels: object) -> object:
+        submitted.append(pixels)
+        return original(pixels)
+
+    engine.batcher.submit = recording
+    query = engine.decode(png())
+    with deadline(-1.0):  # this request is already late
+        with pytest.raises(DeadlineExceededError):
+            engine.decode(png())
+        with pytest.raises(DeadlineExceededError):
+            asyncio.run(engine.embed([query]))
+    assert submitted == []
+    engine.decode(png())  # the deadline ended with its block
