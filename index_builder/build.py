@@ -349,6 +349,19 @@ def _finish(
     (work / BUILD_INFO).unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """An image decoded and embedded, ready to add: its source, bytes' sha256, original size,
+    global vector (D,) float32 and part grid (R, D)."""
+
+    source: Source
+    sha256: str
+    width: int
+    height: int
+    vector: np.ndarray
+    grid: np.ndarray
+
+
 def add_images(
     index: GalleryIndex,
     sources: Sequence[Source],
@@ -360,39 +373,55 @@ def add_images(
     """Decode, embed and add ``sources`` to ``index`` (opened for writing) in one all-or-nothing
     step; unreadable files, non-images and bytes already in the index are skipped and reported."""
     started = time.perf_counter()
-    fp = fingerprint(embedder.model)
+    check_fingerprint(index, fingerprint(embedder.model))
+    skipped: list[dict[str, str]] = []
+    embedded: list[Embedded] = []
+    for records, vecs, grds in embed_sources(sources, embedder, batch_size, workers, max_bytes):
+        row = 0
+        for record in records:
+            source = sources[record["index"]]
+            if record["pixels"] is None:
+                skipped.append({"path": str(source.path), "reason": record["reason"]})
+                continue
+            width, height = record["size"]
+            embedded.append(Embedded(source, record["sha256"], width, height, vecs[row], grds[row]))
+            row += 1
+    report = add_embedded(index, embedded)
+    report.skipped = skipped + report.skipped
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def check_fingerprint(index: GalleryIndex, fp: str) -> None:
+    """Refuse embeddings of another model than the one that built ``index``."""
     if fp != index.manifest.fingerprint:
         raise FingerprintMismatchError(
             f"the index was built by model {index.manifest.fingerprint[:16]}, not by the model "
             f"loaded here ({fp[:16]}); pass the checkpoint the index was built with"
         )
+
+
+def add_embedded(index: GalleryIndex, embedded: Sequence[Embedded]) -> Report:
+    """Add embedded images to ``index`` in one all-or-nothing step (the only part of an add that
+    needs the index to itself). Bytes already in the index, or earlier in ``embedded``, are
+    skipped and reported; ``Report.ids`` are the new items' ids in order."""
     report = Report()
-    known: dict[str, str] = {}
-    items, vectors, grids = [], [], []
-    for records, vecs, grds in embed_sources(sources, embedder, batch_size, workers, max_bytes):
-        ok = [r for r in records if r["pixels"] is not None]
-        known.update(index.table.keys_by_sha256(r["sha256"] for r in ok))
-        row = 0
-        for record in records:
-            source = sources[record["index"]]
-            if record["pixels"] is None:
-                report.skipped.append({"path": str(source.path), "reason": record["reason"]})
-                continue
-            sha = record["sha256"]
-            if sha in known:
-                reason = f"duplicate bytes of {known[sha]}"
-                report.skipped.append({"path": str(source.path), "reason": reason})
-            else:
-                known[sha] = source.key
-                items.append(
-                    NewItem(source.key, str(source.path), source.label, sha, *record["size"])
-                )
-                vectors.append(vecs[row])
-                grids.append(grds[row])
-            row += 1
-    if items:
-        report.ids = index.add(items, np.stack(vectors), np.stack(grids))
-    report.indexed = len(items)
+    known = index.table.keys_by_sha256(e.sha256 for e in embedded)
+    fresh: list[Embedded] = []
+    for e in embedded:
+        if e.sha256 in known:
+            reason = f"duplicate bytes of {known[e.sha256]}"
+            report.skipped.append({"path": str(e.source.path), "reason": reason})
+            continue
+        known[e.sha256] = e.source.key
+        fresh.append(e)
+    if fresh:
+        items = [
+            NewItem(e.source.key, str(e.source.path), e.source.label, e.sha256, e.width, e.height)
+            for e in fresh
+        ]
+        vectors = np.stack([e.vector for e in fresh]).astype(np.float32, copy=False)
+        report.ids = index.add(items, vectors, np.stack([e.grid for e in fresh]))
+    report.indexed = len(fresh)
     report.count = index.count
-    report.seconds = time.perf_counter() - started
     return report

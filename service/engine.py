@@ -15,17 +15,19 @@ import functools
 import hashlib
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
-from index_builder import GalleryIndex, IndexBusyError, Item, Source, add_images
+from index_builder import GalleryIndex, IndexBusyError, Item, Source
+from index_builder.build import Embedded, add_embedded
 from index_builder.device_search import DeviceSearch
 from index_builder.files import write_atomic, writer_lock
 from model import (
@@ -51,6 +53,7 @@ from service.metrics import StageTimer
 from service.settings import ALLOWED_FORMATS, Settings
 
 log = logging.getLogger(__name__)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 IMAGE_ERRORS = {
     "not_image": (415, "unsupported_media_type"),
@@ -177,6 +180,7 @@ class Engine:
         self.index = GalleryIndex.open(settings.index, self.fingerprint, writable=self.writable)
         if self.writable:
             self.index.recover()
+            self._sweep_uploads()
         use_device = settings.device_search
         if use_device is None:
             use_device = device.type == "cuda"
@@ -350,36 +354,80 @@ class Engine:
 
     # -- gallery changes -----------------------------------------------------------------------
 
-    def add(self, uploads: list[tuple[str, bytes]], key: str | None, label: str | None) -> Any:
-        """Keep each upload's bytes under ``uploads/<sha256>`` and add them in one step."""
+    async def add(
+        self, uploads: list[tuple[str, bytes]], key: str | None, label: str | None
+    ) -> tuple[list[Item], list[dict[str, str]], int]:
+        """Add uploads to the gallery: all or nothing. Returns (added items, skipped, count).
+
+        Every upload is decoded once, then embedded through the shared batcher, a batch at a
+        time, so searches keep their turn; the index lock is taken only to commit. One upload
+        that is not a usable image refuses the whole request (its ApiError names it) and
+        nothing is written; bytes already in the gallery (or repeated) are skipped and listed.
+        """
         if not self.writable:
             raise ApiError(503, "read_only", "this server cannot change the gallery now")
+        embedded: list[tuple[ModelInput, np.ndarray, np.ndarray]] = []
+        step = self.settings.max_batch_images
+        for start in range(0, len(uploads), step):
+            chunk = uploads[start : start + step]
+            inputs = [await run_in_threadpool(self.decode, data, name) for name, data in chunk]
+            embedding = await self.embed(inputs)
+            vectors, grids = embedding.vector.numpy(), embedding.parts.half().numpy()
+            embedded += zip(inputs, vectors, grids, strict=True)
+        return await run_in_threadpool(self._commit, uploads, embedded, key, label)
+
+    def _commit(
+        self,
+        uploads: list[tuple[str, bytes]],
+        embedded: list[tuple[ModelInput, np.ndarray, np.ndarray]],
+        key: str | None,
+        label: str | None,
+    ) -> tuple[list[Item], list[dict[str, str]], int]:
+        """Keep each new upload's bytes under ``uploads/<sha256>`` and add them in one step; the
+        files this call wrote are deleted again when the add fails or skips them."""
         folder = self.settings.uploads_dir
         folder.mkdir(parents=True, exist_ok=True)
-        sources, early = [], []
-        for i, (filename, data) in enumerate(uploads):
-            try:
-                self.decode(data, filename)
-            except ApiError as e:
-                reason = e.message.removeprefix(f"{filename}: ")
-                early.append({"filename": filename, "reason": reason})
-                continue
-            path = folder / hashlib.sha256(data).hexdigest()
-            if not path.exists():
-                write_atomic(path, data)
-            item_key = key if key and len(uploads) == 1 else (f"{key}-{i}" if key else filename)
-            sources.append(Source(path, item_key, label))
+        shas = [hashlib.sha256(data).hexdigest() for _, data in uploads]
+        ready, written = [], []
         with self.lock:
-            report = add_images(self.index, sources, self.embedder) if sources else None
-            if report is not None and self.device_search is not None:
+            known = self.index.table.keys_by_sha256(shas)  # skipped by the add: no file
+            try:
+                for i, ((name, data), sha, (decoded, vector, grid)) in enumerate(
+                    zip(uploads, shas, embedded, strict=True)
+                ):
+                    path = folder / sha
+                    if sha not in known and not path.exists():
+                        write_atomic(path, data)
+                        written.append(path)
+                    item_key = key if key and len(uploads) == 1 else (f"{key}-{i}" if key else name)
+                    size = decoded.geometry.width, decoded.geometry.height
+                    ready.append(Embedded(Source(path, item_key, label), sha, *size, vector, grid))
+                report = add_embedded(self.index, ready)
+            except BaseException:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                raise
+            if self.device_search is not None:
                 self.device_search.add(report.ids)
-            added = self.index.items(report.ids) if report else {}
+            added = self.index.items(report.ids)
             count = self.index.count
-        skipped = early + [
-            {"filename": Path(s["path"]).name, "reason": s["reason"]}
-            for s in (report.skipped if report else [])
-        ]
-        return [added[i] for i in sorted(added)], skipped, count
+        names = {str(folder / sha): name for (name, _), sha in zip(uploads, shas, strict=True)}
+        skipped = [{"filename": names.get(s["path"], ""), "reason": s["reason"]}
+                   for s in report.skipped]  # fmt: skip
+        return [added[i] for i in report.ids], skipped, count
+
+    def _sweep_uploads(self) -> None:
+        """Delete files under ``uploads/`` that no live item holds: an add killed between
+        writing its files and committing, or items removed since."""
+        folder = self.settings.uploads_dir
+        if not folder.is_dir():
+            return
+        files = [f for f in folder.iterdir() if f.is_file() and _SHA256.fullmatch(f.name)]
+        live = self.index.table.keys_by_sha256(f.name for f in files)
+        for f in files:  # only files this service wrote: named by the sha256 of their bytes
+            if f.name not in live and hashlib.sha256(f.read_bytes()).hexdigest() == f.name:
+                log.info("removing %s: no gallery item holds it", f)
+                f.unlink(missing_ok=True)
 
     def remove(self, item_id: int) -> int:
         if not self.writable:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -81,15 +81,21 @@ def get_image(item_id: ItemId, engine: EngineDep) -> FileResponse:
 @router.post("", response_model=AddResponse, status_code=201, dependencies=[Write])
 async def add_items(
     engine: EngineDep,
+    response: Response,
     images: Annotated[list[UploadFile], File(description="images to add")],
     key: Annotated[str | None, Form(max_length=512, description="external key")] = None,
     label: Annotated[str | None, Form(max_length=512, description="label for all")] = None,
 ) -> dict[str, Any]:
-    """Add images (all or nothing); bytes already in the gallery are skipped, with the reason."""
+    """Add images, all or nothing: one upload that is not a usable image refuses the request
+    (its 413/415/422 names it) and nothing is added. Bytes already in the gallery, or repeated
+    in the request, are skipped and listed with the reason. 201 when something was added, 200
+    when every image was already there."""
     if not images:
         raise ApiError(422, "invalid_request", "send at least one image")
     uploads = [(u.filename or f"image-{i}", await u.read()) for i, u in enumerate(images)]
-    added, skipped, count = await run_in_threadpool(engine.add, uploads, key, label)
+    added, skipped, count = await engine.add(uploads, key, label)
+    if not added:
+        response.status_code = 200
     return {"added": [_out(i) for i in added], "skipped": skipped, "count": count}
 
 

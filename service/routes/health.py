@@ -15,14 +15,15 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> dict[str, Any]:
+async def healthz() -> dict[str, Any]:
     """The process is up (it may still be loading)."""
     return {"status": "alive"}
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": ErrorBody}})
-def readyz(request: Request) -> Any:
-    """200 once the model and index are loaded and a canary search passed; 503 before."""
+async def readyz(request: Request) -> Any:
+    """200 once the model and index are loaded and a canary search passed; 503 before.
+    Answered on the event loop, never behind work in the thread pool."""
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         failure = getattr(request.app.state, "load_error", None)

@@ -7,15 +7,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
-from tests.hostile import header_bombs, long_png, sixteen_bit_png
+from tests.hostile import encode, header_bombs, long_png, sixteen_bit_png
 from tests.index_builder.helpers import make_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,5 +187,49 @@ def test_concurrent_hostile_uploads_stay_within_the_decoding_budget(
         # The budget counts Pillow's decoded images; the rest (reduced copies, request
         # bodies, torch's scratch for 24 queries) stays well under 150 MB.
         assert growth < budget_mb + 150, f"+{growth:.0f} MB in {took:.1f} s"
+    finally:
+        s.stop()
+
+
+def test_a_large_add_does_not_block_searches_or_health(
+    served: dict[str, Path], fresh_index: Path
+) -> None:
+    rng = np.random.default_rng(5)
+    uploads = []
+    for i in range(150):
+        noise = rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)
+        uploads.append(("images", (f"n{i}.jpg", encode(Image.fromarray(noise), "JPEG"))))
+    query = sorted(served["gallery"].rglob("*.png"))[2].read_bytes()
+    s = Server(fresh_index, served["checkpoint"], DIML_MAX_UPLOAD_BYTES=str(100 * 2**20))
+    try:
+        s.wait_ready()
+        result: dict[str, object] = {}
+
+        def add() -> None:
+            start = time.monotonic()
+            response = httpx.post(f"{s.url}/gallery", files=uploads, timeout=300)
+            result["status"], result["seconds"] = response.status_code, time.monotonic() - start
+
+        adding = threading.Thread(target=add)
+        adding.start()
+        health, searches, reads = [], [], []
+        time.sleep(0.2)  # the add is on its way
+        while adding.is_alive():
+            for path, times in (("/healthz", health), ("/readyz", health), ("/gallery/1", reads)):
+                start = time.monotonic()
+                assert httpx.get(f"{s.url}{path}", timeout=30).status_code == 200
+                times.append(time.monotonic() - start)
+            start = time.monotonic()
+            found = httpx.post(f"{s.url}/search", files={"image": ("q.png", query)}, timeout=30)
+            assert found.status_code == 200
+            searches.append(time.monotonic() - start)
+        adding.join()
+        assert result["status"] == 201
+        seconds = float(result["seconds"])  # type: ignore[arg-type]
+        assert len(searches) >= 3, f"{len(searches)} searches during a {seconds:.1f} s add"
+        assert max(health) < 1.0, health
+        assert max(reads) < 1.0, reads
+        assert max(searches) < max(1.0, seconds / 3), (searches, seconds)
+        assert httpx.get(f"{s.url}/readyz", timeout=10).json()["items"] == 162
     finally:
         s.stop()

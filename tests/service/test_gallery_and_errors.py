@@ -31,16 +31,25 @@ def test_add_search_delete_and_restart(
     with _client(served, fresh_index, device_search=device_search) as client:
         files = [("images", (p.name, p.read_bytes())) for p in new]
         files.append(("images", ("dup.png", new[0].read_bytes())))
-        files.append(("images", ("notes.txt", b"hello")))
+        # All or nothing: one upload that is not an image refuses the request, naming it.
+        refused = client.post("/gallery", files=[*files, ("images", ("notes.txt", b"hello"))])
+        assert refused.status_code == 415
+        assert refused.json()["error"]["message"].startswith("notes.txt: not a readable image")
+        assert client.get("/gallery").json()["total"] == 12
+        assert not list((fresh_index / "uploads").glob("*"))  # no file left behind
         added = client.post("/gallery", files=files, data={"label": "new"})
         assert added.status_code == 201, added.text
         body = added.json()
         assert [a["id"] for a in body["added"]] == [12, 13]
         assert body["added"][0]["label"] == "new"
         assert body["count"] == 14
-        reasons = {s["filename"]: s["reason"] for s in body["skipped"]}
-        assert reasons["notes.txt"].startswith("not a readable image")
-        assert "duplicate bytes" in next(r for f, r in reasons.items() if f != "notes.txt")
+        assert body["skipped"] == [
+            {"filename": "dup.png", "reason": f"duplicate bytes of {new[0].name}"}
+        ]
+        again = client.post("/gallery", files=files[:1])  # nothing new: 200, not 201
+        assert again.status_code == 200
+        assert again.json()["added"] == []
+        assert again.json()["skipped"][0]["reason"].startswith("duplicate bytes")
         query = {"image": ("q.png", new[1].read_bytes())}
         assert client.post("/search", files=query, params={"k": 1}).json()["results"][0]["id"] == 13
         assert client.get("/gallery/13/image").content == new[1].read_bytes()
