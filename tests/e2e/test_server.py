@@ -233,3 +233,31 @@ def test_a_large_add_does_not_block_searches_or_health(
         assert httpx.get(f"{s.url}/readyz", timeout=10).json()["items"] == 162
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize(("point", "count"), [("add:segment-written", 12), ("add:committed", 14)])
+def test_kill_9_during_an_http_add_keeps_the_old_or_the_new_gallery(
+    served: dict[str, Path], fresh_index: Path, tmp_path: Path, point: str, count: int
+) -> None:
+    new = make_images(tmp_path / "new", 2, seed=31)
+    files = [("images", (p.name, p.read_bytes())) for p in new]
+    s = Server(fresh_index, served["checkpoint"], DIML_TEST_CRASH_AT=point)
+    try:
+        s.wait_ready()
+        with pytest.raises(httpx.TransportError):  # the server dies mid-request
+            httpx.post(f"{s.url}/gallery", files=files, timeout=60)
+        assert s.process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        s.stop()
+    again = Server(fresh_index, served["checkpoint"])
+    try:
+        assert again.wait_ready().json()["items"] == count
+        uploads = sorted(p.name for p in (fresh_index / "uploads").iterdir())
+        kept = [httpx.get(f"{again.url}/gallery/{i}", timeout=10).json()["sha256"]
+                for i in range(12, count)]  # fmt: skip
+        assert uploads == sorted(kept)  # the killed add's files went with it, or stayed with it
+        retried = httpx.post(f"{again.url}/gallery", files=files, timeout=60)
+        assert retried.status_code == (201 if count == 12 else 200)
+        assert retried.json()["count"] == 14
+    finally:
+        again.stop()
