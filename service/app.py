@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from index_builder import build_index, has_index, scan_folder
 from model import Embedder, EmbeddingNet, load_model
 from service import errors
+from service.auth import AuthBeforeBody
 from service.engine import Engine
 from service.limits import BodySizeLimit, return_freed_images_to_the_system
 from service.metrics import Metrics, method_label
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
         return response
 
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(AuthBeforeBody, settings=settings)
     return app
 
 

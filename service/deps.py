@@ -1,14 +1,15 @@
-"""Request dependencies: the loaded engine, API-key scopes, stage timing."""
+"""Request dependencies: the loaded engine, API-key scopes (from :mod:`service.auth`), stage
+timing, the request deadline."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Path, Request
 
+from service.auth import Read, Write
 from service.engine import DeadlineExceededError, Engine
 from service.errors import ApiError
 from service.limits import deadline
@@ -29,49 +30,6 @@ def get_engine(request: Request) -> Engine:
 def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
-
-
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
-
-
-def _matches(key: str | None, allowed: list[str]) -> bool:
-    """Constant-time comparison against every allowed key (no early exit on a match)."""
-    if key is None:
-        return False
-    found = False
-    for candidate in allowed:
-        found |= hmac.compare_digest(key.encode(), candidate.encode())
-    return found
-
-
-def require_read(request: Request) -> None:
-    settings = get_app_settings(request)
-    if not settings.read_keys:
-        return
-    key = _presented_key(request)
-    if key is None:
-        raise ApiError(401, "unauthorized", "this server needs an API key: send "
-                       "'Authorization: Bearer <key>' or 'X-API-Key: <key>'")  # fmt: skip
-    if not _matches(key, settings.read_keys + settings.write_keys):
-        raise ApiError(403, "forbidden", "this API key is not valid here")
-
-
-def require_write(request: Request) -> None:
-    settings = get_app_settings(request)
-    if not settings.auth_enabled:
-        return
-    if not settings.write_keys:
-        raise ApiError(403, "forbidden", "gallery changes are disabled: no write key is set")
-    key = _presented_key(request)
-    if key is None:
-        raise ApiError(401, "unauthorized", "gallery changes need a write API key: send "
-                       "'Authorization: Bearer <key>' or 'X-API-Key: <key>'")  # fmt: skip
-    if not _matches(key, settings.write_keys):
-        raise ApiError(403, "forbidden", "this API key may not change the gallery")
 
 
 async def within_deadline(engine: Engine, work: Coroutine[Any, Any, T]) -> T:
@@ -99,5 +57,5 @@ MAX_ID = 2**63 - 1
 ItemId = Annotated[int, Path(ge=0, le=MAX_ID, description="a gallery item's id")]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 TimerDep = Annotated[StageTimer, Depends(get_timer)]
-Read = Depends(require_read)
-Write = Depends(require_write)
+
+__all__ = ["MAX_ID", "EngineDep", "ItemId", "Read", "TimerDep", "Write", "within_deadline"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -43,7 +43,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline")
     read_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     write_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    allow_writes: bool = True
+    allow_writes: bool = Field(True, description="open the index for writing (else read-only)")
+    anonymous_writes: Literal["off", "loopback", "any"] = Field(
+        "off", description="gallery changes without a write key (only when no write key is "
+        "set): off, from loopback clients only, or from anyone")  # fmt: skip
+    protect_metrics: bool = Field(False, description="/metrics needs a read key")
     uploads: Path | None = Field(None, description="where added images are kept "
                                  "(default: INDEX/uploads)")  # fmt: skip
 
@@ -55,10 +59,6 @@ class Settings(BaseSettings):
     @property
     def uploads_dir(self) -> Path:
         return self.uploads or self.index / "uploads"
-
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.read_keys or self.write_keys)
 
 
 @lru_cache

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.auth import MetricsRead
 from service.errors import error_response
 from service.schemas import ErrorBody, Health
 
@@ -44,9 +45,9 @@ async def readyz(request: Request) -> Any:
     )
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[MetricsRead])
 def metrics(request: Request) -> Response:
-    """Prometheus text format."""
+    """Prometheus text format; needs a read key when DIML_PROTECT_METRICS is set."""
     return Response(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
     )

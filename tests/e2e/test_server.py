@@ -38,6 +38,7 @@ class Server:
             **os.environ,
             "PYTHONPATH": str(REPO),
             "DIML_MAX_UPLOAD_BYTES": "200000",
+            "DIML_ANONYMOUS_WRITES": "loopback",
             **env,
         }
         self.process = subprocess.Popen(
@@ -261,3 +262,30 @@ def test_kill_9_during_an_http_add_keeps_the_old_or_the_new_gallery(
         assert retried.json()["count"] == 14
     finally:
         again.stop()
+
+
+def test_the_key_is_checked_before_the_body_is_read(
+    served: dict[str, Path], fresh_index: Path
+) -> None:
+    # A client without a key declares a 19 MB upload and sends none of it: the refusal must
+    # come from the headers alone, at once, not after waiting for (or reading) the body.
+    s = Server(fresh_index, served["checkpoint"], DIML_WRITE_KEYS="w", DIML_READ_KEYS="r",
+               DIML_MAX_UPLOAD_BYTES=str(20 * 2**20))  # fmt: skip
+    try:
+        s.wait_ready()
+        for method, path, status in (("POST", "/gallery", 401), ("POST", "/search", 401),
+                                     ("DELETE", "/gallery/1", 401)):  # fmt: skip
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as conn:
+                conn.sendall(
+                    f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 19000000\r\n"
+                    "Content-Type: multipart/form-data; boundary=b\r\n\r\n".encode()
+                )
+                start = time.monotonic()
+                answer = ""
+                while not answer.endswith("}}"):  # the headers, then the JSON body
+                    answer += conn.recv(4096).decode(errors="replace")
+                assert answer.startswith(f"HTTP/1.1 {status}"), answer
+                assert time.monotonic() - start < 2
+                assert '"unauthorized"' in answer
+    finally:
+        s.stop()

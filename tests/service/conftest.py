@@ -39,12 +39,14 @@ def fresh_index(served: dict[str, Path], tmp_path: Path) -> Path:
 
 
 def settings_for(served: dict[str, Path], index: Path | None = None, **extra: object) -> Settings:
-    return Settings(
-        index=index or served["index"],
-        checkpoint=served["checkpoint"],
-        allow_writes=index is not None,
-        **extra,  # type: ignore[arg-type]
-    )
+    """Settings for a test app: writable (and open to anonymous writes) when given an index."""
+    values: dict[str, object] = {
+        "index": index or served["index"],
+        "checkpoint": served["checkpoint"],
+        "allow_writes": index is not None,
+        "anonymous_writes": "any" if index is not None else "off",
+    }
+    return Settings(**{**values, **extra})  # type: ignore[arg-type]
 
 
 @pytest.fixture

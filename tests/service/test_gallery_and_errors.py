@@ -75,8 +75,9 @@ def test_gallery_pages(client: TestClient) -> None:
     assert client.get("/gallery/77/image").status_code == 404
 
 
-def test_a_read_only_server_refuses_changes(client: TestClient) -> None:
-    response = client.delete("/gallery/1")
+def test_a_read_only_server_refuses_changes(served: dict[str, Path]) -> None:
+    with _client(served, anonymous_writes="any") as client:  # allowed, but not writable
+        response = client.delete("/gallery/1")
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "read_only"
 
@@ -197,9 +198,38 @@ def test_api_key_scopes(served: dict[str, Path], fresh_index: Path) -> None:
 def test_writes_are_refused_when_only_read_keys_exist(
     served: dict[str, Path], fresh_index: Path
 ) -> None:
-    with _client(served, fresh_index, read_keys=["r"]) as client:
+    with _client(served, fresh_index, read_keys=["r"], anonymous_writes="off") as client:
         response = client.delete("/gallery/1", headers={"x-api-key": "r"})
     assert response.status_code == 403
+
+
+def test_gallery_changes_need_a_write_key_by_default(
+    served: dict[str, Path], fresh_index: Path
+) -> None:
+    from service.settings import Settings
+
+    assert Settings().anonymous_writes == "off"
+    with _client(served, fresh_index, anonymous_writes="off") as client:
+        deleted = client.delete("/gallery/1")
+        added = client.post("/gallery", files={"images": ("a.png", png())})
+        assert client.post("/search", files={"image": ("q.png", png())}).status_code == 200
+        assert client.get("/gallery").json()["total"] == 12
+    for response in (deleted, added):
+        assert response.status_code == 403
+        assert "DIML_WRITE_KEYS" in response.json()["error"]["message"]
+    # Loopback-only anonymous writes: the test client is not a loopback address.
+    with _client(served, fresh_index, anonymous_writes="loopback") as client:
+        assert client.delete("/gallery/1").status_code == 403
+    # (tests/e2e/test_server.py adds and deletes from 127.0.0.1 with DIML_ANONYMOUS_WRITES=loopback)
+
+
+def test_metrics_can_require_the_read_key(served: dict[str, Path]) -> None:
+    with _client(served, read_keys=["r"], protect_metrics=True) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"x-api-key": "r"}).status_code == 200
+        assert client.get("/healthz").status_code == 200
+    with _client(served, read_keys=["r"]) as client:
+        assert client.get("/metrics").status_code == 200
 
 
 def test_metrics_count_requests_and_stages(client: TestClient) -> None:

@@ -1,0 +1,156 @@
+"""API keys: who may read, who may change the gallery, who may scrape metrics.
+
+Each route declares what it needs with a dependency (:data:`Read`, :data:`Write`,
+:data:`MetricsRead`); :class:`AuthBeforeBody` applies the same declaration before the body is
+read, so that no body is read for a client without the right key.
+
+Gallery changes need a write key. Without write keys they are refused unless the operator
+chose anonymous writes: ``loopback`` (from clients on this machine only) or ``any``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+from fastapi import Depends, Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ApiError, error_response
+from service.settings import Settings
+
+Need = Literal["read", "write", "metrics"]
+ASK_FOR_KEY = "send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+
+
+def authorize(
+    need: Need, settings: Settings, headers: Mapping[str, str], client: str | None
+) -> None:
+    """Raise 401/403 ApiError unless a request with ``headers`` from ``client`` may ``need``."""
+    if need == "metrics":
+        if not settings.protect_metrics:
+            return
+        need = "read"
+    key = _presented_key(headers)
+    if need == "read":
+        if not settings.read_keys:
+            return
+        if key is None:
+            raise ApiError(401, "unauthorized", f"this server needs an API key: {ASK_FOR_KEY}")
+        if not _matches(key, settings.read_keys + settings.write_keys):
+            raise ApiError(403, "forbidden", "this API key is not valid here")
+        return
+    if settings.write_keys:
+        if key is None:
+            raise ApiError(401, "unauthorized", f"gallery changes need a write key: {ASK_FOR_KEY}")
+        if not _matches(key, settings.write_keys):
+            raise ApiError(403, "forbidden", "this API key may not change the gallery")
+        return
+    mode = settings.anonymous_writes
+    if mode == "any" or (mode == "loopback" and _is_loopback(client)):
+        return
+    where = " from this machine" if mode == "loopback" else ""
+    raise ApiError(403, "forbidden", f"gallery changes need a write key{where}: the operator "
+                   "sets DIML_WRITE_KEYS (or DIML_ANONYMOUS_WRITES=loopback)")  # fmt: skip
+
+
+def _presented_key(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return headers.get("x-api-key")
+
+
+def _matches(key: str, allowed: list[str]) -> bool:
+    """Constant-time comparison against every allowed key (no early exit on a match)."""
+    found = False
+    for candidate in allowed:
+        found |= hmac.compare_digest(key.encode(), candidate.encode())
+    return found
+
+
+def _is_loopback(client: str | None) -> bool:
+    try:
+        return client is not None and ipaddress.ip_address(client).is_loopback
+    except ValueError:
+        return False
+
+
+def _gate(need: Need) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
+        client = request.client.host if request.client else None
+        authorize(need, request.app.state.settings, request.headers, client)
+
+    check.__name__ = f"require_{need}"
+    return check
+
+
+require_read, require_write, require_metrics = _gate("read"), _gate("write"), _gate("metrics")
+NEEDS: dict[Callable[[Request], None], Need] = {
+    require_read: "read", require_write: "write", require_metrics: "metrics",
+}  # fmt: skip
+Read, Write, MetricsRead = Depends(require_read), Depends(require_write), Depends(require_metrics)
+
+
+class _RefusedError(Exception):
+    pass
+
+
+class AuthBeforeBody:
+    """ASGI middleware: checks the keys a route's dependencies ask for when the app first asks
+    for the request's body, after routing and before a byte of the body is read (FastAPI
+    parses a form before it runs any dependency). A refusal is the usual JSON error, with
+    ``Connection: close``; requests that never read a body are left to the dependencies."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        checked = answered = False
+        refusal: ApiError | None = None
+
+        async def gated_receive() -> Message:
+            nonlocal checked, refusal
+            if not checked:
+                checked = True
+                client = scope.get("client")
+                try:
+                    for need in _needs(scope.get("route")):
+                        authorize(need, self.settings, Headers(scope=scope), client and client[0])
+                except ApiError as e:
+                    refusal = e
+                    raise _RefusedError from e
+            return await receive()
+
+        async def refuse() -> None:
+            nonlocal answered
+            if not answered and refusal is not None:
+                answered = True
+                e = refusal
+                response = error_response(e.status, e.code, e.message, {"Connection": "close"})
+                await response(scope, receive, send)
+
+        async def guarded_send(message: Message) -> None:
+            # The app may turn the interrupted read into an answer of its own (a 400 for a
+            # broken form): after a refusal, the refusal goes out instead.
+            if refusal is None:
+                await send(message)
+            else:
+                await refuse()
+
+        try:
+            await self.app(scope, gated_receive, guarded_send)
+        except _RefusedError:
+            await refuse()
+
+
+def _needs(route: object) -> list[Need]:
+    dependant = getattr(route, "dependant", None)
+    calls = [d.call for d in dependant.dependencies] if dependant is not None else []
+    return [NEEDS[c] for c in calls if c in NEEDS]
