@@ -19,7 +19,7 @@ from model import Embedder, EmbeddingNet, load_model
 from service import errors
 from service.auth import AuthBeforeBody
 from service.engine import Engine
-from service.limits import BodySizeLimit, return_freed_images_to_the_system
+from service.limits import BodyLimits, return_freed_images_to_the_system
 from service.metrics import Metrics, method_label
 from service.routes import explain, gallery, health, search
 from service.settings import Settings, get_settings
@@ -83,7 +83,12 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
         metrics.latency.labels(path, method).observe(time.perf_counter() - start)
         return response
 
-    app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimits,
+        limit=settings.max_upload_bytes,
+        total_s=settings.body_timeout_s,
+        idle_s=settings.body_idle_timeout_s,
+    )
     app.add_middleware(AuthBeforeBody, settings=settings)
     return app
 

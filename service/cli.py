@@ -65,8 +65,17 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         if value is not None
     }
-    app = create_app(Settings(**overrides))
-    uvicorn.run(app, host=args.host, port=args.port, server_header=False, log_level="info")
+    settings = Settings(**overrides)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        server_header=False,
+        log_level="info",
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_s,
+    )
     return 0
 
 

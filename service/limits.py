@@ -4,6 +4,7 @@ decoding images takes across all requests at once."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -86,20 +87,25 @@ class MemoryBudget:
                 self._changed.notify_all()
 
 
-class _TooLargeError(Exception):
-    pass
+class _BodyRefusedError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
-class BodySizeLimit:
-    """ASGI middleware: a body over ``limit`` bytes gets 413 with the JSON error shape.
+class BodyLimits:
+    """ASGI middleware: a request body may hold at most ``limit`` bytes and must arrive within
+    ``total_s`` seconds, with no pause longer than ``idle_s``.
 
-    A declared ``Content-Length`` over the limit is refused before reading anything; otherwise
-    the bytes are counted as they arrive, so a chunked upload is stopped at the limit rather
-    than buffered whole.
+    A declared ``Content-Length`` over the limit is refused before reading anything (413);
+    otherwise bytes are counted as they arrive, so a chunked upload is stopped at the limit
+    rather than buffered whole. A client that sends its body too slowly gets 408. Either
+    answer closes the connection. Once the body is complete, ``receive`` is left alone (the
+    app may wait on it for a disconnect).
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, total_s: float, idle_s: float) -> None:
+        self.app, self.limit, self.total_s, self.idle_s = app, limit, total_s, idle_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -108,57 +114,69 @@ class BodySizeLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
+            await _refuse(send, 413, "too_large", self._too_large())
             return
         received = 0
-        overflow = refused = False
+        complete = answered = False
+        refusal: _BodyRefusedError | None = None
+        give_up = time.monotonic() + self.total_s
 
-        async def counting_receive() -> Message:
-            nonlocal received, overflow
-            message = await receive()
+        async def limited_receive() -> Message:
+            nonlocal received, complete, refusal
+            if complete:
+                return await receive()
+            wait = min(self.idle_s, give_up - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
+            except TimeoutError:
+                refusal = _BodyRefusedError(408, "request_timeout", "the request body arrived "
+                    f"too slowly (allowed: {self.total_s:g} s in all, pauses under "
+                    f"{self.idle_s:g} s); retry on a faster connection")  # fmt: skip
+                raise refusal from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.limit:
-                    overflow = True
-                    raise _TooLargeError
+                    refusal = _BodyRefusedError(413, "too_large", self._too_large())
+                    raise refusal
+            else:
+                complete = True
             return message
+
+        async def answer_refusal() -> None:
+            nonlocal answered
+            if not answered and refusal is not None:
+                answered = True
+                await _refuse(send, refusal.status, refusal.code, refusal.message)
 
         async def guarded_send(message: Message) -> None:
             # The app may turn the interrupted read into an answer of its own (a 400 for a
-            # broken form): past the limit, the 413 goes out instead.
-            nonlocal refused
-            if not overflow:
+            # broken form): after a refusal, the refusal goes out instead.
+            if refusal is None:
                 await send(message)
-            elif not refused:
-                refused = True
-                await self._refuse(send)
+            else:
+                await answer_refusal()
 
         try:
-            await self.app(scope, counting_receive, guarded_send)
-        except _TooLargeError:
-            if not refused:
-                refused = True
-                await self._refuse(send)
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyRefusedError:
+            await answer_refusal()
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "code": "too_large",
-                    "message": f"the request body is over the limit of {self.limit:,} bytes; "
-                    "send a smaller image",
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    def _too_large(self) -> str:
+        return f"the request body is over the limit of {self.limit:,} bytes; send a smaller image"
+
+
+async def _refuse(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(2.0, ge=0, description="micro-batching wait for company")
     max_queue: int = Field(64, gt=0, description="images waiting for the backbone; past it 503")
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline")
+    body_timeout_s: float = Field(60.0, gt=0, description="time to send a request body")
+    body_idle_timeout_s: float = Field(10.0, gt=0, description="longest pause in a body")
+    max_connections: int = Field(256, gt=0, description="open connections and requests at "
+                                 "once; past it, 503")  # fmt: skip
+    keep_alive_s: int = Field(5, gt=0, description="idle time before a kept-alive connection "
+                              "is closed")  # fmt: skip
     read_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     write_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allow_writes: bool = Field(True, description="open the index for writing (else read-only)")

@@ -289,3 +289,50 @@ def test_the_key_is_checked_before_the_body_is_read(
                 assert '"unauthorized"' in answer
     finally:
         s.stop()
+
+
+def _half_sent_upload(port: int) -> socket.socket:
+    """A connection that sent its headers and the start of a 1 MB upload, then stalls."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn.sendall(
+        b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+    )
+    return conn
+
+
+def _answers(connections: list[socket.socket], within_s: float) -> list[str]:
+    """What the server sent on each connection until it closed it (all within ``within_s``)."""
+    start, answers = time.monotonic(), []
+    for conn in connections:
+        answer = b""
+        while chunk := conn.recv(4096):
+            answer += chunk
+        answers.append(answer.decode(errors="replace"))
+        conn.close()
+    assert time.monotonic() - start < within_s
+    return answers
+
+
+def test_slow_clients_are_timed_out_and_connections_are_bounded(
+    served: dict[str, Path], fresh_index: Path
+) -> None:
+    s = Server(fresh_index, served["checkpoint"], DIML_MAX_UPLOAD_BYTES="2000000",
+               DIML_BODY_IDLE_TIMEOUT_S="1", DIML_BODY_TIMEOUT_S="3",
+               DIML_MAX_CONNECTIONS="20")  # fmt: skip
+    query = {"image": ("q.png", sorted(served["gallery"].rglob("*.png"))[1].read_bytes())}
+    try:
+        s.wait_ready()
+        # Under the bound: stalled bodies get 408 after the idle timeout, others are served.
+        stalled = [_half_sent_upload(s.port) for _ in range(10)]
+        assert httpx.post(f"{s.url}/search", files=query, timeout=10).status_code == 200
+        answers = _answers(stalled, within_s=5)
+        assert all(a.startswith("HTTP/1.1 408") for a in answers), answers[0][:200]
+        assert '"request_timeout"' in answers[0]
+        # Over the bound: the requests past it are refused at once (503) and closed.
+        answers = _answers([_half_sent_upload(s.port) for _ in range(40)], within_s=5)
+        assert sum(a.startswith("HTTP/1.1 503") for a in answers) >= 20
+        assert all(a.startswith(("HTTP/1.1 503", "HTTP/1.1 408")) for a in answers)
+        assert httpx.post(f"{s.url}/search", files=query, timeout=10).status_code == 200
+    finally:
+        s.stop()
