@@ -52,6 +52,7 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from index_builder import has_index
     from service.app import create_app
     from service.settings import Settings
 
@@ -66,6 +67,14 @@ def run_serve(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = Settings(**overrides)
+    if settings.gallery is None and not has_index(settings.index):
+        print(
+            f"diml serve: no index at {settings.index}. Build one with `diml index build "
+            f"--images PHOTOS --out {settings.index}`, pass --gallery PHOTOS to index a folder "
+            "on the first start, or run `bash docker/entrypoint.sh` for the embedded gallery",
+            file=sys.stderr,
+        )
+        return 2
     app = create_app(settings)
     uvicorn.run(
         app,

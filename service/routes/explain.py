@@ -11,7 +11,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from model import Embedding, ImageGeometry, ImageLoadError, load_for_model, render_explanation
-from service.deps import MAX_ID, EngineDep, Read, within_deadline
+from service.deps import DIGITS, MAX_ID, EngineDep, Read, single_parts, within_deadline
 from service.engine import Engine
 from service.errors import ApiError
 from service.routes.search import ERRORS
@@ -20,7 +20,7 @@ from service.schemas import ExplanationOut
 router = APIRouter(tags=["explain"], dependencies=[Read])
 
 Format = Annotated[Literal["json", "png"], Query(description="json, or png for the picture")]
-Top = Annotated[int, Query(ge=0, le=256, description="strongest part matches to list")]
+Top = Annotated[int, Query(ge=0, le=256, description="strongest part matches to list"), DIGITS]
 Side = tuple[Embedding, ImageGeometry, Image.Image | None]
 
 
@@ -84,16 +84,21 @@ PNG: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/explain", response_model=ExplanationOut, responses={**ERRORS, **PNG})
+@router.post(
+    "/explain",
+    response_model=ExplanationOut,
+    responses={**ERRORS, **PNG},
+    dependencies=[single_parts("a", "b", "a_id", "b_id")],
+)
 async def explain_post(
     engine: EngineDep,
     a: Annotated[UploadFile | None, File(description="query image")] = None,
     a_id: Annotated[
-        int | None, Form(ge=0, le=MAX_ID, description="or a gallery id as the query")
+        int | None, Form(ge=0, le=MAX_ID, description="or a gallery id as the query"), DIGITS
     ] = None,
     b: Annotated[UploadFile | None, File(description="image to compare")] = None,
     b_id: Annotated[
-        int | None, Form(ge=0, le=MAX_ID, description="or a gallery id to compare")
+        int | None, Form(ge=0, le=MAX_ID, description="or a gallery id to compare"), DIGITS
     ] = None,
     format: Format = "json",
     top: Top = 5,
@@ -105,8 +110,8 @@ async def explain_post(
 @router.get("/explain", response_model=ExplanationOut, responses={**ERRORS, **PNG})
 async def explain_get(
     engine: EngineDep,
-    a_id: Annotated[int, Query(ge=0, le=MAX_ID, description="gallery id of the query")],
-    b_id: Annotated[int, Query(ge=0, le=MAX_ID, description="gallery id to compare")],
+    a_id: Annotated[int, Query(ge=0, le=MAX_ID, description="gallery id of the query"), DIGITS],
+    b_id: Annotated[int, Query(ge=0, le=MAX_ID, description="gallery id to compare"), DIGITS],
     format: Format = "json",
     top: Top = 5,
 ) -> Any:

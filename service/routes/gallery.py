@@ -10,7 +10,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from index_builder import Item
-from service.deps import MAX_ID, EngineDep, ItemId, Read, Write
+from service.deps import DIGITS, MAX_ID, EngineDep, ItemId, Read, Write, single_parts
 from service.errors import ApiError
 from service.routes.search import ERRORS
 from service.schemas import AddResponse, DeleteResponse, GalleryItemOut, GalleryPage
@@ -44,8 +44,8 @@ def _item(engine: Any, item_id: int) -> Item:
 @router.get("", response_model=GalleryPage, dependencies=[Read])
 def list_items(
     engine: EngineDep,
-    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID), DIGITS] = 0,
+    limit: Annotated[int, Query(ge=1, le=500), DIGITS] = 50,
 ) -> dict[str, Any]:
     """A page of gallery items in id order."""
     with engine.lock:
@@ -78,7 +78,12 @@ def get_image(item_id: ItemId, engine: EngineDep) -> FileResponse:
     return FileResponse(item.path or "", media_type=media)
 
 
-@router.post("", response_model=AddResponse, status_code=201, dependencies=[Write])
+@router.post(
+    "",
+    response_model=AddResponse,
+    status_code=201,
+    dependencies=[Write, single_parts("key", "label")],
+)
 async def add_items(
     engine: EngineDep,
     response: Response,

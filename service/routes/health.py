@@ -15,12 +15,14 @@ from service.schemas import ErrorBody, Health
 router = APIRouter(tags=["health"])
 
 
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", response_model=Health)
 async def healthz() -> dict[str, Any]:
     """The process is up (it may still be loading)."""
     return {"status": "alive"}
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get("/readyz", response_model=Health, responses={503: {"model": ErrorBody}})
 async def readyz(request: Request) -> Any:
     """200 once the model and index are loaded and a canary search passed; 503 before.

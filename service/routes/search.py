@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import EngineDep, ItemId, Read, TimerDep, within_deadline
+from service.deps import DIGITS, EngineDep, ItemId, Read, TimerDep, single_parts, within_deadline
 from service.engine import Engine, SearchOptions
 from service.errors import ApiError
 from service.metrics import StageTimer
@@ -18,12 +18,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 403, 404, 413, 415, 422, 503)
 }
 
-K = Annotated[int, Query(ge=1, le=1000, description="results to return")]
+K = Annotated[int, Query(ge=1, le=1000, description="results to return"), DIGITS]
 RerankK = Annotated[
-    int, Query(ge=0, le=1000, description="candidates re-ranked by structural matching; 0 = none")
+    int,
+    Query(ge=0, le=1000, description="candidates re-ranked by structural matching; 0 = none"),
+    DIGITS,
 ]
 Explain = Annotated[bool, Query(description="attach an explanation to every result")]
-Matches = Annotated[int, Query(ge=0, le=256, description="strongest part matches per result")]
+Matches = Annotated[
+    int, Query(ge=0, le=256, description="strongest part matches per result"), DIGITS
+]
 
 
 def search_options(
@@ -53,7 +57,11 @@ async def _run(
 
 
 @router.post(
-    "/search", response_model=SearchResponse, response_model_exclude_none=True, responses=ERRORS
+    "/search",
+    response_model=SearchResponse,
+    response_model_exclude_unset=True,
+    responses=ERRORS,
+    dependencies=[single_parts("image")],
 )
 async def search(
     engine: EngineDep,
@@ -73,7 +81,7 @@ async def search(
 @router.post(
     "/search/batch",
     response_model=BatchSearchResponse,
-    response_model_exclude_none=True,
+    response_model_exclude_unset=True,
     responses=ERRORS,
 )
 async def search_batch(
@@ -95,7 +103,7 @@ async def search_batch(
 @router.post(
     "/search/by-id/{item_id}",
     response_model=SearchResponse,
-    response_model_exclude_none=True,
+    response_model_exclude_unset=True,
     responses=ERRORS,
 )
 async def search_by_id(
