@@ -103,3 +103,46 @@ def jpeg_without_scan(width: int, height: int) -> bytes:
     sos = jpeg.index(b"\xff\xda")
     length = struct.unpack(">H", jpeg[sos + 2 : sos + 4])[0]
     return jpeg[: sos + 2 + length] + b"\xff\xd9"
+
+
+def corpus() -> dict[str, bytes]:
+    """A hostile-upload corpus made here: header bombs of every accepted format, formats that
+    are not accepted, every Pillow mode, multi-frame files, truncations and byte flips."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    photo = Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
+    files: dict[str, bytes] = {}
+    for size in [(60_000, 60_000), (6_000, 6_000), (300, 9_000)]:
+        for fmt, data in header_bombs(*size).items():
+            files[f"{fmt} declaring {size[0]}x{size[1]}"] = data
+    for fmt in ("ICO", "TGA", "PCX", "PPM", "SGI", "IM", "EPS"):
+        try:
+            files[f"{fmt} (not accepted)"] = encode(photo, fmt)
+        except (OSError, KeyError):  # a writer this Pillow lacks
+            continue
+    files["DDS header (not accepted)"] = dds_header()
+    modes = {
+        "1": "PNG", "L": "PNG", "LA": "PNG", "P": "PNG", "I;16": "PNG", "I": "TIFF", "F": "TIFF",
+        "CMYK": "JPEG", "YCbCr": "JPEG", "RGBA": "WEBP", "RGB": "BMP",
+    }  # fmt: skip
+    for mode, fmt in modes.items():
+        files[f"{mode} {fmt}"] = encode(photo.convert(mode), fmt)
+    transparent = photo.convert("P")
+    files["P with transparency GIF"] = encode(transparent, "GIF", transparency=0)
+    frames = [photo.rotate(angle) for angle in (0, 90, 180)]
+    for fmt in ("GIF", "WEBP", "TIFF"):
+        files[f"multi-frame {fmt}"] = encode(frames[0], fmt, save_all=True, append_images=frames)
+    files["16-bit 6000x6000 PNG"] = sixteen_bit_png(6_000)
+    files["1:19 PNG"] = long_png(1_400, 26_600)
+    files["1:2500 PNG"] = long_png(126, 316_000)
+    files["JPEG with no scan"] = jpeg_without_scan(6_300, 6_300)
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"):
+        data = encode(photo if fmt != "GIF" else photo.convert("P"), fmt)
+        for cut in (0.05, 0.5, 0.95):
+            files[f"{fmt} cut at {cut:.0%}"] = data[: int(len(data) * cut)]
+        flipped = bytearray(data)
+        for where in rng.integers(0, len(data), 6):
+            flipped[where] ^= int(rng.integers(1, 255))
+        files[f"{fmt} with flipped bytes"] = bytes(flipped)
+    return files

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.hostile import encode, header_bombs, long_png, sixteen_bit_png
+from tests.hostile import corpus, encode, header_bombs, long_png, sixteen_bit_png
 from tests.index_builder.helpers import make_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -336,3 +336,35 @@ def test_slow_clients_are_timed_out_and_connections_are_bounded(
         assert httpx.post(f"{s.url}/search", files=query, timeout=10).status_code == 200
     finally:
         s.stop()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads memory from /proc")
+def test_the_hostile_corpus_against_a_real_server(
+    served: dict[str, Path], fresh_index: Path
+) -> None:
+    files = corpus()
+    s = Server(fresh_index, served["checkpoint"], DIML_DECODE_MEMORY_MB="256")
+    try:
+        s.wait_ready()
+        Path(f"/proc/{s.process.pid}/clear_refs").write_text("5")
+        before = _memory_mb(s.process.pid)["VmRSS"]
+        slow, statuses = [], {}
+        with httpx.Client(base_url=s.url, timeout=30) as client:
+            for name, data in files.items():
+                start = time.monotonic()
+                response = client.post("/search", files={"image": ("f", data)}, params={"k": 3})
+                took = time.monotonic() - start
+                statuses[name] = response.status_code
+                assert response.status_code < 500, (name, response.text)
+                assert response.status_code in (200, 413, 415, 422), (name, response.text)
+                assert "error" in response.json() or response.status_code == 200
+                if took > 2.0:
+                    slow.append(f"{name}: {took:.1f} s")
+        growth = _memory_mb(s.process.pid)["VmHWM"] - before
+    finally:
+        s.stop()
+    assert slow == []
+    assert growth < 256 + 100, f"+{growth:.0f} MB over {len(files)} files"
+    assert statuses["JPEG declaring 60000x60000"] == 413
+    assert statuses["DDS header (not accepted)"] == 415
+    assert statuses["RGBA WEBP"] == 200
