@@ -121,7 +121,7 @@ def create_model(
 
 # The default model's weight of the structural term in the score, chosen on CUB-200-2011 classes
 # 1-20 (never the test classes 21-30) by `diml calibrate --data CUB --classes 1-20`: every weight
-# above 0 lowers both Recall@1 and MAP@R there (82.60 and 35.61 at 0; 81.08 and 33.57 at the
+# above 0 lowers both Recall@1 and MAP@R there (82.69 and 35.60 at 0; 81.17 and 33.57 at the
 # published 1), so the training-free model ranks by its global vector; its explanations still
 # show the flow and each part's contribution to the structural similarity.
 DEFAULT_STRUCTURAL_WEIGHT = 0.0
