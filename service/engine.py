@@ -259,9 +259,15 @@ class Engine:
         timer: StageTimer,
     ) -> list[list[dict[str, Any]]]:
         """B queries -> B lists of up to k hits: coarse search by the global vector, the top
-        ``rerank_k`` re-ranked by score = global + weight x structural, the rest in global order."""
+        ``rerank_k`` re-ranked by score = global + weight x structural, the rest in global order.
+
+        With weight 0 (the training-free default model) re-ranking cannot change the order, so
+        only the k hits returned are matched (for their explanations), not all rerank_k.
+        """
+        reorders = self.config.matching.structural_weight != 0
+        depth = max(options.k, options.rerank_k) if reorders else options.k
         with timer.stage("coarse_search"), self.lock:
-            _, ids = self._search(queries.vector.numpy(), max(options.k, options.rerank_k))
+            _, ids = self._search(queries.vector.numpy(), depth)
             valid = ids >= 0  # FAISS pads with -1 past the end
             if not valid.any():
                 return [[] for _ in range(len(queries))]

@@ -134,3 +134,26 @@ def test_device_search_gives_the_same_answers(served: dict[str, Path]) -> None:
             assert (c.app.state.engine.device_search is not None) == device_search  # type: ignore[attr-defined]
             answers.append([(h["id"], round(h["score"], 5)) for h in response.json()["results"]])
     assert answers[0] == answers[1]
+
+
+def test_a_model_with_weight_0_returns_the_global_order_with_explanations(
+    client: TestClient, served: dict[str, Path]
+) -> None:
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    query = {"image": ("q.png", _image(served, 6))}
+    params = {"k": 5, "rerank_k": 100}
+    weighted = client.post("/search", files=query, params=params).json()["results"]
+    published = engine.config
+    engine.config = published.with_structural_weight(0.0)
+    try:
+        plain = client.post("/search", files=query, params=params).json()["results"]
+    finally:
+        engine.config = published
+    assert [h["global_rank"] for h in plain] == [1, 2, 3, 4, 5]
+    assert all(h["score"] == pytest.approx(h["global_similarity"]) for h in plain)
+    # Only the 5 hits were matched, and each match is the one the weighted search made.
+    structural = {h["id"]: h["structural_similarity"] for h in weighted}
+    for hit in plain:
+        assert hit["explanation"]["structural_weight"] == 0
+        if hit["id"] in structural:
+            assert hit["structural_similarity"] == pytest.approx(structural[hit["id"]], abs=1e-5)
