@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from model.config import MatchingConfig, Preprocessing
 from model.datasets import ImageSet, Record
 from model.images import geometry_of, load_for_model, load_image
-from model.matching import match_pairs, ranking_score, structural_match
+from model.matching import match_pairs, ranking_score, rerank_positions, structural_match
 from model.metrics import RECALL_KS, relevant_counts, retrieval_metrics
 from model.network import Embedding, EmbeddingNet
 
@@ -134,9 +134,8 @@ class HeadScores:
         if self.k < 2:
             return self.order
         score = ranking_score(self.global_similarity, self.structural_similarity, weight)
-        resorted = torch.sort(score, dim=1, descending=True, stable=True).indices
         out = self.order.clone()
-        out[:, : self.k] = torch.gather(self.order[:, : self.k], 1, resorted)
+        out[:, : self.k] = torch.gather(self.order[:, : self.k], 1, rerank_positions(score, self.k))
         return out
 
     def rankings(self, matching: MatchingConfig | None = None) -> Rankings:

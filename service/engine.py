@@ -45,6 +45,7 @@ from model import (
     structural_match,
 )
 from model.images import geometry_of
+from model.matching import rerank_positions
 from model.network import EmbeddingNet
 from model.pipeline import explain_embeddings
 from service.errors import ApiError
@@ -286,7 +287,8 @@ class Engine:
                 torch.from_numpy(vectors).to(device),
                 self.config.matching,
             ).to("cpu")
-            order = self._order(match, torch.from_numpy(valid), options.rerank_k)
+            score = match.score.masked_fill(~torch.from_numpy(valid), float("-inf"))
+            order = rerank_positions(score, options.rerank_k)
         with timer.stage("explain"):
             return [
                 self._hits(match, b, order[b], safe[b], valid[b], items, geometries[b], options)
@@ -297,15 +299,6 @@ class Engine:
         if self.device_search is not None:
             return self.device_search.search(queries, k)
         return self.index.search(queries, k)
-
-    @staticmethod
-    def _order(match: Any, valid: torch.Tensor, rerank_k: int) -> torch.Tensor:
-        """(B, K) candidate positions: the first ``rerank_k`` sorted by score, then the rest."""
-        score = match.score.masked_fill(~valid, float("-inf"))
-        head = min(rerank_k, score.shape[1])
-        top = torch.sort(score[:, :head], dim=1, descending=True, stable=True).indices
-        rest = torch.arange(head, score.shape[1]).expand(score.shape[0], -1)
-        return torch.cat([top, rest], dim=1)
 
     def _hits(
         self,

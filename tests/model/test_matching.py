@@ -152,3 +152,15 @@ def test_cuda_matches_cpu() -> None:
     cpu = match_all(queries, gallery)
     gpu = match_all(queries.to("cuda"), gallery.to("cuda"))
     assert_close(gpu.score.cpu(), cpu.score, atol=1e-5, rtol=0)
+
+
+def test_rerank_positions_is_the_two_stage_rule() -> None:
+    from model.matching import rerank_positions
+
+    score = torch.tensor([[0.2, 0.9, 0.2, float("-inf"), 0.7, 0.1], [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])
+    order = rerank_positions(score, rerank_k=4)
+    # Head re-sorted by score (ties keep the global order, -inf last); tail untouched.
+    assert order[0].tolist() == [1, 0, 2, 3, 4, 5]
+    assert order[1].tolist() == [0, 1, 2, 3, 4, 5]
+    assert rerank_positions(score, 0)[0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert rerank_positions(score, 99)[0].tolist() == [1, 4, 0, 2, 5, 3]
