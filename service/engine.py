@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from index_builder import GalleryIndex, IndexBusyError, Item, Source
 from index_builder.build import Embedded, add_embedded
@@ -49,7 +48,7 @@ from model.matching import rerank_positions
 from model.network import EmbeddingNet
 from model.pipeline import explain_embeddings
 from service.errors import ApiError
-from service.limits import BudgetExhaustedError, MemoryBudget, time_left
+from service.limits import BudgetExhaustedError, MemoryBudget, in_thread, time_left
 from service.metrics import StageTimer
 from service.settings import ALLOWED_FORMATS, Settings
 
@@ -369,11 +368,11 @@ class Engine:
         step = self.settings.max_batch_images
         for start in range(0, len(uploads), step):
             chunk = uploads[start : start + step]
-            inputs = [await run_in_threadpool(self.decode, data, name) for name, data in chunk]
+            inputs = [await in_thread(self.decode, data, name) for name, data in chunk]
             embedding = await self.embed(inputs)
             vectors, grids = embedding.vector.numpy(), embedding.parts.half().numpy()
             embedded += zip(inputs, vectors, grids, strict=True)
-        return await run_in_threadpool(self._commit, uploads, embedded, key, label)
+        return await in_thread(self._commit, uploads, embedded, key, label)
 
     def _commit(
         self,

@@ -11,10 +11,14 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from typing import Any, TypeVar
 
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+T = TypeVar("T")
 
 _DEADLINE: ContextVar[float | None] = ContextVar("diml_deadline", default=None)
 
@@ -52,6 +56,21 @@ def return_freed_images_to_the_system() -> None:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # musl and others: their allocators differ
         return
+
+
+async def in_thread(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``func(*args, **kwargs)`` in the thread pool, finished even when the caller is cancelled.
+
+    A thread cannot be stopped half-way. When the request's deadline cancels the await, the
+    cancellation waits until ``func`` has returned, so a request's work never outlives its
+    answer (the 503 comes once the work has actually stopped, not while it runs on).
+    """
+    future = asyncio.ensure_future(run_in_threadpool(func, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        raise
 
 
 class BudgetExhaustedError(Exception):

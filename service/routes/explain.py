@@ -8,12 +8,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from model import Embedding, ImageGeometry, ImageLoadError, load_for_model, render_explanation
 from service.deps import DIGITS, MAX_ID, EngineDep, Read, single_parts, within_deadline
 from service.engine import Engine
 from service.errors import ApiError
+from service.limits import in_thread
 from service.routes.search import ERRORS
 from service.schemas import ExplanationOut
 
@@ -31,15 +31,15 @@ async def _side(
         raise ApiError(422, "invalid_request", f"give exactly one of '{name}' (an image) or "
                        f"'{name}_id' (a gallery id)")  # fmt: skip
     if upload is not None:
-        query = await run_in_threadpool(engine.decode, await upload.read(), upload.filename or name)
+        query = await in_thread(engine.decode, await upload.read(), upload.filename or name)
         return (await engine.embed([query])), query.geometry, query.picture
     assert item_id is not None
-    embedding, geometry, item = await run_in_threadpool(engine.stored, item_id)
+    embedding, geometry, item = await in_thread(engine.stored, item_id)
     image = None
     if picture:
         try:
             spec = engine.config.preprocessing
-            stored = await run_in_threadpool(load_for_model, item.path or "", spec, max_aspect=None)
+            stored = await in_thread(load_for_model, item.path or "", spec, max_aspect=None)
             image = stored.picture
         except ImageLoadError as e:
             raise ApiError(404, "not_found", f"the image of gallery item {item_id} is no longer "
@@ -67,12 +67,12 @@ async def _explain_sides(
 ) -> Any:
     a = await _side(engine, "a", *a_given, format == "png")
     b = await _side(engine, "b", *b_given, format == "png")
-    explanation = await run_in_threadpool(engine.explain_pair, a[0], a[1], b[0], b[1], top)
+    explanation = await in_thread(engine.explain_pair, a[0], a[1], b[0], b[1], top)
     if format == "png":
         assert a[2] is not None
         assert b[2] is not None
         heights = (a[1].height, b[1].height)
-        picture = await run_in_threadpool(render_explanation, a[2], b[2], explanation, top, heights)
+        picture = await in_thread(render_explanation, a[2], b[2], explanation, top, heights)
         buffer = io.BytesIO()
         picture.save(buffer, "PNG")
         return Response(buffer.getvalue(), media_type="image/png")

@@ -7,11 +7,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from index_builder import Item
 from service.deps import DIGITS, MAX_ID, EngineDep, ItemId, Read, Write, single_parts
 from service.errors import ApiError
+from service.limits import in_thread
 from service.routes.search import ERRORS
 from service.schemas import AddResponse, DeleteResponse, GalleryItemOut, GalleryPage
 
@@ -106,5 +106,5 @@ async def add_items(
 
 @router.delete("/{item_id}", response_model=DeleteResponse, dependencies=[Write])
 async def delete_item(item_id: ItemId, engine: EngineDep) -> dict[str, Any]:
-    count = await run_in_threadpool(engine.remove, item_id)
+    count = await in_thread(engine.remove, item_id)
     return {"removed": 1, "count": count}

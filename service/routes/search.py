@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from service.deps import DIGITS, EngineDep, ItemId, Read, TimerDep, single_parts, within_deadline
 from service.engine import Engine, SearchOptions
 from service.errors import ApiError
+from service.limits import in_thread
 from service.metrics import StageTimer
 from service.schemas import BatchSearchResponse, ErrorBody, SearchResponse
 
@@ -49,11 +49,11 @@ async def _run(
         queries = []
         for upload in uploads:
             data = await upload.read()
-            queries.append(await run_in_threadpool(engine.decode, data, upload.filename or "image"))
+            queries.append(await in_thread(engine.decode, data, upload.filename or "image"))
     with timer.stage("embed"):
         embedding = await engine.embed(queries)
     geometries = [q.geometry for q in queries]
-    return await run_in_threadpool(engine.search, embedding, geometries, options, timer)
+    return await in_thread(engine.search, embedding, geometries, options, timer)
 
 
 @router.post(
@@ -114,8 +114,8 @@ async def search_by_id(
     options: Options,
 ) -> dict[str, Any]:
     """More like this: the gallery item's own stored embedding as the query."""
-    embedding, geometry, _ = await run_in_threadpool(engine.stored, item_id)
-    work = run_in_threadpool(engine.search, embedding, [geometry], options, timer)
+    embedding, geometry, _ = await in_thread(engine.stored, item_id)
+    work = in_thread(engine.search, embedding, [geometry], options, timer)
     results = await within_deadline(engine, work)
     response.headers["Server-Timing"] = timer.header()
     return {"results": results[0]}

@@ -105,3 +105,31 @@ def test_past_the_deadline_no_decode_or_embed_is_started(client: TestClient) -> 
             asyncio.run(engine.embed([query]))
     assert submitted == []
     engine.decode(png())  # the deadline ended with its block
+
+
+def test_the_deadline_503_comes_after_the_dropped_work_has_stopped(
+    served: dict[str, Path],
+) -> None:
+    app = create_app(settings_for(served, request_timeout_s=0.2), load_in_background=False)
+    with TestClient(app) as client:
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        finished: list[float] = []
+        decode = engine.decode
+
+        def slow_decode(data: bytes, name: str = "image") -> object:
+            time.sleep(0.6)  # a decode cannot be interrupted half-way
+            finished.append(time.monotonic())
+            return decode(data, name)
+
+        engine.decode = slow_decode
+        submitted: list[object] = []
+        submit = engine.batcher.submit
+        engine.batcher.submit = lambda pixels: submitted.append(pixels) or submit(pixels)
+        response = client.post("/search", files={"image": ("q.png", png())})
+        answered = time.monotonic()
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "deadline_exceeded"
+    assert "retry-after" not in response.headers
+    assert finished
+    assert finished[0] <= answered  # no work of this request runs on after its 503
+    assert submitted == []  # and the backbone never saw it
