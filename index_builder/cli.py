@@ -20,7 +20,7 @@ from index_builder.files import IndexBusyError, write_atomic
 from index_builder.gallery import FingerprintMismatchError, GalleryIndex, writing
 from index_builder.manifest import IndexFormatError
 from model import BackboneWeightsError, CheckpointError, Embedder, fingerprint, load_model
-from model.cli import parse_device
+from model.cli import add_inference_argument, parse_device
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 EXPECTED = (
@@ -83,11 +83,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, help="model checkpoint (default: ImageNet "
                    "MobileNetV2, head-less)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_inference_argument(p)
 
 
 def _embedder(args: argparse.Namespace) -> Embedder:
     device = parse_device(args.device)
-    return Embedder(load_model(args.checkpoint, device=device), device, half=device.type == "cuda")
+    model = load_model(args.checkpoint, device=device)
+    return Embedder(model, device, half=device.type == "cuda", runtime=args.inference)
 
 
 def _fail(command: str, error: Exception, code: int = EXIT_USAGE) -> int:

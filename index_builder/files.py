@@ -7,41 +7,18 @@ import fcntl
 import io
 import os
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from model.files import fsync_dir, write_atomic
 
 CRASH_ENV = "DIML_TEST_CRASH_AT"
 
 
 class IndexBusyError(RuntimeError):
     """Another process is writing to the same index."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new bytes, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -72,3 +49,6 @@ def crashpoint(name: str) -> None:
     """Die at once with SIGKILL when the environment names this point (crash-safety tests)."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+__all__ = ["CRASH_ENV", "IndexBusyError", "fsync_dir", "save_npy_atomic", "write_atomic"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from model.explain import Explanation
 from model.images import ImageLoadError, load_image
 from model.pipeline import Embedder
 from model.render import render_explanation
+from model.runtime import RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +107,14 @@ def format_table(e: Explanation, query_name: str, result_name: str) -> str:
             f"{e.marginal_error:.2e} (not converged)"
         )
     return "\n".join(lines)
+
+
+def add_inference_argument(p: argparse.ArgumentParser) -> None:
+    """``--inference``: what runs the backbone (:mod:`model.runtime`)."""
+    p.add_argument(
+        "--inference",
+        choices=RUNTIMES,
+        default=os.environ.get("DIML_INFERENCE", "auto"),
+        help="backbone runtime: auto (ONNX Runtime on the CPU, PyTorch on CUDA), onnx or torch "
+        "(default $DIML_INFERENCE or auto)",
+    )

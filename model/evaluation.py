@@ -30,6 +30,8 @@ from model.images import geometry_of, load_for_model, load_image
 from model.matching import match_pairs, ranking_score, rerank_positions, structural_match
 from model.metrics import RECALL_KS, relevant_counts, retrieval_metrics
 from model.network import Embedding, EmbeddingNet
+from model.pipeline import Embedder
+from model.runtime import Runtime
 
 PCK_ALPHAS = (0.1, 0.2)
 PUBLISHED_WEIGHT = 1.0  # the structural weight of the published ranking rule
@@ -83,17 +85,17 @@ def embed_records(
     batch_size: int = 32,
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
+    runtime: Runtime = "torch",
 ) -> tuple[Embedding, torch.Tensor]:
     """Embed every record at test-time preprocessing -> (Embedding on CPU, geometry rows (N, 5)).
 
     Parts are kept in float16 (as the index stores them) to halve the memory of large sets.
+    ``runtime``: the :class:`~model.pipeline.Embedder`'s (``torch`` for a model in training).
     """
-    model = model.to(device).eval()
-    half = device.type == "cuda"
+    embedder = Embedder(model, device, half=device.type == "cuda", runtime=runtime)
     parts, vectors, rows = [], [], []
     for pixels, geometry in batches(records, model.config.preprocessing, batch_size, workers):
-        with torch.autocast(device.type, dtype=torch.float16, enabled=half):
-            embedding = model(pixels.to(device, non_blocking=True))
+        embedding = embedder.embed_pixels(pixels)
         parts.append(embedding.parts.half().cpu())
         vectors.append(embedding.vector.float().cpu())
         rows.append(geometry)
@@ -386,12 +388,13 @@ def evaluate(
     workers: int = 0,
     keypoints: bool = True,
     progress: Callable[[int], None] | None = None,
+    runtime: Runtime = "auto",
 ) -> dict[str, Any]:
     """The full report (see the module docstring) as a JSON-ready dict, percentages 0-100."""
     device = device or torch.device("cpu")
     started = time.perf_counter()
     embedding, geometry = embed_records(
-        model, images.records, device, batch_size, workers, progress
+        model, images.records, device, batch_size, workers, progress, runtime
     )
     report = evaluate_embeddings(
         embedding,

@@ -2,30 +2,54 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
 
+from model.checkpoint import fingerprint
 from model.config import ModelConfig
 from model.explain import Explanation, explain
 from model.images import ImageGeometry, preprocess
 from model.matching import match_pairs
 from model.network import Embedding, EmbeddingNet
+from model.runtime import OnnxBackbone, Runtime, RuntimeUnavailableError, choose
+
+log = logging.getLogger(__name__)
 
 
 class Embedder:
-    """Runs ``model`` on decoded RGB images, in batches, on ``device``.
+    """Runs ``model`` on decoded RGB images, in batches, on ``device``: the one embedding loop.
 
     ``half`` runs the backbone in fp16 autocast on CUDA; parts, vectors and matching stay fp32.
+    ``runtime`` (:mod:`model.runtime`): ``auto`` runs the backbone through ONNX Runtime on the
+    CPU when it is installed and PyTorch otherwise; ``onnx`` asks for ONNX Runtime, ``torch``
+    for PyTorch. ONNX Runtime takes the backbone's weights as they are now: a model that is
+    still training needs ``torch``. When ONNX Runtime cannot be used (not installed, export
+    failed, features differ from PyTorch's) the embedder says why and uses PyTorch;
+    ``self.runtime`` tells which runs.
     """
 
     def __init__(
-        self, model: EmbeddingNet, device: torch.device | str = "cpu", half: bool = False
+        self,
+        model: EmbeddingNet,
+        device: torch.device | str = "cpu",
+        half: bool = False,
+        runtime: Runtime = "auto",
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.half = half
+        self.runtime = choose(runtime, self.device)
+        self.onnx: OnnxBackbone | None = None
+        if self.runtime == "onnx":
+            try:
+                size = model.config.preprocessing.crop
+                self.onnx = OnnxBackbone(self.model.backbone, fingerprint(model), size)
+            except RuntimeUnavailableError as e:
+                log.warning("ONNX Runtime not used, PyTorch runs the backbone: %s", e)
+                self.runtime = "torch"
 
     def embed(self, images: Sequence[Image.Image]) -> tuple[Embedding, list[ImageGeometry]]:
         """images: N RGB pictures -> Embedding (parts (N, R, D), vector (N, D)), N geometries."""
@@ -39,6 +63,10 @@ class Embedder:
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> Embedding:
         """pixels: (N, 3, crop, crop), already normalised -> Embedding."""
+        if self.onnx is not None:
+            features = self.onnx(pixels).to(self.device)
+            head: Embedding = self.model.head(features)
+            return head
         use_half = self.half and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_half):
             embedding: Embedding = self.model(pixels.to(self.device))

@@ -14,7 +14,7 @@ import torch
 from model.backbones import BackboneWeightsError
 from model.calibration import WEIGHTS
 from model.checkpoint import CheckpointError, load_model, save_checkpoint
-from model.cli import EXIT_USAGE, parse_device
+from model.cli import EXIT_USAGE, add_inference_argument, parse_device
 from model.config import ModelConfig
 from model.datasets import READERS, DatasetError, ImageSet, read_dataset
 from model.images import ImageLoadError
@@ -81,7 +81,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
         device, images, model = _model_and_images(args)
         with progress_bar(len(images), "embedding", sys.stderr.isatty()) as bar:
             embedding, _ = embed_records(
-                model, images.records, device, args.batch_size, args.workers, bar.update
+                model,
+                images.records,
+                device,
+                args.batch_size,
+                args.workers,
+                bar.update,
+                args.inference,
             )
         result = calibrate(embedding, images.labels, args.rerank_k, model.config.matching, device)
     except KNOWN_ERRORS as e:
@@ -129,6 +135,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
         help="parts per side of the default model (default 4; a checkpoint fixes its own)",
     )
     p.add_argument("--batch-size", type=int, default=32)
+    add_inference_argument(p)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -146,6 +153,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 workers=args.workers,
                 progress=bar.update,
+                runtime=args.inference,
             )
     except KNOWN_ERRORS as e:
         print(f"diml evaluate: {e}", file=sys.stderr)

@@ -120,7 +120,7 @@ def _index_gallery_on_first_start(
     app.state.loading = "indexing the gallery (first start)"
     device = torch.device(settings.device)
     model = load_model(settings.checkpoint, device=device)
-    embedder = Embedder(model, device, half=device.type == "cuda")
+    embedder = Embedder(model, device, half=device.type == "cuda", runtime=settings.inference)
     report = build_index(scan_folder(gallery), settings.index, embedder)
     log.info(
         "indexed the gallery %s: %d images, %d skipped", gallery, report.indexed,

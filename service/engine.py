@@ -167,7 +167,9 @@ class Engine:
         self.model = model or load_model(settings.checkpoint, device=device)
         self.config = self.model.config
         self.fingerprint = fingerprint(self.model)
-        self.embedder = Embedder(self.model, device, half=device.type == "cuda")
+        self.embedder = Embedder(
+            self.model, device, half=device.type == "cuda", runtime=settings.inference
+        )
         self.lock = threading.RLock()
         self._exit = contextlib.ExitStack()
         self.writable = False

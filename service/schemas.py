@@ -109,6 +109,7 @@ class Health(BaseModel):
     items: int | None = None
     model: str | None = None
     device: str | None = None
+    inference: str | None = Field(None, description="what runs the backbone: onnx or torch")
 
 
 class ErrorDetail(BaseModel):

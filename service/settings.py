@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(None, description="model checkpoint (default: ImageNet "
                                     "MobileNetV2, head-less)")  # fmt: skip
     device: str = "cpu"
+    inference: Literal["auto", "onnx", "torch"] = Field(
+        "auto", description="backbone runtime: auto (ONNX Runtime on the CPU, PyTorch on "
+        "CUDA), onnx or torch")  # fmt: skip
     device_search: bool | None = Field(None, description="exact global search in torch on "
                                        "DEVICE (default: on CUDA; else FAISS)")  # fmt: skip
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="request body limit")

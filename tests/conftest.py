@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Exported ONNX graphs go to a folder of this test run (servers started by tests inherit it).
+os.environ.setdefault("DIML_CACHE", tempfile.mkdtemp(prefix="diml-cache-"))
 CUB_DEV = Path(os.environ.get("DIML_CUB_DEV", REPO.parent / "shared" / "data" / "cub-dev"))
 
 

@@ -43,6 +43,7 @@ async def readyz(request: Request) -> Any:
             "items": engine.index.count,
             "model": engine.fingerprint[:16],
             "device": str(engine.embedder.device),
+            "inference": engine.embedder.runtime,
         }
     )
 
