@@ -27,11 +27,14 @@ from index_builder import GalleryIndex, build_index, scan_folder
 from index_builder.build import default_workers
 from index_builder.vector_index import VectorIndex, default_factory
 from model import Embedder, load_image, load_model, preprocess
+from model.runtime import RUNTIMES, Runtime
 
 
-def bench_build(cub: Path, limit: int, batch_size: int, workers: int | None) -> None:
+def bench_build(
+    cub: Path, limit: int, batch_size: int, workers: int | None, inference: Runtime
+) -> None:
     sources = scan_folder(cub / "images")[:limit]
-    embedder = Embedder(load_model())
+    embedder = Embedder(load_model(), runtime=inference)
     spec = embedder.model.config.preprocessing
     pixels = torch.stack([preprocess(load_image(s.path), spec)[0] for s in sources])
     embedder.embed_pixels(pixels[:batch_size])  # warm-up
@@ -51,7 +54,8 @@ def bench_build(cub: Path, limit: int, batch_size: int, workers: int | None) -> 
     workers = default_workers(embedder.device) if workers is None else workers
     print(
         f"\nbuild, {len(sources)} CUB photos, default model (MobileNetV2 head-less, 4x4 grid), "
-        f"batch {batch_size}, {workers} decoding workers, {threads} torch threads"
+        f"batch {batch_size}, {workers} decoding workers, {threads} threads, backbone "
+        f"run by {embedder.runtime}"
     )
     print(f"  forward-only ceiling : {ceiling:7.1f} images/s")
     print(f"  diml index build     : {rate:7.1f} images/s = {100 * rate / ceiling:.0f}% of ceiling")
@@ -129,6 +133,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, help="decoding processes (default: the builder's)")
+    parser.add_argument("--inference", choices=RUNTIMES, default="auto", help="backbone runtime")
     parser.add_argument(
         "--search-n", type=int, default=0, help="synthetic items for the search part"
     )
@@ -138,7 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, faiss {faiss.__version__}")
     if args.cub:
-        bench_build(args.cub, args.limit, args.batch_size, args.workers)
+        bench_build(args.cub, args.limit, args.batch_size, args.workers, args.inference)
     if args.search_n:
         bench_search(args.search_n, args.dim, args.queries, args.k)
     if not args.cub and not args.search_n:

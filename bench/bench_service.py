@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 
+from model.runtime import RUNTIMES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,16 +35,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def build(cub: Path, out: Path) -> None:
+def build(cub: Path, out: Path, inference: str) -> None:
     command = [sys.executable, "-m", "service.cli", "index", "build", "--images",
-               str(cub / "images"), "--out", str(out), "--quiet"]  # fmt: skip
+               str(cub / "images"), "--out", str(out), "--quiet",
+               "--inference", inference]  # fmt: skip
     subprocess.run(command, check=True, cwd=REPO)
 
 
-def serve(index: Path, port: int) -> subprocess.Popen[bytes]:
+def serve(index: Path, port: int, inference: str) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "service.cli", "serve", "--index", str(index),
                "--port", str(port)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DIML_ALLOW_WRITES": "false"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DIML_ALLOW_WRITES": "false",
+           "DIML_INFERENCE": inference}  # fmt: skip
     quiet = subprocess.DEVNULL
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=quiet, stderr=quiet)
 
@@ -121,6 +125,7 @@ def main() -> None:
     parser.add_argument("--cub", type=Path, required=True, help="CUB folder: gallery and queries")
     parser.add_argument("--index", type=Path, help="serve this index instead of building one")
     parser.add_argument("--requests", type=int, default=60, help="requests per concurrency level")
+    parser.add_argument("--inference", choices=RUNTIMES, default="auto", help="backbone runtime")
     args = parser.parse_args()
     queries = sorted((args.cub / "images").rglob("*.jpg"))[::17][:40]
     images = [p.read_bytes() for p in queries]
@@ -129,16 +134,17 @@ def main() -> None:
         if index is None:
             index = Path(tmp) / "index"
             print("indexing the gallery ...", flush=True)
-            build(args.cub, index)
+            build(args.cub, index, args.inference)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = serve(index, port)
+        server = serve(index, port, args.inference)
         try:
             items = wait_ready(url)
             run(url, images, 1, 5)  # warm-up
             print(
                 f"\n/search over loopback: {items} items, default model (MobileNetV2 head-less, "
-                f"4x4 grid), k=10, rerank_k=100, explain on, {args.requests} requests per row"
+                f"4x4 grid), k=10, rerank_k=100, explain on, {args.requests} requests per row, "
+                f"backbone run by {httpx.get(f'{url}/readyz').json()['inference']}"
             )
             print(
                 f"  {'clients':>7} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7} {'errors':>6}   "
