@@ -3,8 +3,9 @@
     .venv/bin/python bench/bench_runtimes.py [--compile]
 
 Eager PyTorch, TorchScript traced and frozen (oneDNN fusions), ONNX Runtime (the service's
-default on a CPU, model.runtime), and with ``--compile`` torch.compile (about a minute of
-compilation first). Random pixels, batch 1 and 16, threads as torch has them.
+default on a CPU, model.runtime), OpenVINO on the same exported graph when it is installed
+(``pip install openvino``; not a dependency), and with ``--compile`` torch.compile (about a
+minute of compilation first). Random pixels, batch 1 and 16, threads as torch has them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -30,6 +32,31 @@ def ms_per_image(forward: Callable[[torch.Tensor], object], batch: int) -> float
     return (time.perf_counter() - start) / 5 / batch * 1000
 
 
+def _openvino(backbone: torch.nn.Module) -> dict[str, Callable[[torch.Tensor], object]]:
+    """OpenVINO at full float32 precision and at its CPU default (a lower-precision hint)."""
+    try:
+        import openvino
+    except ImportError:
+        return {}
+    graph = OnnxBackbone._export(backbone, 224)
+    core = openvino.Core()
+    threads = torch.get_num_threads()
+    out: dict[str, Callable[[torch.Tensor], object]] = {}
+    for name, hint in (("OpenVINO, f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("OpenVINO", {})):
+        compiled = core.compile_model(
+            core.read_model(graph), "CPU", {"INFERENCE_NUM_THREADS": threads, **hint}
+        )
+        out[name] = _numpy_call(compiled)
+    return out
+
+
+def _numpy_call(compiled: Any) -> Callable[[torch.Tensor], object]:
+    def forward(pixels: torch.Tensor) -> object:
+        return compiled(pixels.numpy())[0]
+
+    return forward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -46,6 +73,7 @@ def main() -> None:
         "TorchScript, frozen": frozen,
         "ONNX Runtime": OnnxBackbone(backbone, "bench", 224),
     }
+    runtimes.update(_openvino(backbone))
     if args.compile:
         runtimes["torch.compile"] = torch.compile(backbone)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, MobileNetV2 features")
