@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import Embedder, load_model
+from model import Embedder, load_image, load_model
 from model import runtime as runtime_module
 from model.runtime import OnnxBackbone, RuntimeUnavailableError, choose
 
@@ -69,3 +69,26 @@ def test_without_onnxruntime_auto_means_pytorch(
     with pytest.raises(RuntimeUnavailableError, match="not installed"):
         OnnxBackbone(model.backbone, "key", 224)
     assert Embedder(model, runtime="onnx").runtime == "torch"
+
+
+def test_an_index_built_with_onnx_takes_adds_and_searches_embedded_by_pytorch(
+    tmp_path: Path,
+) -> None:
+    from index_builder import GalleryIndex, add_images, build_index, scan_folder
+    from index_builder.build import Source
+    from tests.index_builder.helpers import make_images, tiny_embedder
+
+    onnx = tiny_embedder()
+    assert onnx.runtime == "onnx"
+    plain = Embedder(onnx.model, runtime="torch")
+    make_images(tmp_path / "gallery", 6)
+    build_index(scan_folder(tmp_path / "gallery"), tmp_path / "index", onnx, workers=0)
+    new = make_images(tmp_path / "new", 1, seed=9)[0]
+    index = GalleryIndex.open(tmp_path / "index", writable=True)
+    try:  # the fingerprint does not depend on the runtime: PyTorch's embeddings are accepted
+        report = add_images(index, [Source(new, "new")], plain)
+        embedding, _ = plain.embed([load_image(new)])
+        _, ids = index.search(embedding.vector.numpy(), 1)
+    finally:
+        index.close()
+    assert ids[0, 0] == report.ids[0]
