@@ -157,3 +157,26 @@ def test_a_model_with_weight_0_returns_the_global_order_with_explanations(
         assert hit["explanation"]["structural_weight"] == 0
         if hit["id"] in structural:
             assert hit["structural_similarity"] == pytest.approx(structural[hit["id"]], abs=1e-5)
+
+
+def test_search_and_evaluation_rank_alike(client: TestClient) -> None:
+    """The service and `diml evaluate` apply one retrieval rule: for each gallery item, the
+    hits of a search by its id (leaving the item itself out) come in the order evaluation
+    ranks the other items for it."""
+    import torch
+
+    from model.datasets import Record
+    from model.evaluation import embed_records, rank_all
+
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    items = engine.index.items(list(range(engine.index.count)))
+    records = [Record(Path(items[i].path), 1) for i in sorted(items)]
+    embedding, _ = embed_records(engine.model, records, torch.device("cpu"))
+    depth = len(records) - 1
+    for rerank_k in (depth, 4):
+        rankings = rank_all(embedding, depth, rerank_k, engine.config.matching)
+        for item in (0, 5, 11):
+            params = {"k": depth + 1, "rerank_k": rerank_k + 1, "explain": False}
+            hits = client.post(f"/search/by-id/{item}", params=params).json()["results"]
+            served = [h["id"] for h in hits if h["id"] != item]
+            assert served == rankings.reranked_order[item].tolist(), (rerank_k, item)
