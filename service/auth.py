@@ -19,7 +19,8 @@ from fastapi import Depends, Request
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, error_response
+from service.errors import ApiError
+from service.limits import RefusedError, call_refusing
 from service.settings import Settings
 
 Need = Literal["read", "write", "metrics"]
@@ -95,10 +96,6 @@ NEEDS: dict[Callable[[Request], None], Need] = {
 Read, Write, MetricsRead = Depends(require_read), Depends(require_write), Depends(require_metrics)
 
 
-class _RefusedError(Exception):
-    pass
-
-
 class AuthBeforeBody:
     """ASGI middleware: checks the keys a route's dependencies ask for when the app first asks
     for the request's body, after routing and before a byte of the body is read (FastAPI
@@ -112,11 +109,10 @@ class AuthBeforeBody:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        checked = answered = False
-        refusal: ApiError | None = None
+        checked = False
 
         async def gated_receive() -> Message:
-            nonlocal checked, refusal
+            nonlocal checked
             if not checked:
                 checked = True
                 client = scope.get("client")
@@ -124,30 +120,10 @@ class AuthBeforeBody:
                     for need in _needs(scope.get("route")):
                         authorize(need, self.settings, Headers(scope=scope), client and client[0])
                 except ApiError as e:
-                    refusal = e
-                    raise _RefusedError from e
+                    raise RefusedError(e.status, e.code, e.message) from e
             return await receive()
 
-        async def refuse() -> None:
-            nonlocal answered
-            if not answered and refusal is not None:
-                answered = True
-                e = refusal
-                response = error_response(e.status, e.code, e.message, {"Connection": "close"})
-                await response(scope, receive, send)
-
-        async def guarded_send(message: Message) -> None:
-            # The app may turn the interrupted read into an answer of its own (a 400 for a
-            # broken form): after a refusal, the refusal goes out instead.
-            if refusal is None:
-                await send(message)
-            else:
-                await refuse()
-
-        try:
-            await self.app(scope, gated_receive, guarded_send)
-        except _RefusedError:
-            await refuse()
+        await call_refusing(self.app, scope, gated_receive, send)
 
 
 def _needs(route: object) -> list[Need]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import sys
 import threading
 import time
@@ -17,6 +16,8 @@ from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import error_response
 
 T = TypeVar("T")
 
@@ -106,10 +107,58 @@ class MemoryBudget:
                 self._changed.notify_all()
 
 
-class _BodyRefusedError(Exception):
+class RefusedError(Exception):
+    """Raised by a middleware's ``receive`` wrapper: the request is answered with this error
+    (see :func:`call_refusing`) instead of whatever the app makes of the broken read."""
+
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+
+async def call_refusing(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run ``app`` with ``receive``, which may raise :class:`RefusedError`. Then the refusal goes
+    out as the JSON error with ``Connection: close``, in place of the app's own answer (it may
+    turn the interrupted read into one, e.g. a 400 for a broken form)."""
+    refusal: RefusedError | None = None
+    answered = False
+
+    async def tracking_receive() -> Message:
+        nonlocal refusal
+        try:
+            return await receive()
+        except RefusedError as e:
+            refusal = e
+            raise
+
+    async def answer() -> None:
+        nonlocal answered
+        if not answered and refusal is not None:
+            answered = True
+            await refuse(scope, send, refusal)
+
+    async def guarded_send(message: Message) -> None:
+        if refusal is None:
+            await send(message)
+        else:
+            await answer()
+
+    try:
+        await app(scope, tracking_receive, guarded_send)
+    except RefusedError:
+        await answer()
+
+
+async def refuse(scope: Scope, send: Send, refusal: RefusedError) -> None:
+    """Answer with ``refusal`` as the JSON error shape, closing the connection."""
+    response = error_response(
+        refusal.status, refusal.code, refusal.message, {"Connection": "close"}
+    )
+    await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
 
 
 class BodyLimits:
@@ -133,69 +182,33 @@ class BodyLimits:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _refuse(send, 413, "too_large", self._too_large())
+            await refuse(scope, send, RefusedError(413, "too_large", self._too_large()))
             return
         received = 0
-        complete = answered = False
-        refusal: _BodyRefusedError | None = None
+        complete = False
         give_up = time.monotonic() + self.total_s
 
         async def limited_receive() -> Message:
-            nonlocal received, complete, refusal
+            nonlocal received, complete
             if complete:
                 return await receive()
             wait = min(self.idle_s, give_up - time.monotonic())
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
             except TimeoutError:
-                refusal = _BodyRefusedError(408, "request_timeout", "the request body arrived "
-                    f"too slowly (allowed: {self.total_s:g} s in all, pauses under "
-                    f"{self.idle_s:g} s); retry on a faster connection")  # fmt: skip
-                raise refusal from None
+                raise RefusedError(408, "request_timeout", "the request body arrived too "
+                    f"slowly (allowed: {self.total_s:g} s in all, pauses under "
+                    f"{self.idle_s:g} s); retry on a faster connection") from None  # fmt: skip
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
                 if received > self.limit:
-                    refusal = _BodyRefusedError(413, "too_large", self._too_large())
-                    raise refusal
+                    raise RefusedError(413, "too_large", self._too_large())
             else:
                 complete = True
             return message
 
-        async def answer_refusal() -> None:
-            nonlocal answered
-            if not answered and refusal is not None:
-                answered = True
-                await _refuse(send, refusal.status, refusal.code, refusal.message)
-
-        async def guarded_send(message: Message) -> None:
-            # The app may turn the interrupted read into an answer of its own (a 400 for a
-            # broken form): after a refusal, the refusal goes out instead.
-            if refusal is None:
-                await send(message)
-            else:
-                await answer_refusal()
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except _BodyRefusedError:
-            await answer_refusal()
+        await call_refusing(self.app, scope, limited_receive, send)
 
     def _too_large(self) -> str:
         return f"the request body is over the limit of {self.limit:,} bytes; send a smaller image"
-
-
-async def _refuse(send: Send, status: int, code: str, message: str) -> None:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
