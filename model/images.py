@@ -146,15 +146,16 @@ def _decode(
     and the original's upright size."""
     name = _describe(source)
     try:
+        file_bytes: int | None = None
         if isinstance(source, Image.Image):
             image = source
         else:
             data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            file_bytes = len(data)
             # Only the accepted formats' decoders are tried: Pillow's other plugins (DDS, EPS,
             # JPEG 2000, FITS...) never see untrusted bytes.
             image = Image.open(io.BytesIO(data), formats=_openers(formats))
-        size = len(data) if not isinstance(source, Image.Image) else None
-        _check_header(image, name, size, max_pixels, formats, max_aspect)
+        _check_header(image, name, file_bytes, max_pixels, formats, max_aspect)
         width, height = image.size
         if reduce_to is not None and image.format == "JPEG":
             scale = reduce_to / min(width, height)

@@ -383,8 +383,9 @@ class Engine:
         key: str | None,
         label: str | None,
     ) -> tuple[list[Item], list[dict[str, str]], int]:
-        """Keep each new upload's bytes under ``uploads/<sha256>`` and add them in one step; the
-        files this call wrote are deleted again when the add fails or skips them."""
+        """Keep each new upload's bytes under ``uploads/<sha256>`` and add them in one step.
+        Bytes already in the gallery get no file; the files this call wrote are deleted again
+        when the add fails."""
         folder = self.settings.uploads_dir
         folder.mkdir(parents=True, exist_ok=True)
         shas = [hashlib.sha256(data).hexdigest() for _, data in uploads]
