@@ -47,8 +47,9 @@ def cache_dir() -> Path:
 
 
 def choose(runtime: Runtime, device: torch.device) -> Literal["onnx", "torch"]:
-    """``auto``: ONNX Runtime on the CPU when it is installed, PyTorch on CUDA (measured there,
-    PyTorch's fp16 kernels are the faster path)."""
+    """``auto``: ONNX Runtime on the CPU when it is installed, PyTorch on CUDA, where the
+    backbone keeps PyTorch's fp16 autocast (ONNX Runtime's CUDA provider has not been measured
+    against it). An explicit ``onnx`` runs ONNX Runtime's CPU provider whatever the device."""
     if runtime == "auto":
         if device.type != "cpu":
             return "torch"
