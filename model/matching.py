@@ -99,6 +99,7 @@ def structural_match(
     candidate_vector: torch.Tensor,
     config: MatchingConfig | None = None,
     detach_plan: bool = True,
+    fused: bool | None = None,
 ) -> StructuralMatch:
     """Match each of B queries with its K candidates.
 
@@ -106,7 +107,8 @@ def structural_match(
     candidate_vector: (B, K, D) -> StructuralMatch over (B, K).
 
     With ``detach_plan`` (the DIML training rule and the default) the plan is a constant and
-    gradients reach the features through ``S`` and the global term only.
+    gradients reach the features through ``S`` and the global term only. ``fused`` picks the
+    Sinkhorn solver (:func:`model.optimal_transport.sinkhorn`; ``None``: the fused kernel on CUDA).
     """
     config = config or MatchingConfig()
     _check_shapes(query_parts, query_vector, candidate_parts, candidate_vector)
@@ -124,6 +126,7 @@ def structural_match(
             max_iter=config.max_iter,
             tol=config.tol,
             check_every=config.check_every,
+            fused=fused,
         )
     structural = (result.plan * similarity).sum(dim=(-2, -1))
     global_sim = torch.einsum("bd,bkd->bk", qv, gv)
