@@ -14,6 +14,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# The training losses by name (model.losses builds them): the DIML losses on structural
+# similarity, then the global baselines. Here rather than beside them, so that naming a loss
+# (the CLI, TrainConfig) does not import pytorch-metric-learning, the optional train extra.
+LOSSES = ("ms-diml", "margin-diml", "ms", "margin", "contrastive", "triplet")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Test-time preprocessing that travels with the weights.

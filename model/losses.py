@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import torch
 from pytorch_metric_learning import distances, losses, miners
 
-from model.config import MatchingConfig
+from model.config import LOSSES, MatchingConfig
 from model.matching import match_all, match_pairs
 from model.network import Embedding
-from model.training import LOSSES
 
 
 def pack(embedding: Embedding) -> torch.Tensor:

@@ -227,7 +227,8 @@ def format_report(report: dict[str, Any], name: str, classes: str | None) -> str
 
 
 def add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from model.training import HEAD_INITS, LOSSES, TRAINABLE, TrainConfig
+    from model.config import LOSSES
+    from model.training import HEAD_INITS, TRAINABLE, TrainConfig
 
     defaults = TrainConfig()
     p = commands.add_parser(

@@ -41,7 +41,7 @@ from torchvision.transforms import v2
 
 from model.calibration import calibrate, objective
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import ModelConfig, Preprocessing
+from model.config import LOSSES, ModelConfig, Preprocessing
 from model.datasets import ImageSet
 from model.evaluation import ImageFiles, embed_records
 from model.feature_cache import body_sequence, cache_maps, last_stage_start, pca_init
@@ -50,8 +50,6 @@ from model.sampling import ClassBalancedBatches
 
 log = logging.getLogger(__name__)
 
-# The DIML losses on structural similarity, then the global baselines (model.losses).
-LOSSES = ("ms-diml", "margin-diml", "ms", "margin", "contrastive", "triplet")
 TRAINABLE = ("tail", "head", "all")
 HEAD_INITS = ("pca", "random")
 
