@@ -107,7 +107,7 @@ def _load(app: FastAPI, settings: Settings) -> None:
         return
     app.state.engine = engine
     app.state.loading = None
-    log.info("ready: %d items, model %s", engine.index.count, engine.fingerprint[:16])
+    log.info("ready: %d items, model %s", engine.count, engine.fingerprint[:16])
 
 
 def _index_gallery_on_first_start(

@@ -2,8 +2,10 @@
 
 Images from concurrent requests are embedded together by a :class:`MicroBatcher` (one thread
 owns the backbone; it waits a short window for company, up to a batch limit); a full queue
-answers 503 with ``Retry-After`` instead of making callers wait without bound. Coarse search and
-grid gathering hold the index lock; re-ranking and explanations run on copies, outside it.
+refuses with ``OverloadedError`` instead of making callers wait without bound. Coarse search
+and grid gathering hold the index lock; re-ranking and explanations run on copies, outside it.
+Results are plain values (:class:`Hit`) and failures the kinds in :mod:`service.failures`;
+``service.errors`` and the routes turn them into HTTP statuses and JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,25 +45,23 @@ from model import (
     structural_match,
 )
 from model.images import geometry_of
-from model.matching import rerank_positions
+from model.matching import StructuralMatch, rerank_positions
 from model.network import EmbeddingNet
 from model.pipeline import explain_embeddings
-from service.errors import ApiError
+from service.failures import (
+    DeadlineExceededError,
+    EmptyUploadError,
+    NotFoundError,
+    OverloadedError,
+    ReadOnlyError,
+    UnusableImageError,
+)
 from service.limits import BudgetExhaustedError, MemoryBudget, in_thread, time_left
 from service.metrics import StageTimer
 from service.settings import ALLOWED_FORMATS, Settings
 
 log = logging.getLogger(__name__)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-IMAGE_ERRORS = {
-    "not_image": (415, "unsupported_media_type"),
-    "format": (415, "unsupported_media_type"),
-    "too_many_pixels": (413, "too_many_pixels"),
-    "aspect_ratio": (422, "unsupported_aspect_ratio"),
-    "corrupt": (422, "corrupt_image"),
-    "unreadable": (422, "corrupt_image"),
-}
 
 
 @dataclass(frozen=True)
@@ -76,15 +75,18 @@ class SearchOptions:
     matches: int = 5
 
 
-class OverloadedError(ApiError):
-    def __init__(self, what: str = "too many requests are waiting") -> None:
-        super().__init__(503, "overloaded", f"{what}; retry shortly", {"Retry-After": "1"})
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the item, its score and its terms, where it stood in the global
+    ranking (1-based), whether it was re-ranked, and its explanation when one was asked for."""
 
-
-class DeadlineExceededError(ApiError):
-    def __init__(self) -> None:
-        super().__init__(503, "deadline_exceeded", "the request took too long and was dropped; "
-                         "send a smaller image or retry later")  # fmt: skip
+    item: Item
+    score: float
+    global_similarity: float
+    structural_similarity: float
+    reranked: bool
+    global_rank: int
+    explanation: Explanation | None = None
 
 
 def _check_deadline() -> float | None:
@@ -206,11 +208,12 @@ class Engine:
     # -- decoding and embedding ----------------------------------------------------------------
 
     def decode(self, data: bytes, name: str = "image") -> ModelInput:
-        """Bytes of an upload -> pixels and geometry; ApiError 413/415/422 when they are not a
-        usable image (the message never includes a server path), 503 when the decoding memory
-        budget stays full or the request's deadline passes before decoding could start."""
+        """Bytes of an upload -> pixels and geometry. Raises EmptyUploadError or
+        UnusableImageError when they are not a usable image (the message never includes a
+        server path), OverloadedError when the decoding memory budget stays full, and
+        DeadlineExceededError when the request's deadline passes before decoding could start."""
         if not data:
-            raise ApiError(422, "empty_upload", f"{name}: the upload is empty; send an image file")
+            raise EmptyUploadError(f"{name}: the upload is empty; send an image file")
         left = _check_deadline()
         wait = self.settings.request_timeout_s if left is None else left
         try:
@@ -223,8 +226,7 @@ class Engine:
                 reserve=functools.partial(self.decode_budget.reserve, timeout=wait),
             )
         except ImageLoadError as e:
-            status, code = IMAGE_ERRORS.get(e.kind, (422, "corrupt_image"))
-            raise ApiError(status, code, f"{name}: {e.reason}") from e
+            raise UnusableImageError(e.kind, f"{name}: {e.reason}") from e
         except BudgetExhaustedError:
             _check_deadline()
             raise OverloadedError("too many large images are being decoded") from None
@@ -239,12 +241,27 @@ class Engine:
 
     # -- search ------------------------------------------------------------------------------
 
-    def stored(self, item_id: int) -> tuple[Embedding, ImageGeometry, Item]:
-        """A gallery item's stored embedding, geometry and record; 404 when unknown."""
+    def item(self, item_id: int) -> Item:
+        """A live gallery item's record; NotFoundError when there is none."""
         with self.lock:
             item = self.index.items([item_id]).get(item_id)
-            if item is None:
-                raise ApiError(404, "not_found", f"no gallery item with id {item_id}")
+        if item is None:
+            raise NotFoundError(f"no gallery item with id {item_id}")
+        return item
+
+    def page(self, offset: int, limit: int) -> tuple[list[Item], int]:
+        """Up to ``limit`` live items in id order from ``offset``, and the number of items."""
+        with self.lock:
+            return self.index.table.page(offset, limit), self.index.count
+
+    @property
+    def count(self) -> int:
+        return self.index.count
+
+    def stored(self, item_id: int) -> tuple[Embedding, ImageGeometry, Item]:
+        """A gallery item's stored embedding, geometry and record; NotFoundError when unknown."""
+        with self.lock:
+            item = self.item(item_id)
             ids = np.array([item_id])
             parts = torch.from_numpy(self.index.grids(ids).astype(np.float32))
             vector = torch.from_numpy(self.index.vectors(ids))
@@ -259,7 +276,7 @@ class Engine:
         geometries: list[ImageGeometry],
         options: SearchOptions,
         timer: StageTimer,
-    ) -> list[list[dict[str, Any]]]:
+    ) -> list[list[Hit]]:
         """B queries -> B lists of up to k hits: coarse search by the global vector, the top
         ``rerank_k`` re-ranked by score = global + weight x structural, the rest in global order.
 
@@ -303,7 +320,7 @@ class Engine:
 
     def _hits(
         self,
-        match: Any,
+        match: StructuralMatch,
         b: int,
         order: torch.Tensor,
         ids: np.ndarray,
@@ -311,8 +328,8 @@ class Engine:
         items: dict[int, Item],
         geometry: ImageGeometry,
         options: SearchOptions,
-    ) -> list[dict[str, Any]]:
-        hits: list[dict[str, Any]] = []
+    ) -> list[Hit]:
+        hits: list[Hit] = []
         for position in order.tolist():
             if len(hits) == options.k:
                 break
@@ -322,19 +339,9 @@ class Engine:
             reranked = position < options.rerank_k
             global_sim = float(match.global_similarity[b, position])
             structural = float(match.structural_similarity[b, position])
-            hit: dict[str, Any] = {
-                "id": item.id,
-                "key": item.key,
-                "label": item.label,
-                "score": float(match.score[b, position]) if reranked else global_sim,
-                "global_similarity": global_sim,
-                "structural_similarity": structural,
-                "reranked": reranked,
-                "global_rank": position + 1,
-                "image_url": f"/gallery/{item.id}/image",
-            }
+            explanation = None
             if options.explain:
-                e = explain(
+                explanation = explain(
                     match,
                     geometry,
                     self.geometry(item),
@@ -343,8 +350,10 @@ class Engine:
                     index=(b, position),
                     top=options.matches,
                 )
-                hit["explanation"] = e.to_dict(matrices=False)
-            hits.append(hit)
+            score = float(match.score[b, position]) if reranked else global_sim
+            hits.append(
+                Hit(item, score, global_sim, structural, reranked, position + 1, explanation)
+            )
         return hits
 
     def explain_pair(
@@ -361,11 +370,11 @@ class Engine:
 
         Every upload is decoded once, then embedded through the shared batcher, a batch at a
         time, so searches keep their turn; the index lock is taken only to commit. One upload
-        that is not a usable image refuses the whole request (its ApiError names it) and
+        that is not a usable image refuses the whole request (its error names it) and
         nothing is written; bytes already in the gallery (or repeated) are skipped and listed.
         """
         if not self.writable:
-            raise ApiError(503, "read_only", "this server cannot change the gallery now")
+            raise ReadOnlyError
         embedded: list[tuple[ModelInput, np.ndarray, np.ndarray]] = []
         step = self.settings.max_batch_images
         for start in range(0, len(uploads), step):
@@ -432,10 +441,10 @@ class Engine:
 
     def remove(self, item_id: int) -> int:
         if not self.writable:
-            raise ApiError(503, "read_only", "this server cannot change the gallery now")
+            raise ReadOnlyError
         with self.lock:
             if not self.index.remove([item_id]):
-                raise ApiError(404, "not_found", f"no gallery item with id {item_id}")
+                raise NotFoundError(f"no gallery item with id {item_id}")
             if self.device_search is not None:
                 self.device_search.remove([item_id])
             return self.index.count

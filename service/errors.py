@@ -14,6 +14,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
+from service.failures import (
+    DeadlineExceededError,
+    EmptyUploadError,
+    EngineError,
+    NotFoundError,
+    OverloadedError,
+    ReadOnlyError,
+    UnusableImageError,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +45,34 @@ def error_response(
     )
 
 
+# The engine's failures as HTTP: status and code by kind (the engine does not speak HTTP).
+ENGINE_ERRORS: dict[type[EngineError], tuple[int, str]] = {
+    NotFoundError: (404, "not_found"),
+    EmptyUploadError: (422, "empty_upload"),
+    ReadOnlyError: (503, "read_only"),
+    OverloadedError: (503, "overloaded"),
+    DeadlineExceededError: (503, "deadline_exceeded"),
+}
+# An unusable upload, by the image loader's kind of refusal.
+IMAGE_ERRORS = {
+    "not_image": (415, "unsupported_media_type"),
+    "format": (415, "unsupported_media_type"),
+    "too_many_pixels": (413, "too_many_pixels"),
+    "aspect_ratio": (422, "unsupported_aspect_ratio"),
+    "corrupt": (422, "corrupt_image"),
+    "unreadable": (422, "corrupt_image"),
+}
+
+
+def engine_error_response(exc: EngineError) -> JSONResponse:
+    if isinstance(exc, UnusableImageError):
+        status, code = IMAGE_ERRORS.get(exc.kind, (422, "corrupt_image"))
+    else:
+        status, code = ENGINE_ERRORS.get(type(exc), (500, "internal_error"))
+    headers = {"Retry-After": "1"} if isinstance(exc, OverloadedError) else None
+    return error_response(status, code, exc.message, headers)
+
+
 STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -52,6 +90,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return engine_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

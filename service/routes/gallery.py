@@ -33,14 +33,6 @@ def _out(item: Item) -> dict[str, Any]:
     }
 
 
-def _item(engine: Any, item_id: int) -> Item:
-    with engine.lock:
-        item: Item | None = engine.index.items([item_id]).get(item_id)
-    if item is None:
-        raise ApiError(404, "not_found", f"no gallery item with id {item_id}")
-    return item
-
-
 @router.get("", response_model=GalleryPage, dependencies=[Read])
 def list_items(
     engine: EngineDep,
@@ -48,15 +40,13 @@ def list_items(
     limit: Annotated[int, Query(ge=1, le=500), DIGITS] = 50,
 ) -> dict[str, Any]:
     """A page of gallery items in id order."""
-    with engine.lock:
-        items = engine.index.table.page(offset, limit)
-        total = engine.index.count
+    items, total = engine.page(offset, limit)
     return {"items": [_out(i) for i in items], "total": total, "offset": offset, "limit": limit}
 
 
 @router.get("/{item_id}", response_model=GalleryItemOut, dependencies=[Read])
 def get_item(item_id: ItemId, engine: EngineDep) -> dict[str, Any]:
-    return _out(_item(engine, item_id))
+    return _out(engine.item(item_id))
 
 
 @router.get(
@@ -67,7 +57,7 @@ def get_item(item_id: ItemId, engine: EngineDep) -> dict[str, Any]:
 )
 def get_image(item_id: ItemId, engine: EngineDep) -> FileResponse:
     """The item's original file, found by id only (never by a client-given path)."""
-    item = _item(engine, item_id)
+    item = engine.item(item_id)
     try:
         with Image.open(item.path or "") as image:
             media = MEDIA.get(image.format or "", "application/octet-stream")

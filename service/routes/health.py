@@ -40,7 +40,7 @@ async def readyz(request: Request) -> Any:
     return JSONResponse(
         {
             "status": "ready",
-            "items": engine.index.count,
+            "items": engine.count,
             "model": engine.fingerprint[:16],
             "device": str(engine.embedder.device),
             "inference": engine.embedder.runtime,

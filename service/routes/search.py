@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 
 from service.deps import DIGITS, EngineDep, ItemId, Read, TimerDep, single_parts, within_deadline
-from service.engine import Engine, SearchOptions
+from service.engine import Engine, Hit, SearchOptions
 from service.errors import ApiError
 from service.limits import in_thread
 from service.metrics import StageTimer
@@ -39,12 +39,31 @@ def search_options(
 Options = Annotated[SearchOptions, Depends(search_options)]
 
 
+def hit_json(hit: Hit) -> dict[str, Any]:
+    """A hit as the API answers it (``SearchHit``)."""
+    item = hit.item
+    out: dict[str, Any] = {
+        "id": item.id,
+        "key": item.key,
+        "label": item.label,
+        "score": hit.score,
+        "global_similarity": hit.global_similarity,
+        "structural_similarity": hit.structural_similarity,
+        "reranked": hit.reranked,
+        "global_rank": hit.global_rank,
+        "image_url": f"/gallery/{item.id}/image",
+    }
+    if hit.explanation is not None:
+        out["explanation"] = hit.explanation.to_dict(matrices=False)
+    return out
+
+
 async def _run(
     engine: Engine,
     uploads: list[UploadFile],
     timer: StageTimer,
     options: SearchOptions,
-) -> list[list[dict[str, Any]]]:
+) -> list[list[Hit]]:
     with timer.stage("decode"):
         queries = []
         for upload in uploads:
@@ -75,7 +94,7 @@ async def search(
     """The gallery images most like the uploaded one, each with why it matches."""
     results = await within_deadline(engine, _run(engine, [image], timer, options))
     response.headers["Server-Timing"] = timer.header()
-    return {"results": results[0]}
+    return {"results": [hit_json(h) for h in results[0]]}
 
 
 @router.post(
@@ -97,7 +116,7 @@ async def search_batch(
         raise ApiError(422, "invalid_request", f"send between 1 and {limit} images")
     results = await within_deadline(engine, _run(engine, images, timer, options))
     response.headers["Server-Timing"] = timer.header()
-    return {"queries": [{"results": r} for r in results]}
+    return {"queries": [{"results": [hit_json(h) for h in r]} for r in results]}
 
 
 @router.post(
@@ -118,4 +137,4 @@ async def search_by_id(
     work = in_thread(engine.search, embedding, [geometry], options, timer)
     results = await within_deadline(engine, work)
     response.headers["Server-Timing"] = timer.header()
-    return {"results": results[0]}
+    return {"results": [hit_json(h) for h in results[0]]}
