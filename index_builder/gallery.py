@@ -32,7 +32,7 @@ from index_builder.manifest import IndexFormatError, Manifest, now
 from index_builder.segments import SegmentStore
 from index_builder.table import Item, ItemTable, NewItem
 from index_builder.vector_index import VectorIndex
-from model.backbones import sha256_file
+from model.files import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from index_builder.files import save_npy_atomic
 from index_builder.table import SegmentInfo
-from model.backbones import sha256_file
+from model.files import sha256_file
 
 FOLDER = "segments"
 

@@ -10,13 +10,12 @@ ids out of every search (HNSW), so a removed item is never returned. Search para
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from index_builder.files import fsync_dir
+from model.files import replacing
 
 EXACT_BELOW = 100_000
 
@@ -121,12 +120,8 @@ class VectorIndex:
 
     def write(self, path: Path) -> None:
         """Write aside, fsync, rename."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        faiss.write_index(self.index, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with replacing(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
 
     @classmethod
     def read(cls, path: Path, factory: str) -> VectorIndex:

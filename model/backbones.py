@@ -9,7 +9,6 @@ before loading a checkpoint).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -21,6 +20,8 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 from torch import nn
+
+from model.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +136,6 @@ def find_mobilenet_v2_weights() -> Path | None:
                 "%s: sha256 does not start with %s; ignored", path, MOBILENET_V2_SHA256_PREFIX
             )
     return None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from model.backbones import WeightsArg
 from model.config import ModelConfig
+from model.files import replacing
 from model.network import EmbeddingNet, create_model, default_config
 
 FORMAT = "diml-checkpoint"
@@ -69,16 +69,8 @@ def save_checkpoint(
         "config": config.to_json(),
         "fingerprint": fp,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replacing(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
     return fp
 
 

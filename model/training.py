@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from model.config import LOSSES, ModelConfig, Preprocessing
 from model.datasets import ImageSet
 from model.evaluation import ImageFiles, embed_records
 from model.feature_cache import body_sequence, cache_maps, last_stage_start, pca_init
+from model.files import replacing, write_atomic
 from model.network import Embedding, EmbeddingHead, EmbeddingNet, create_model
 from model.sampling import ClassBalancedBatches
 
@@ -158,9 +158,7 @@ class Run:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 class Trainer:
@@ -265,9 +263,8 @@ class Trainer:
             "epoch": self.epoch,
             "best_value": self.best_value,
         }
-        tmp = self.run.state.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.run.state)
+        with replacing(self.run.state) as tmp:
+            torch.save(state, tmp)
 
     def _maps(self, name: str) -> torch.Tensor:
         """(1 + views, N, C, h, w) cached prefix maps of the training images; (1, N, ...) of the
