@@ -20,7 +20,9 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -97,22 +99,43 @@ def _check_deadline() -> float | None:
     return left
 
 
-class MicroBatcher:
-    """Runs the backbone for concurrent requests in shared batches, on one thread."""
+Job = TypeVar("Job")
+Result = TypeVar("Result")
 
-    def __init__(self, embedder: Embedder, max_batch: int, window_s: float, max_queue: int) -> None:
-        self.embedder = embedder
-        self.max_batch, self.window_s = max_batch, window_s
-        self.jobs: queue.Queue[tuple[torch.Tensor, concurrent.futures.Future[Embedding]] | None]
+
+class Batcher(Generic[Job, Result]):
+    """Runs the jobs of concurrent requests together, on one thread: it takes a job, waits up
+    to ``window_s`` for company up to ``max_batch`` units of work, and hands the batch to
+    :meth:`process`. A full queue refuses with OverloadedError; a job whose request gave up
+    (its future cancelled) is skipped; a failure of the batch goes to each of its requests."""
+
+    name = "diml-batcher"
+
+    def __init__(
+        self,
+        max_batch: int,
+        window_s: float,
+        max_queue: int,
+        expect: Callable[[], int] | None = None,
+    ) -> None:
+        """``expect``, when given, says how many jobs are on their way: the batcher waits for
+        company only while some are (and never past the window)."""
+        self.max_batch, self.window_s, self.expect = max_batch, window_s, expect
+        self.jobs: queue.Queue[tuple[Job, concurrent.futures.Future[Result]] | None]
         self.jobs = queue.Queue(maxsize=max_queue)
-        self.thread = threading.Thread(target=self._run, name="diml-batcher", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self.thread.start()
 
-    def submit(self, pixels: torch.Tensor) -> concurrent.futures.Future[Embedding]:
-        """pixels: (n, 3, H, W) -> a future Embedding of n images; OverloadedError when full."""
-        future: concurrent.futures.Future[Embedding] = concurrent.futures.Future()
+    def size(self, job: Job) -> int:
+        return 1
+
+    def process(self, jobs: list[Job]) -> list[Result]:
+        raise NotImplementedError
+
+    def submit(self, job: Job) -> concurrent.futures.Future[Result]:
+        future: concurrent.futures.Future[Result] = concurrent.futures.Future()
         try:
-            self.jobs.put_nowait((pixels, future))
+            self.jobs.put_nowait((job, future))
         except queue.Full:
             raise OverloadedError() from None
         return future
@@ -122,11 +145,13 @@ class MicroBatcher:
         self.thread.join(timeout=10)
 
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            batch = [job]
-            size = len(job[0])
+        while (first := self.jobs.get()) is not None:
+            batch = [first]
+            size = self.size(first[0])
             deadline = time.perf_counter() + self.window_s
             while size < self.max_batch:
+                if self.expect is not None and self.expect() <= 0 and self.jobs.empty():
+                    break  # no job is on its way: do not wait for company
                 try:
                     more = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
                 except queue.Empty:
@@ -135,28 +160,72 @@ class MicroBatcher:
                     self.jobs.put(None)
                     break
                 batch.append(more)
-                size += len(more[0])
-            self._embed(batch)
+                size += self.size(more[0])
+            self._process(batch)
 
-    def _embed(
-        self, batch: list[tuple[torch.Tensor, concurrent.futures.Future[Embedding]]]
-    ) -> None:
+    def _process(self, batch: list[tuple[Job, concurrent.futures.Future[Result]]]) -> None:
         # A request that gave up (its deadline passed) cancelled its future: skip it. Once
         # marked running, a future can no longer be cancelled, so set_result below is safe.
-        batch = [(pixels, f) for pixels, f in batch if f.set_running_or_notify_cancel()]
+        batch = [(job, f) for job, f in batch if f.set_running_or_notify_cancel()]
         if not batch:
             return
         try:
-            embedding = self.embedder.embed_pixels(torch.cat([pixels for pixels, _ in batch]))
-            embedding = embedding.to("cpu")
+            results = self.process([job for job, _ in batch])
         except Exception as e:  # handed to every waiting request, which answers 500
             for _, future in batch:
                 future.set_exception(e)
             return
-        start = 0
-        for pixels, future in batch:
-            future.set_result(embedding[start : start + len(pixels)])
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
+
+
+class MicroBatcher(Batcher[torch.Tensor, Embedding]):
+    """Runs the backbone for concurrent requests in shared batches: a job is (n, 3, H, W)
+    pixels, its result the Embedding of its n images."""
+
+    name = "diml-embed"
+
+    def __init__(self, embedder: Embedder, max_batch: int, window_s: float, max_queue: int) -> None:
+        self.embedder = embedder
+        super().__init__(max_batch, window_s, max_queue)
+
+    def size(self, job: torch.Tensor) -> int:
+        return len(job)
+
+    def process(self, jobs: list[torch.Tensor]) -> list[Embedding]:
+        embedding = self.embedder.embed_pixels(torch.cat(jobs)).to("cpu")
+        out, start = [], 0
+        for pixels in jobs:
+            out.append(embedding[start : start + len(pixels)])
             start += len(pixels)
+        return out
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """The queries of one request, embedded, with their geometries, options and stage timer."""
+
+    queries: Embedding
+    geometries: list[ImageGeometry]
+    options: SearchOptions
+    timer: StageTimer
+
+
+class SearchBatcher(Batcher[SearchJob, list[list[Hit]]]):
+    """Searches for concurrent requests together: one coarse search, one gathering of the
+    candidates' grids and one structural match for every query of the batch."""
+
+    name = "diml-search"
+
+    def __init__(self, engine: Engine, max_batch: int, window_s: float, max_queue: int) -> None:
+        self.engine = engine
+        super().__init__(max_batch, window_s, max_queue, expect=lambda: engine.arriving)
+
+    def size(self, job: SearchJob) -> int:
+        return len(job.queries)
+
+    def process(self, jobs: list[SearchJob]) -> list[list[list[Hit]]]:
+        return self.engine.search_jobs(jobs)
 
 
 class Engine:
@@ -190,15 +259,21 @@ class Engine:
             use_device = device.type == "cuda"
         self.device_search = DeviceSearch(self.index, device) if use_device else None
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * 2**20)
+        # Requests embedded and about to search (changed on the event loop's thread only).
+        self.arriving = 0
         self.batcher = MicroBatcher(
             self.embedder,
             settings.max_batch_images,
             settings.batch_window_ms / 1000,
             settings.max_queue,
         )
+        self.searcher = SearchBatcher(
+            self, settings.max_batch_queries, settings.batch_window_ms / 1000, settings.max_queue
+        )
 
     def close(self) -> None:
         self.batcher.close()
+        self.searcher.close()
         with self.lock:
             if self.writable and self.index.backlog():
                 self.index.snapshot()
@@ -231,13 +306,19 @@ class Engine:
             _check_deadline()
             raise OverloadedError("too many large images are being decoded") from None
 
-    async def embed(self, queries: list[ModelInput]) -> Embedding:
+    async def embed(self, queries: list[ModelInput], search_next: bool = False) -> Embedding:
         """Embed through the shared batcher, unless the request's deadline has passed. The
-        deadline cancelling this await also cancels the job, which the batcher then skips."""
+        deadline cancelling this await also cancels the job, which the batcher then skips.
+
+        ``search_next``: the caller calls :meth:`find` with ``embedded=True`` right after, so
+        the search batcher waits for it (queries embedded in one batch are searched in one)."""
         _check_deadline()
-        return await asyncio.wrap_future(
+        embedding = await asyncio.wrap_future(
             self.batcher.submit(torch.stack([q.pixels for q in queries]))
         )
+        if search_next:
+            self.arriving += 1
+        return embedding
 
     # -- search ------------------------------------------------------------------------------
 
@@ -270,6 +351,26 @@ class Engine:
     def geometry(self, item: Item) -> ImageGeometry:
         return geometry_of(item.width, item.height, self.config.preprocessing)
 
+    async def find(
+        self,
+        queries: Embedding,
+        geometries: list[ImageGeometry],
+        options: SearchOptions,
+        timer: StageTimer,
+        embedded: bool = False,
+    ) -> list[list[Hit]]:
+        """:meth:`search` through the shared search batcher, so that concurrent requests are
+        searched and re-ranked together; the deadline cancelling this await cancels the job.
+        ``embedded``: the queries come from ``embed(..., search_next=True)``."""
+        try:
+            _check_deadline()
+            job = SearchJob(queries, geometries, options, timer)
+            future = self.searcher.submit(job)
+        finally:
+            if embedded:
+                self.arriving = max(0, self.arriving - 1)
+        return await asyncio.wrap_future(future)
+
     def search(
         self,
         queries: Embedding,
@@ -277,26 +378,35 @@ class Engine:
         options: SearchOptions,
         timer: StageTimer,
     ) -> list[list[Hit]]:
-        """B queries -> B lists of up to k hits: coarse search by the global vector, the top
-        ``rerank_k`` re-ranked by score = global + weight x structural, the rest in global order.
+        """B queries -> B lists of up to k hits (see :meth:`search_jobs`), in this thread."""
+        return self.search_jobs([SearchJob(queries, geometries, options, timer)])[0]
+
+    def search_jobs(self, jobs: list[SearchJob]) -> list[list[list[Hit]]]:
+        """The queries of several requests, searched together: one coarse search by the global
+        vector, the top ``rerank_k`` of each query re-ranked by score = global + weight x
+        structural (:func:`model.matching.rerank_positions`), the rest in global order. Each
+        request's timer gets the shared stages' time and its own explanations' time.
 
         With weight 0 (the training-free default model) re-ranking cannot change the order, so
         only the k hits returned are matched (for their explanations), not all rerank_k.
         """
         reorders = self.config.matching.structural_weight != 0
-        depth = max(options.k, options.rerank_k) if reorders else options.k
-        with timer.stage("coarse_search"), self.lock:
+        depth = max(max(j.options.k, j.options.rerank_k) if reorders else j.options.k for j in jobs)
+        queries = Embedding.cat([j.queries for j in jobs]) if len(jobs) > 1 else jobs[0].queries
+        start = time.perf_counter()
+        with self.lock:
             _, ids = self._search(queries.vector.numpy(), depth)
             valid = ids >= 0  # FAISS pads with -1 past the end
             if not valid.any():
-                return [[] for _ in range(len(queries))]
+                return [[[] for _ in range(len(j.queries))] for j in jobs]
             safe = np.where(valid, ids, ids.max())  # any real id; masked out below
             flat = safe.ravel()
             grids = self.index.grids(flat)
             grids = grids.reshape(*safe.shape, *grids.shape[1:])  # (B, K, R, D)
             vectors = self.index.vectors(flat).reshape(*safe.shape, -1)  # (B, K, D)
             items = self.index.items(np.unique(flat))
-        with timer.stage("rerank"), torch.inference_mode():
+        coarse = time.perf_counter()
+        with torch.inference_mode():
             device = self.embedder.device  # the grids travel as float16
             match = structural_match(
                 queries.parts.to(device),
@@ -306,12 +416,21 @@ class Engine:
                 self.config.matching,
             ).to("cpu")
             score = match.score.masked_fill(~torch.from_numpy(valid), float("-inf"))
-            order = rerank_positions(score, options.rerank_k)
-        with timer.stage("explain"):
-            return [
-                self._hits(match, b, order[b], safe[b], valid[b], items, geometries[b], options)
-                for b in range(len(queries))
-            ]
+        reranked = time.perf_counter()
+        answers, row = [], 0
+        for job in jobs:
+            job.timer.add("coarse_search", coarse - start)
+            job.timer.add("rerank", reranked - coarse)
+            with job.timer.stage("explain"):
+                rows = range(row, row + len(job.queries))
+                order = rerank_positions(score[row : row + len(job.queries)], job.options.rerank_k)
+                answers.append([
+                    self._hits(match, b, order[b - row], safe[b], valid[b], items,
+                               job.geometries[b - row], job.options)
+                    for b in rows
+                ])  # fmt: skip
+            row += len(job.queries)
+        return answers
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.device_search is not None:

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     decode_memory_mb: int = Field(512, gt=0, description="memory that images being decoded "
                                   "may hold at once; past it, decodes wait, then 503")  # fmt: skip
     max_batch_images: int = Field(16, gt=0, description="images in one batch search")
+    max_batch_queries: int = Field(64, gt=0, description="queries searched and re-ranked "
+                                   "together across concurrent requests")  # fmt: skip
     batch_window_ms: float = Field(2.0, ge=0, description="micro-batching wait for company")
     max_queue: int = Field(64, gt=0, description="images waiting for the backbone; past it 503")
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline")

@@ -70,9 +70,9 @@ async def _run(
             data = await upload.read()
             queries.append(await in_thread(engine.decode, data, upload.filename or "image"))
     with timer.stage("embed"):
-        embedding = await engine.embed(queries)
+        embedding = await engine.embed(queries, search_next=True)
     geometries = [q.geometry for q in queries]
-    return await in_thread(engine.search, embedding, geometries, options, timer)
+    return await engine.find(embedding, geometries, options, timer, embedded=True)
 
 
 @router.post(
@@ -134,7 +134,6 @@ async def search_by_id(
 ) -> dict[str, Any]:
     """More like this: the gallery item's own stored embedding as the query."""
     embedding, geometry, _ = await in_thread(engine.stored, item_id)
-    work = in_thread(engine.search, embedding, [geometry], options, timer)
-    results = await within_deadline(engine, work)
+    results = await within_deadline(engine, engine.find(embedding, [geometry], options, timer))
     response.headers["Server-Timing"] = timer.header()
     return {"results": [hit_json(h) for h in results[0]]}

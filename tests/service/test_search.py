@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,53 @@ def test_search_and_evaluation_rank_alike(client: TestClient) -> None:
             hits = client.post(f"/search/by-id/{item}", params=params).json()["results"]
             served = [h["id"] for h in hits if h["id"] != item]
             assert served == rankings.reranked_order[item].tolist(), (rerank_k, item)
+
+
+def test_concurrent_searches_are_batched_and_answer_as_alone(client: TestClient) -> None:
+    """Searches queued together go through one coarse search and one structural match, and
+    each gets what it would have got alone (its own k, rerank_k and explanations)."""
+    import asyncio
+
+    from service.engine import SearchOptions
+    from service.metrics import StageTimer
+
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    ids = [0, 3, 7, 11]
+    stored = [engine.stored(i) for i in ids]
+    options = [SearchOptions(k=3 + i, rerank_k=2 * i, explain=i % 2 == 0) for i in range(4)]
+    timer = lambda: StageTimer(client.app.state.metrics)  # noqa: E731  # type: ignore[attr-defined]
+    alone = [
+        engine.search(e, [g], o, timer())[0] for (e, g, _), o in zip(stored, options, strict=True)
+    ]
+    sizes: list[int] = []
+    original = engine.search_jobs
+
+    def recording(jobs: list) -> list:  # type: ignore[type-arg]
+        sizes.append(len(jobs))
+        return original(jobs)
+
+    engine.search_jobs = recording
+    engine.searcher.window_s = 5.0  # bounds the wait; the batcher stops once none is arriving
+    engine.arriving = len(stored)  # as after one embedding batch of four requests
+    try:
+
+        async def together() -> list:  # type: ignore[type-arg]
+            pairs = zip(stored, options, strict=True)
+            calls = [engine.find(e, [g], o, timer(), embedded=True) for (e, g, _), o in pairs]
+            return await asyncio.gather(*calls)
+
+        started = time.perf_counter()
+        batched = [answer[0] for answer in asyncio.run(together())]
+        waited = time.perf_counter() - started
+    finally:
+        engine.search_jobs = original
+        engine.searcher.window_s = engine.settings.batch_window_ms / 1000
+    assert sizes == [4]
+    assert engine.arriving == 0
+    assert waited < 4  # it did not wait out the window once the fourth query had come
+    for a, b in zip(alone, batched, strict=True):
+        assert [(h.item.id, h.reranked, h.global_rank) for h in a] == [
+            (h.item.id, h.reranked, h.global_rank) for h in b
+        ]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+        assert [h.explanation is None for h in a] == [h.explanation is None for h in b]
