@@ -81,25 +81,39 @@ def sinkhorn(
         fused = cost.is_cuda and not needs_grad and ot_kernel.fits(rows, cols)
         fused = fused and ot_kernel.available()
     if fused:
-        plan, error, runs = ot_kernel.solve(log_k, a, b, max_iter, tol, check_every)
-        return SinkhornResult(
-            plan=plan.reshape(*batch, rows, cols),
-            marginal_error=error.reshape(batch),
-            converged=(error <= tol).reshape(batch),
-            iterations=int(runs.max()) if len(runs) else 0,  # the one host sync
-        )
-    chunk = max(1, _CPU_CHUNK_ELEMENTS // (rows * cols)) if cost.device.type == "cpu" else len(a)
-    parts = [
-        _solve(log_k[i : i + chunk], a[i : i + chunk], b[i : i + chunk], max_iter, tol, check_every)
-        for i in range(0, len(a), chunk)
-    ]
-    plan = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-    error = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        plan, error, runs = ot_kernel.solve(log_k, a, b, max_iter, tol, check_every, _EXP_FLOOR)
+        iterations = int(runs.max()) if len(runs) else 0  # the one host sync
+    else:
+        plan, error, iterations = _solve_chunked(log_k, a, b, max_iter, tol, check_every)
     return SinkhornResult(
         plan=plan.reshape(*batch, rows, cols),
         marginal_error=error.reshape(batch),
         converged=(error <= tol).reshape(batch),
-        iterations=max(p[2] for p in parts),
+        iterations=iterations,
+    )
+
+
+def _solve_chunked(
+    log_k: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`_solve` in chunks on the CPU (see ``_CPU_CHUNK_ELEMENTS``), at once elsewhere."""
+    rows, cols = log_k.shape[-2:]
+    chunk = max(1, _CPU_CHUNK_ELEMENTS // (rows * cols)) if log_k.device.type == "cpu" else len(a)
+    parts = [
+        _solve(log_k[i : i + chunk], a[i : i + chunk], b[i : i + chunk], max_iter, tol, check_every)
+        for i in range(0, len(a), chunk)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return (
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
+        max(p[2] for p in parts),
     )
 
 

@@ -25,7 +25,6 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_SIDE = 64  # R and S up to this (G = 8 grids); larger problems use the PyTorch solver
-EXP_FLOOR = -80.0  # as optimal_transport._EXP_FLOOR: exp stays off the subnormal range
 TINY = float(torch.finfo(torch.float32).tiny)
 
 
@@ -109,10 +108,11 @@ def solve(
     max_iter: int,
     tol: float,
     check_every: int,
+    exp_floor: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log_k: (N, R, S) = -cost / epsilon; a: (N, R); b: (N, S), fp32, R and S <= 64 ->
     plan (N, R, S), row-marginal error (N,), iterations run (N,) int32, each problem stopping
-    at its own convergence."""
+    at its own convergence. Exponents are floored at ``exp_floor`` (the PyTorch solver's)."""
     import triton
 
     n, rows, cols = log_k.shape
@@ -129,7 +129,7 @@ def solve(
     _kernel()[(n,)](
         log_k, a, b, plan, error, iterations,
         rows, cols, max_iter, check_every, tol,
-        block_r=block_r, block_s=block_s, floor=EXP_FLOOR, smallest=TINY,
+        block_r=block_r, block_s=block_s, floor=exp_floor, smallest=TINY,
         num_warps=warps,
     )  # fmt: skip
     return plan, error, iterations

@@ -100,7 +100,7 @@ def test_cpu_and_gradients_use_the_pytorch_solver() -> None:
 def test_the_kernel_refuses_plans_larger_than_it_holds() -> None:
     big = ot_kernel.MAX_SIDE + 1
     with pytest.raises(ValueError, match="64 x 64"):
-        ot_kernel.solve(torch.zeros(1, big, 2), torch.ones(1, big), torch.ones(1, 2), 10, 0, 1)
+        ot_kernel.solve(torch.zeros(1, big, 2), torch.ones(1, big), torch.ones(1, 2), 10, 0, 1, -80)
 
 
 @pytest.mark.gpu
