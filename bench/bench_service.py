@@ -22,7 +22,9 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -44,26 +46,41 @@ def build(cub: Path, out: Path, inference: str) -> None:
     subprocess.run(command, check=True, cwd=REPO)
 
 
-def serve(index: Path, port: int, inference: str) -> subprocess.Popen[bytes]:
+def serve(
+    index: Path,
+    port: int,
+    inference: str,
+    settings: dict[str, str] | None = None,
+    log: IO[bytes] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``diml serve`` of ``index``, read-only, with ``settings`` (DIML_* variables) on top;
+    its output goes to ``log`` (or nowhere)."""
     command = [sys.executable, "-m", "service.cli", "serve", "--index", str(index),
                "--port", str(port)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DIML_ALLOW_WRITES": "false",
-           "DIML_INFERENCE": inference}  # fmt: skip
-    quiet = subprocess.DEVNULL
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=quiet, stderr=quiet)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "DIML_ALLOW_WRITES": "false",
+           "DIML_INFERENCE": inference, **(settings or {})}  # fmt: skip
+    out = log if log is not None else subprocess.DEVNULL
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=out)
 
 
-def wait_ready(url: str, timeout: float = 300) -> int:
+def wait_ready(
+    url: str, server: subprocess.Popen[bytes] | None = None, timeout: float = 300
+) -> int:
+    """The server's item count once /readyz answers 200; raises when ``server`` exits first or
+    the timeout passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if server is not None and server.poll() is not None:
+            raise RuntimeError(f"the server exited with status {server.returncode}")
         try:
             response = httpx.get(f"{url}/readyz", timeout=2)
             if response.status_code == 200:
                 return int(response.json()["items"])
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
-    raise SystemExit("the server did not become ready")
+        time.sleep(0.25)
+    raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
 
 
 def stages(header: str) -> dict[str, float]:
@@ -75,31 +92,40 @@ def stages(header: str) -> dict[str, float]:
     return out
 
 
-def run(url: str, images: list[bytes], clients: int, requests: int) -> dict[str, object]:
-    latencies: list[float] = []
-    timings: list[dict[str, float]] = []
-    errors = 0
+@dataclass
+class Load:
+    """What ``requests`` searches sent by ``clients`` threads measured: each answered request's
+    seconds and Server-Timing stages, the other statuses, and the wall time of the whole."""
+
+    latencies: list[float]
+    timings: list[dict[str, float]]
+    errors: list[int]
+    wall: float
+
+
+def send(url: str, images: list[bytes], clients: int, requests: int) -> Load:
+    """POST /search (k=10, rerank_k=100, explain on) ``requests`` times from ``clients``
+    threads, cycling through ``images``."""
+    load = Load([], [], [], 0.0)
     lock = threading.Lock()
     counter = iter(range(requests))
 
     def worker() -> None:
-        nonlocal errors
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=120) as client:
             for i in counter:
-                body = images[i % len(images)]
                 start = time.perf_counter()
                 response = client.post(
                     f"{url}/search",
-                    files={"image": ("q.jpg", body, "image/jpeg")},
+                    files={"image": ("q.jpg", images[i % len(images)], "image/jpeg")},
                     params={"k": 10, "rerank_k": 100, "explain": "true"},
                 )
                 elapsed = time.perf_counter() - start
                 with lock:
                     if response.status_code == 200:
-                        latencies.append(elapsed)
-                        timings.append(stages(response.headers.get("server-timing", "")))
+                        load.latencies.append(elapsed)
+                        load.timings.append(stages(response.headers.get("server-timing", "")))
                     else:
-                        errors += 1
+                        load.errors.append(response.status_code)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -107,16 +133,21 @@ def run(url: str, images: list[bytes], clients: int, requests: int) -> dict[str,
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
-    latencies.sort()
+    load.wall = time.perf_counter() - start
+    return load
+
+
+def run(url: str, images: list[bytes], clients: int, requests: int) -> dict[str, object]:
+    load = send(url, images, clients, requests)
+    latencies = sorted(load.latencies)
     names = ("decode", "embed", "coarse_search", "rerank", "explain")
     return {
         "clients": clients,
         "p50": 1e3 * latencies[len(latencies) // 2],
         "p95": 1e3 * latencies[int(0.95 * (len(latencies) - 1))],
-        "rps": len(latencies) / wall,
-        "errors": errors,
-        "stages": {n: statistics.median(t.get(n, 0.0) for t in timings) for n in names},
+        "rps": len(latencies) / load.wall,
+        "errors": len(load.errors),
+        "stages": {n: statistics.median(t.get(n, 0.0) for t in load.timings) for n in names},
     }
 
 
@@ -163,7 +194,7 @@ def measure(index: Path, runtime: str, images: list[bytes], args: argparse.Names
     server = serve(index, port, runtime)
     rows = []
     try:
-        wait_ready(url)
+        wait_ready(url, server)
         running = httpx.get(f"{url}/readyz").json()["inference"]
         run(url, images, 1, 5)  # warm-up
         for clients in (1, 4, 16):

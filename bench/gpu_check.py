@@ -30,13 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -51,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench_matching import synthetic, timed  # noqa: E402
-from bench_service import free_port, stages  # noqa: E402
+from bench_service import free_port, send, serve, wait_ready  # noqa: E402
 
 from index_builder import GalleryIndex, build_index, scan_folder  # noqa: E402
 from index_builder.build import default_workers  # noqa: E402
@@ -231,19 +229,14 @@ def serve_and_measure(
 ) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path,
-           "DIML_DEVICE": str(device), "DIML_ALLOW_WRITES": "false",
-           "DIML_INFERENCE": inference}  # fmt: skip
+    settings = {"DIML_DEVICE": str(device)}
     if checkpoint is not None:
-        env["DIML_CHECKPOINT"] = str(checkpoint)
-    command = [sys.executable, "-m", "service.cli", "serve", "--index", str(index),
-               "--port", str(port)]  # fmt: skip
+        settings["DIML_CHECKPOINT"] = str(checkpoint)
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
-    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
+    server = serve(index, port, inference, settings, log)
     started = time.perf_counter()
     try:
-        items = _wait_ready(url, server)
+        items = wait_ready(url, server, timeout=600)
         result: dict[str, Any] = {
             "items": items,
             "ready_s": round(time.perf_counter() - started, 1),
@@ -266,63 +259,18 @@ def serve_and_measure(
         log.close()
 
 
-def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 600) -> int:
-    """The server's item count once /readyz answers 200; raises when it exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with status {server.returncode}")
-        try:
-            response = httpx.get(f"{url}/readyz", timeout=2)
-            if response.status_code == 200:
-                return int(response.json()["items"])
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
-
-
 def _load(url: str, queries: list[bytes], clients: int, count: int) -> dict[str, Any]:
-    latencies: list[float] = []
-    timings: list[dict[str, float]] = []
-    errors: list[int] = []
-    lock = threading.Lock()
-    todo = iter(range(count))
-
-    def worker() -> None:
-        with httpx.Client(timeout=120) as client:
-            for i in todo:
-                start = time.perf_counter()
-                response = client.post(
-                    f"{url}/search",
-                    files={"image": ("q.jpg", queries[i % len(queries)], "image/jpeg")},
-                    params={"k": 10, "rerank_k": 100, "explain": "true"},
-                )
-                elapsed = time.perf_counter() - start
-                with lock:
-                    if response.status_code == 200:
-                        latencies.append(elapsed)
-                        timings.append(stages(response.headers.get("server-timing", "")))
-                    else:
-                        errors.append(response.status_code)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    server = [sum(v for n, v in t.items() if n != "decode") for t in timings]
-    names = sorted({n for t in timings for n in t})
+    load = send(url, queries, clients, count)
+    server = [sum(v for n, v in t.items() if n != "decode") for t in load.timings]
+    names = sorted({n for t in load.timings for n in t})
     out = {
-        "requests": len(latencies),
-        "errors": errors[:10],
-        "requests_per_s": round(len(latencies) / wall, 1),
-        "client_ms": _percentiles([1e3 * s for s in latencies]),
+        "requests": len(load.latencies),
+        "errors": load.errors[:10],
+        "requests_per_s": round(len(load.latencies) / load.wall, 1),
+        "client_ms": _percentiles([1e3 * s for s in load.latencies]),
         "server_ms_without_decode": _percentiles(server),
         "stage_median_ms": {
-            n: round(statistics.median(t.get(n, 0.0) for t in timings), 3) for n in names
+            n: round(statistics.median(t.get(n, 0.0) for t in load.timings), 3) for n in names
         },
     }
     print(f"   {clients:2d} clients: {json.dumps(out)}", flush=True)
