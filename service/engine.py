@@ -359,7 +359,7 @@ class Engine:
         timer: StageTimer,
         embedded: bool = False,
     ) -> list[list[Hit]]:
-        """:meth:`search` through the shared search batcher, so that concurrent requests are
+        """:meth:`search_jobs` through the shared search batcher, so that concurrent requests are
         searched and re-ranked together; the deadline cancelling this await cancels the job.
         ``embedded``: the queries come from ``embed(..., search_next=True)``."""
         try:
@@ -370,16 +370,6 @@ class Engine:
             if embedded:
                 self.arriving = max(0, self.arriving - 1)
         return await asyncio.wrap_future(future)
-
-    def search(
-        self,
-        queries: Embedding,
-        geometries: list[ImageGeometry],
-        options: SearchOptions,
-        timer: StageTimer,
-    ) -> list[list[Hit]]:
-        """B queries -> B lists of up to k hits (see :meth:`search_jobs`), in this thread."""
-        return self.search_jobs([SearchJob(queries, geometries, options, timer)])[0]
 
     def search_jobs(self, jobs: list[SearchJob]) -> list[list[list[Hit]]]:
         """The queries of several requests, searched together: one coarse search by the global
@@ -421,15 +411,15 @@ class Engine:
         for job in jobs:
             job.timer.add("coarse_search", coarse - start)
             job.timer.add("rerank", reranked - coarse)
+            n = len(job.queries)
             with job.timer.stage("explain"):
-                rows = range(row, row + len(job.queries))
-                order = rerank_positions(score[row : row + len(job.queries)], job.options.rerank_k)
+                order = rerank_positions(score[row : row + n], job.options.rerank_k)
                 answers.append([
-                    self._hits(match, b, order[b - row], safe[b], valid[b], items,
-                               job.geometries[b - row], job.options)
-                    for b in rows
+                    self._hits(match, row + i, order[i], safe[row + i], valid[row + i], items,
+                               job.geometries[i], job.options)
+                    for i in range(n)
                 ])  # fmt: skip
-            row += len(job.queries)
+            row += n
         return answers
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

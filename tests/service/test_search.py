@@ -188,7 +188,7 @@ def test_concurrent_searches_are_batched_and_answer_as_alone(client: TestClient)
     each gets what it would have got alone (its own k, rerank_k and explanations)."""
     import asyncio
 
-    from service.engine import SearchOptions
+    from service.engine import SearchJob, SearchOptions
     from service.metrics import StageTimer
 
     engine = client.app.state.engine  # type: ignore[attr-defined]
@@ -197,7 +197,8 @@ def test_concurrent_searches_are_batched_and_answer_as_alone(client: TestClient)
     options = [SearchOptions(k=3 + i, rerank_k=2 * i, explain=i % 2 == 0) for i in range(4)]
     timer = lambda: StageTimer(client.app.state.metrics)  # noqa: E731  # type: ignore[attr-defined]
     alone = [
-        engine.search(e, [g], o, timer())[0] for (e, g, _), o in zip(stored, options, strict=True)
+        engine.search_jobs([SearchJob(e, [g], o, timer())])[0][0]
+        for (e, g, _), o in zip(stored, options, strict=True)
     ]
     sizes: list[int] = []
     original = engine.search_jobs
