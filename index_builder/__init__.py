@@ -2,7 +2,13 @@
 
 from index_builder.build import Report, Source, add_images, build_index, read_list, scan_folder
 from index_builder.files import IndexBusyError
-from index_builder.gallery import FingerprintMismatchError, GalleryIndex, has_index, writing
+from index_builder.gallery import (
+    FingerprintMismatchError,
+    GalleryIndex,
+    LabelFilter,
+    has_index,
+    writing,
+)
 from index_builder.manifest import IndexFormatError, Manifest
 from index_builder.table import Item, NewItem
 from index_builder.vector_index import VectorIndex, default_factory
@@ -13,6 +19,7 @@ __all__ = [
     "IndexBusyError",
     "IndexFormatError",
     "Item",
+    "LabelFilter",
     "Manifest",
     "NewItem",
     "Report",

@@ -59,16 +59,32 @@ class DeviceSearch:
         self.ids, self.vectors = self.ids[keep], self.vectors[keep]
 
     @torch.inference_mode()
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        allow: np.ndarray | None = None,
+        deny: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """queries: (n, D) unit vectors -> scores (n, k) float32, ids (n, k); past the number
-        of items, scores are -inf and ids -1 (as FAISS pads)."""
+        of items (or of those ``allow`` lets through and ``deny`` does not stop), scores are
+        -inf and ids -1 (as FAISS pads)."""
         n = queries.shape[0]
         scores = np.full((n, k), -np.inf, dtype=np.float32)
         found = np.full((n, k), -1, dtype=np.int64)
         if self.count == 0 or n == 0:
             return scores, found
         q = torch.from_numpy(np.ascontiguousarray(queries)).to(self.device, self.dtype)
-        top = torch.topk((q @ self.vectors.T).float(), min(k, self.count), dim=1)
+        similarity = (q @ self.vectors.T).float()
+        if allow is not None or deny is not None:
+            keep = torch.ones_like(self.ids, dtype=torch.bool)
+            if allow is not None:
+                keep &= torch.isin(self.ids, torch.from_numpy(allow).to(self.device))
+            if deny is not None:
+                keep &= ~torch.isin(self.ids, torch.from_numpy(deny).to(self.device))
+            similarity = similarity.masked_fill(~keep, float("-inf"))
+        top = torch.topk(similarity, min(k, self.count), dim=1)
+        ids = torch.where(top.values > float("-inf"), self.ids[top.indices], -1)
         scores[:, : top.values.shape[1]] = top.values.cpu().numpy()
-        found[:, : top.values.shape[1]] = self.ids[top.indices].cpu().numpy()
+        found[:, : top.values.shape[1]] = ids.cpu().numpy()
         return scores, found

@@ -22,6 +22,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,18 @@ BUILDING = ".building"
 SNAPSHOT_META = "snapshot"
 SNAPSHOT_SEGMENT_META = "snapshot_segment"
 SNAPSHOT_BACKLOG = 1000
+
+
+@dataclass(frozen=True)
+class LabelFilter:
+    """Which items a search may return: those with one of ``labels`` (None: any label, items
+    without one included) and none of ``exclude``."""
+
+    labels: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.labels is not None or bool(self.exclude)
 
 
 class FingerprintMismatchError(ValueError):
@@ -104,11 +117,23 @@ class GalleryIndex:
     def count(self) -> int:
         return len(self.ids)
 
-    def search(self, queries: np.ndarray, k: int, **params: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries: (n, D) float32, unit length -> scores (n, k), ids (n, k), -1 past the end."""
+    def search(
+        self, queries: np.ndarray, k: int, where: LabelFilter | None = None, **params: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """queries: (n, D) float32, unit length -> scores (n, k), ids (n, k), -1 past the end.
+        ``where``: only items it allows, selected inside the search (k come back when k exist)."""
         if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
             raise ValueError(f"queries must be (n, {self.manifest.dim}), got {queries.shape}")
-        return self.vectors_index.search(queries, k, **params)
+        allow, deny = self.selection(where)
+        return self.vectors_index.search(queries, k, allow=allow, deny=deny, **params)
+
+    def selection(self, where: LabelFilter | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """A label filter as item ids: (allowed or None for all, denied or None for none)."""
+        if not where:
+            return None, None
+        allow = None if where.labels is None else self.table.ids_with_labels(where.labels)
+        deny = self.table.ids_with_labels(where.exclude) if where.exclude else None
+        return allow, deny
 
     def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ids: (n,) live item ids -> their (segments, rows); KeyError names an unknown id."""

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_sha256 ON items (sha256);
 CREATE INDEX IF NOT EXISTS items_path ON items (path);
+CREATE INDEX IF NOT EXISTS items_label ON items (label);
 CREATE TABLE IF NOT EXISTS segments (
     id INTEGER PRIMARY KEY,
     count INTEGER NOT NULL,
@@ -135,6 +136,25 @@ class ItemTable:
             ):
                 found[row[0]] = Item(*row)
         return found
+
+    def ids_with_labels(self, labels: Sequence[str]) -> np.ndarray:
+        """The live items whose label is one of ``labels``: ids (n,) int64 ascending."""
+        wanted = sorted(set(labels))
+        found: list[int] = []
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT id FROM items WHERE removed IS NULL AND label IN ({marks})"
+            found += [r[0] for r in self.db.execute(query, chunk)]
+        return np.sort(np.asarray(found, dtype=np.int64))
+
+    def labels(self) -> list[tuple[str, int]]:
+        """Every label of a live item and how many items carry it, most common first."""
+        query = (
+            "SELECT label, COUNT(*) AS n FROM items WHERE removed IS NULL AND label IS NOT NULL "
+            "GROUP BY label ORDER BY n DESC, label"
+        )
+        return [(r[0], int(r[1])) for r in self.db.execute(query)]
 
     def page(self, offset: int, limit: int) -> list[Item]:
         rows = self.db.execute(

@@ -88,30 +88,80 @@ class VectorIndex:
             self._selector = None
 
     def search(
-        self, queries: np.ndarray, k: int, nprobe: int | None = None, ef_search: int = 128
+        self,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int = 128,
+        allow: np.ndarray | None = None,
+        deny: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """queries: (n, D) float32 -> scores (n, k) float32, ids (n, k) int64 (-1 past the end).
 
         ``nprobe``: IVF lists visited (default: a sixteenth of them, at least 16);
-        ``ef_search``: HNSW breadth (at least k).
+        ``ef_search``: HNSW breadth (at least k). ``allow``: only these ids may be returned
+        (None: any); ``deny``: these may not. The selection is applied inside the search, so
+        k ids come back whenever k are allowed; where an approximate index finds fewer within
+        its usual breadth, the search is repeated exhaustively.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, max(self.ntotal, 1)))
+        if allow is not None and len(allow) == 0:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full(
+                (len(queries), k), -1, np.int64
+            )
+        ivf = faiss.try_extract_index_ivf(self.index)
+        lists = int(ivf.nlist) if ivf is not None else 0
         if nprobe is None:
-            ivf = faiss.try_extract_index_ivf(self.index)
-            nprobe = max(16, int(ivf.nlist) // 16) if ivf is not None else 16
-        params = self._params(nprobe, max(ef_search, k))
+            nprobe = max(16, lists // 16) if ivf is not None else 16
+        selection = self._selection(allow, deny)
+        params = self._params(nprobe, max(ef_search, k), selection[-1] if selection else None)
         scores, ids = self.index.search(queries, k, params=params)
+        if (allow is not None or deny is not None) and self._approximate():
+            wanted = min(k, len(allow)) if allow is not None else k
+            if ((ids >= 0).sum(axis=1) < wanted).any():  # a rare selection: look everywhere
+                params = self._params(max(lists, 1), max(self.ntotal, k), selection[-1])
+                scores, ids = self.index.search(queries, k, params=params)
         return scores, ids
 
-    def _params(self, nprobe: int, ef_search: int) -> faiss.SearchParameters | None:
+    def _approximate(self) -> bool:
+        inner = self._inner()
+        return isinstance(faiss.try_extract_index_ivf(inner), faiss.IndexIVF) or isinstance(
+            inner, faiss.IndexHNSW
+        )
+
+    def _inner(self) -> faiss.Index:
+        return faiss.downcast_index(
+            self.index.index if isinstance(self.index, faiss.IndexIDMap) else self.index
+        )
+
+    def _selection(
+        self, allow: np.ndarray | None, deny: np.ndarray | None
+    ) -> list[faiss.IDSelector]:
+        """The selectors of one search, their conjunction last. FAISS keeps bare pointers to
+        the inner selectors, so the caller holds the whole list while it searches."""
         if self.filtered and self._selector is None:
             self._selector_ids = np.fromiter(self.filtered, dtype=np.int64)
             self._selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._selector_ids))
-        sel = self._selector if self.filtered else None
-        inner = faiss.downcast_index(
-            self.index.index if isinstance(self.index, faiss.IndexIDMap) else self.index
-        )
+        held: list[faiss.IDSelector] = []
+        conditions: list[faiss.IDSelector] = [self._selector] if self.filtered else []
+        if allow is not None:
+            conditions.append(faiss.IDSelectorBatch(np.asarray(allow, dtype=np.int64)))
+        if deny is not None and len(deny):
+            denied = faiss.IDSelectorBatch(np.asarray(deny, dtype=np.int64))
+            held.append(denied)
+            conditions.append(faiss.IDSelectorNot(denied))
+        held += conditions
+        while len(conditions) > 1:
+            both = faiss.IDSelectorAnd(conditions.pop(), conditions.pop())
+            held.append(both)
+            conditions.append(both)
+        return held
+
+    def _params(
+        self, nprobe: int, ef_search: int, sel: faiss.IDSelector | None
+    ) -> faiss.SearchParameters | None:
+        inner = self._inner()
         if isinstance(faiss.try_extract_index_ivf(inner), faiss.IndexIVF):
             return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
         if isinstance(inner, faiss.IndexHNSW):

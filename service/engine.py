@@ -21,14 +21,14 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from index_builder import GalleryIndex, IndexBusyError, Item, Source
+from index_builder import GalleryIndex, IndexBusyError, Item, LabelFilter, Source
 from index_builder.build import Embedded, add_embedded
 from index_builder.device_search import DeviceSearch
 from index_builder.files import write_atomic, writer_lock
@@ -68,13 +68,18 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """k results; the top ``rerank_k`` of the global ranking re-ranked; explanations with the
-    ``matches`` strongest part pairs when ``explain``."""
+    """k results from position ``offset`` of one ranking (the top ``rerank_k`` of the global
+    ranking re-ranked, the rest in global order), among the items ``where`` allows; hits that
+    score below ``min_score`` left out; explanations with the ``matches`` strongest part pairs
+    when ``explain``."""
 
     k: int = 10
     rerank_k: int = 100
     explain: bool = True
     matches: int = 5
+    offset: int = 0
+    min_score: float | None = None
+    where: LabelFilter = field(default_factory=LabelFilter)
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,16 @@ class Hit:
     reranked: bool
     global_rank: int
     explanation: Explanation | None = None
+
+
+@dataclass(frozen=True)
+class Page:
+    """The hits of one query from ``offset``; ``next_offset`` continues the same ranking (None
+    when it has no more items)."""
+
+    hits: list[Hit]
+    offset: int
+    next_offset: int | None
 
 
 def _check_deadline() -> float | None:
@@ -211,7 +226,7 @@ class SearchJob:
     timer: StageTimer
 
 
-class SearchBatcher(Batcher[SearchJob, list[list[Hit]]]):
+class SearchBatcher(Batcher[SearchJob, list[Page]]):
     """Searches for concurrent requests together: one coarse search, one gathering of the
     candidates' grids and one structural match for every query of the batch."""
 
@@ -224,8 +239,16 @@ class SearchBatcher(Batcher[SearchJob, list[list[Hit]]]):
     def size(self, job: SearchJob) -> int:
         return len(job.queries)
 
-    def process(self, jobs: list[SearchJob]) -> list[list[list[Hit]]]:
+    def process(self, jobs: list[SearchJob]) -> list[list[Page]]:
         return self.engine.search_jobs(jobs)
+
+
+def _needed(options: SearchOptions, count: int, reorders: bool) -> np.ndarray:
+    """The positions of the global ranking (of ``count`` candidates) a page needs matched: the
+    re-ranked head when re-ranking reorders, and the page's positions past it."""
+    head = min(options.rerank_k, count) if reorders else 0
+    end = min(options.offset + options.k, count)
+    return np.r_[np.arange(head), np.arange(max(head, options.offset), end)]
 
 
 class Engine:
@@ -358,7 +381,7 @@ class Engine:
         options: SearchOptions,
         timer: StageTimer,
         embedded: bool = False,
-    ) -> list[list[Hit]]:
+    ) -> list[Page]:
         """:meth:`search_jobs` through the shared search batcher, so that concurrent requests are
         searched and re-ranked together; the deadline cancelling this await cancels the job.
         ``embedded``: the queries come from ``embed(..., search_next=True)``."""
@@ -371,30 +394,48 @@ class Engine:
                 self.arriving = max(0, self.arriving - 1)
         return await asyncio.wrap_future(future)
 
-    def search_jobs(self, jobs: list[SearchJob]) -> list[list[list[Hit]]]:
+    def search_jobs(self, jobs: list[SearchJob]) -> list[list[Page]]:
         """The queries of several requests, searched together: one coarse search by the global
-        vector, the top ``rerank_k`` of each query re-ranked by score = global + weight x
-        structural (:func:`model.matching.rerank_positions`), the rest in global order. Each
-        request's timer gets the shared stages' time and its own explanations' time.
+        vector per distinct label filter, then one gathering of the candidates' grids and one
+        structural match for the whole batch. Each query's ranking is the two-stage rule
+        (:func:`model.matching.rerank_positions`): its top ``rerank_k`` by score = global +
+        weight x structural, the rest in global order; a page is a slice of that ranking, so
+        pages continue each other exactly. Every hit's score is the same formula, re-ranked or
+        not. Each request's timer gets the shared stages' time and its own explanations' time.
 
-        With weight 0 (the training-free default model) re-ranking cannot change the order, so
-        only the k hits returned are matched (for their explanations), not all rerank_k.
+        Only the candidates a ranking needs are matched: the re-ranked head and the page. With
+        weight 0 (the training-free default model) re-ranking cannot change the order, so only
+        the page is.
         """
         reorders = self.config.matching.structural_weight != 0
-        depth = max(max(j.options.k, j.options.rerank_k) if reorders else j.options.k for j in jobs)
+        options = [j.options for j in jobs for _ in range(len(j.queries))]
+        # One more than the page tells whether a next page exists.
+        depth = max(max(o.offset + o.k + 1, o.rerank_k if reorders else 0) for o in options)
         queries = Embedding.cat([j.queries for j in jobs]) if len(jobs) > 1 else jobs[0].queries
         start = time.perf_counter()
         with self.lock:
-            _, ids = self._search(queries.vector.numpy(), depth)
-            valid = ids >= 0  # FAISS pads with -1 past the end
-            if not valid.any():
-                return [[[] for _ in range(len(j.queries))] for j in jobs]
-            safe = np.where(valid, ids, ids.max())  # any real id; masked out below
-            flat = safe.ravel()
-            grids = self.index.grids(flat)
-            grids = grids.reshape(*safe.shape, *grids.shape[1:])  # (B, K, R, D)
-            vectors = self.index.vectors(flat).reshape(*safe.shape, -1)  # (B, K, D)
-            items = self.index.items(np.unique(flat))
+            ids = np.full((len(options), depth), -1, dtype=np.int64)
+            for where in dict.fromkeys(o.where for o in options):
+                rows = np.array([i for i, o in enumerate(options) if o.where == where])
+                _, found = self._search(queries.vector[rows].numpy(), depth, where)
+                ids[rows, : found.shape[1]] = found
+            counts = (ids >= 0).sum(axis=1)  # FAISS pads with -1 past the end
+            columns = [
+                _needed(o, int(n), reorders) for o, n in zip(options, counts, strict=True)
+            ]  # fmt: skip
+            width = max(len(c) for c in columns)
+            if width == 0:
+                return self._pages(jobs, [[] for _ in options], counts)
+            chosen = np.zeros((len(options), width), dtype=np.int64)
+            for row, cols in enumerate(columns):
+                chosen[row, : len(cols)] = cols
+            matched = np.arange(width) < np.array([len(c) for c in columns])[:, None]
+            candidates = np.take_along_axis(ids, chosen, axis=1)
+            safe = np.where(matched, candidates, candidates[matched][0]).ravel()
+            grids = self.index.grids(safe)
+            grids = grids.reshape(len(options), width, *grids.shape[1:])  # (B, W, R, D)
+            vectors = self.index.vectors(safe).reshape(len(options), width, -1)  # (B, W, D)
+            items = self.index.items(np.unique(safe))
         coarse = time.perf_counter()
         with torch.inference_mode():
             device = self.embedder.device  # the grids travel as float16
@@ -405,49 +446,72 @@ class Engine:
                 torch.from_numpy(vectors).to(device),
                 self.config.matching,
             ).to("cpu")
-            score = match.score.masked_fill(~torch.from_numpy(valid), float("-inf"))
+        # Scores by position in the global ranking; the positions not matched are never sorted.
+        rows, cols = np.nonzero(matched)
+        score = torch.full((len(options), depth), float("-inf"))
+        score[rows, chosen[rows, cols]] = match.score[rows, cols]
+        column = np.full((len(options), depth), -1, dtype=np.int64)
+        column[rows, chosen[rows, cols]] = cols
         reranked = time.perf_counter()
-        answers, row = [], 0
+        hits: list[list[Hit]] = []
+        row = 0
         for job in jobs:
             job.timer.add("coarse_search", coarse - start)
             job.timer.add("rerank", reranked - coarse)
-            n = len(job.queries)
+            o, n = job.options, len(job.queries)
             with job.timer.stage("explain"):
-                order = rerank_positions(score[row : row + n], job.options.rerank_k)
-                answers.append([
-                    self._hits(match, row + i, order[i], safe[row + i], valid[row + i], items,
-                               job.geometries[i], job.options)
-                    for i in range(n)
-                ])  # fmt: skip
+                order = rerank_positions(score[row : row + n], o.rerank_k if reorders else 0)
+                for i in range(n):
+                    b = row + i
+                    ranking = order[i][order[i] < int(counts[b])]
+                    page = ranking[o.offset : o.offset + o.k].tolist()
+                    hits.append(self._hits(match, b, page, column[b], candidates[b], items,
+                                           job.geometries[i], o))  # fmt: skip
             row += n
-        return answers
+        return self._pages(jobs, hits, counts)
 
-    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def _pages(
+        jobs: list[SearchJob], hits: list[list[Hit]], counts: np.ndarray
+    ) -> list[list[Page]]:
+        pages, row = [], 0
+        for job in jobs:
+            o, n = job.options, len(job.queries)
+            end = o.offset + o.k
+            pages.append([
+                Page(hits[row + i], o.offset, end if counts[row + i] > end else None)
+                for i in range(n)
+            ])  # fmt: skip
+            row += n
+        return pages
+
+    def _search(
+        self, queries: np.ndarray, k: int, where: LabelFilter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         if self.device_search is not None:
-            return self.device_search.search(queries, k)
-        return self.index.search(queries, k)
+            return self.device_search.search(queries, k, *self.index.selection(where))
+        return self.index.search(queries, k, where)
 
     def _hits(
         self,
         match: StructuralMatch,
         b: int,
-        order: torch.Tensor,
-        ids: np.ndarray,
-        valid: np.ndarray,
+        positions: list[int],
+        column: np.ndarray,
+        candidates: np.ndarray,
         items: dict[int, Item],
         geometry: ImageGeometry,
         options: SearchOptions,
     ) -> list[Hit]:
+        """The hits at ``positions`` of query ``b``'s global ranking; ``column`` maps a position
+        to its column of ``match`` and ``candidates`` a column to its item id."""
         hits: list[Hit] = []
-        for position in order.tolist():
-            if len(hits) == options.k:
-                break
-            item = items.get(int(ids[position]))
-            if not valid[position] or item is None:
+        for position in positions:
+            c = int(column[position])
+            item = items.get(int(candidates[c]))
+            score = float(match.score[b, c])
+            if item is None or (options.min_score is not None and score < options.min_score):
                 continue
-            reranked = position < options.rerank_k
-            global_sim = float(match.global_similarity[b, position])
-            structural = float(match.structural_similarity[b, position])
             explanation = None
             if options.explain:
                 explanation = explain(
@@ -456,10 +520,12 @@ class Engine:
                     self.geometry(item),
                     self.config.grid,
                     self.config.matching,
-                    index=(b, position),
+                    index=(b, c),
                     top=options.matches,
                 )
-            score = float(match.score[b, position]) if reranked else global_sim
+            global_sim = float(match.global_similarity[b, c])
+            structural = float(match.structural_similarity[b, c])
+            reranked = position < options.rerank_k
             hits.append(
                 Hit(item, score, global_sim, structural, reranked, position + 1, explanation)
             )

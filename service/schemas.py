@@ -51,12 +51,15 @@ class Hit(BaseModel):
     key: str
     label: str | None
     score: float = Field(
-        description="global + w x structural similarity when re-ranked (w: the model's "
-        "structural_weight), else the global similarity"
+        description="global_similarity + w x structural_similarity for every hit, re-ranked or "
+        "not (w: the response's structural_weight); both terms are cosine similarities in "
+        "[-1, 1], so the score lies in [-(1 + w), 1 + w]"
     )
     global_similarity: float
     structural_similarity: float
-    reranked: bool
+    reranked: bool = Field(
+        description="placed by its score among the top rerank_k; false: placed in global order"
+    )
     global_rank: int = Field(description="1-based rank by the global vector alone")
     image_url: str
     explanation: ExplanationOut | None = None
@@ -64,6 +67,11 @@ class Hit(BaseModel):
 
 class SearchResponse(BaseModel):
     results: list[Hit]
+    offset: int = Field(description="where in the ranking this page starts")
+    next_offset: int | None = Field(
+        description="the offset of the next page of the same ranking; null at its end"
+    )
+    structural_weight: float = Field(description="w in score = global + w x structural")
 
 
 class BatchSearchResponse(BaseModel):

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
+from pydantic import StringConstraints
 
+from index_builder import LabelFilter
 from service.deps import DIGITS, EngineDep, ItemId, Read, TimerDep, single_parts, within_deadline
-from service.engine import Engine, Hit, SearchOptions
+from service.engine import Engine, Hit, Page, SearchOptions
 from service.errors import ApiError
 from service.limits import in_thread
 from service.metrics import StageTimer
@@ -28,12 +30,59 @@ Explain = Annotated[bool, Query(description="attach an explanation to every resu
 Matches = Annotated[
     int, Query(ge=0, le=256, description="strongest part matches per result"), DIGITS
 ]
+MAX_WINDOW = 10_000
+Offset = Annotated[
+    int,
+    Query(
+        ge=0,
+        le=MAX_WINDOW,
+        description="skip this many results of the ranking (paging: the previous page's "
+        "next_offset)",
+    ),
+    DIGITS,
+]
+MinScore = Annotated[
+    float | None,
+    Query(
+        allow_inf_nan=False,
+        description="leave out hits whose score is below this (the score's scale: see score)",
+    ),
+]
+MAX_LABELS = 100
+Label = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Labels = Annotated[
+    list[Label] | None,
+    Query(
+        max_length=MAX_LABELS,
+        description="only items with one of these labels (repeat the parameter for several)",
+    ),
+]
+ExcludeLabels = Annotated[
+    list[Label] | None,
+    Query(max_length=MAX_LABELS, description="no items with any of these labels (repeatable)"),
+]
+
+
+def label_filter(label: Labels = None, exclude_label: ExcludeLabels = None) -> LabelFilter:
+    return LabelFilter(
+        None if label is None else tuple(dict.fromkeys(label)),
+        tuple(dict.fromkeys(exclude_label or ())),
+    )
+
+
+Where = Annotated[LabelFilter, Depends(label_filter)]
 
 
 def search_options(
-    k: K = 10, rerank_k: RerankK = 100, explain: Explain = True, matches: Matches = 5
+    where: Where,
+    k: K = 10,
+    rerank_k: RerankK = 100,
+    explain: Explain = True,
+    matches: Matches = 5,
+    offset: Offset = 0,
+    min_score: MinScore = None,
 ) -> SearchOptions:
-    return SearchOptions(k, rerank_k, explain, matches)
+    return SearchOptions(k, rerank_k, explain, matches, offset, min_score, where)
 
 
 Options = Annotated[SearchOptions, Depends(search_options)]
@@ -58,12 +107,22 @@ def hit_json(hit: Hit) -> dict[str, Any]:
     return out
 
 
+def page_json(page: Page, weight: float) -> dict[str, Any]:
+    """One query's page as the API answers it (``SearchResponse``)."""
+    return {
+        "results": [hit_json(h) for h in page.hits],
+        "offset": page.offset,
+        "next_offset": page.next_offset,
+        "structural_weight": weight,
+    }
+
+
 async def _run(
     engine: Engine,
     uploads: list[UploadFile],
     timer: StageTimer,
     options: SearchOptions,
-) -> list[list[Hit]]:
+) -> list[Page]:
     with timer.stage("decode"):
         queries = []
         for upload in uploads:
@@ -94,7 +153,7 @@ async def search(
     """The gallery images most like the uploaded one, each with why it matches."""
     results = await within_deadline(engine, _run(engine, [image], timer, options))
     response.headers["Server-Timing"] = timer.header()
-    return {"results": [hit_json(h) for h in results[0]]}
+    return page_json(results[0], engine.config.matching.structural_weight)
 
 
 @router.post(
@@ -116,7 +175,8 @@ async def search_batch(
         raise ApiError(422, "invalid_request", f"send between 1 and {limit} images")
     results = await within_deadline(engine, _run(engine, images, timer, options))
     response.headers["Server-Timing"] = timer.header()
-    return {"queries": [{"results": [hit_json(h) for h in r]} for r in results]}
+    weight = engine.config.matching.structural_weight
+    return {"queries": [page_json(page, weight) for page in results]}
 
 
 @router.post(
@@ -136,4 +196,4 @@ async def search_by_id(
     embedding, geometry, _ = await in_thread(engine.stored, item_id)
     results = await within_deadline(engine, engine.find(embedding, [geometry], options, timer))
     response.headers["Server-Timing"] = timer.header()
-    return {"results": [hit_json(h) for h in results[0]]}
+    return page_json(results[0], engine.config.matching.structural_weight)

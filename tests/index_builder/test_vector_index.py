@@ -79,3 +79,22 @@ def test_default_factory_and_bad_factories() -> None:
     assert default_factory(200_000_000).startswith("IVF65536")
     with pytest.raises(ValueError, match="not a FAISS factory string"):
         VectorIndex.create("Bogus42", 8)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF64,Flat", "HNSW16"])
+def test_allow_and_deny_select_inside_the_search(factory: str) -> None:
+    """A rare allowed set still fills k: an approximate index whose usual breadth finds too
+    few of them searches again everywhere. Denied and removed ids never come back."""
+    x = _unit(4000, 16, seed=1)
+    ids = np.arange(4000, dtype=np.int64) * 3
+    index = _filled(factory, x, ids)
+    index.remove(ids[:10])
+    rare = ids[::400]  # 10 ids scattered over the lists; the first is removed
+    _, found = index.search(x[:3], 20, nprobe=1, ef_search=16, allow=rare)
+    assert [set(row[row >= 0]) for row in found] == [set(rare[1:].tolist())] * 3
+    deny = ids[10:2000]
+    scores, found = index.search(x[2000:2005], 5, nprobe=64, allow=None, deny=deny)
+    assert not np.isin(found, np.r_[deny, ids[:10]]).any()
+    assert (found[:, 0] == ids[2000:2005]).all()  # each query's own vector
+    _, nothing = index.search(x[:2], 5, allow=np.array([], dtype=np.int64))
+    assert (nothing == -1).all()

@@ -50,7 +50,11 @@ def test_without_reranking_results_keep_the_global_order(
     assert ranks == [1, 2, 3, 4, 5, 6]
     assert all(h["reranked"] is False for h in hits["results"])
     assert all("explanation" not in h for h in hits["results"])
-    assert all(h["score"] == h["global_similarity"] for h in hits["results"])
+    weight = hits["structural_weight"]
+    for h in hits["results"]:  # one scale for every hit: the ranking score
+        assert h["score"] == pytest.approx(
+            h["global_similarity"] + weight * h["structural_similarity"]
+        )
 
 
 def test_partial_reranking_keeps_the_tail_in_global_order(
@@ -197,7 +201,7 @@ def test_concurrent_searches_are_batched_and_answer_as_alone(client: TestClient)
     options = [SearchOptions(k=3 + i, rerank_k=2 * i, explain=i % 2 == 0) for i in range(4)]
     timer = lambda: StageTimer(client.app.state.metrics)  # noqa: E731  # type: ignore[attr-defined]
     alone = [
-        engine.search_jobs([SearchJob(e, [g], o, timer())])[0][0]
+        engine.search_jobs([SearchJob(e, [g], o, timer())])[0][0].hits
         for (e, g, _), o in zip(stored, options, strict=True)
     ]
     sizes: list[int] = []
@@ -218,7 +222,7 @@ def test_concurrent_searches_are_batched_and_answer_as_alone(client: TestClient)
             return await asyncio.gather(*calls)
 
         started = time.perf_counter()
-        batched = [answer[0] for answer in asyncio.run(together())]
+        batched = [answer[0].hits for answer in asyncio.run(together())]
         waited = time.perf_counter() - started
     finally:
         engine.search_jobs = original
