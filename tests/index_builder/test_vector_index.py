@@ -93,7 +93,7 @@ def test_allow_and_deny_select_inside_the_search(factory: str) -> None:
     _, found = index.search(x[:3], 20, nprobe=1, ef_search=16, allow=rare)
     assert [set(row[row >= 0]) for row in found] == [set(rare[1:].tolist())] * 3
     deny = ids[10:2000]
-    scores, found = index.search(x[2000:2005], 5, nprobe=64, allow=None, deny=deny)
+    _scores, found = index.search(x[2000:2005], 5, nprobe=64, allow=None, deny=deny)
     assert not np.isin(found, np.r_[deny, ids[:10]]).any()
     assert (found[:, 0] == ids[2000:2005]).all()  # each query's own vector
     _, nothing = index.search(x[:2], 5, allow=np.array([], dtype=np.int64))

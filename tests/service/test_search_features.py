@@ -32,11 +32,13 @@ def test_a_label_filter_returns_only_those_labels_and_k_of_them(client: TestClie
     two = _search(client, label=["class0", "class2"], k=8)
     assert sorted(_labels(two)) == ["class0"] * 4 + ["class2"] * 4
     without = _search(client, exclude_label="class1", k=20)
-    assert len(without["results"]) == 8 and "class1" not in _labels(without)
+    assert len(without["results"]) == 8
+    assert "class1" not in _labels(without)
     both = _search(client, label=["class0", "class1"], exclude_label="class1", k=20)
     assert _labels(both) == ["class0"] * 4
     none = _search(client, label="no-such-label")
-    assert none["results"] == [] and none["next_offset"] is None
+    assert none["results"] == []
+    assert none["next_offset"] is None
     # The filter is applied in the coarse search: the k best of the label, not fewer.
     unfiltered = _search(client, k=12, rerank_k=0)
     best = [h["id"] for h in unfiltered["results"] if h["label"] == "class2"][:2]
@@ -50,7 +52,8 @@ def test_filters_apply_to_uploads_and_batches(client: TestClient) -> None:
     batch = [("images", (f"{i}.png", png())) for i in range(2)]
     answer = client.post("/search/batch", files=batch, params={"exclude_label": "class0"}).json()
     for query in answer["queries"]:
-        assert len(query["results"]) == 8 and "class0" not in _labels(query)
+        assert len(query["results"]) == 8
+        assert "class0" not in _labels(query)
 
 
 @pytest.mark.parametrize(("rerank_k", "k"), [(0, 3), (4, 3), (5, 2), (100, 4)])
@@ -83,7 +86,8 @@ def test_every_hit_has_one_score_scale_and_min_score_drops_exactly_those_below(
     threshold = (scores[5] + scores[6]) / 2
     kept = _search(client, item=3, k=12, rerank_k=6, min_score=threshold)
     expected = [h["id"] for h in whole["results"] if h["score"] >= threshold]
-    assert [h["id"] for h in kept["results"]] == expected and len(expected) == 6
+    assert [h["id"] for h in kept["results"]] == expected
+    assert len(expected) == 6
     # A threshold keeps pages aligned to the ranking: each page filters its own window.
     first = _search(client, item=3, k=6, rerank_k=6, min_score=threshold)
     second = _search(client, item=3, k=6, rerank_k=6, min_score=threshold, offset=6)
@@ -118,4 +122,5 @@ def test_device_search_filters_as_faiss_does(served: dict[str, Path]) -> None:
         with TestClient(app) as c:
             params = {"label": ["class0", "class1"], "exclude_label": "class0", "k": 6}
             answers.append([h["id"] for h in _search(c, item=2, **params)["results"]])
-    assert answers[0] == answers[1] and len(answers[0]) == 4
+    assert answers[0] == answers[1]
+    assert len(answers[0]) == 4
