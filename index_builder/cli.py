@@ -1,8 +1,9 @@
-"""``diml index build | add | remove | info | verify``."""
+"""``diml index build | add | remove | info | duplicates | verify``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from index_builder.build import (
     read_list,
     scan_folder,
 )
+from index_builder.duplicates import GLOBAL_THRESHOLD, STRUCTURAL_THRESHOLD, near_duplicates
 from index_builder.files import IndexBusyError, write_atomic
 from index_builder.gallery import FingerprintMismatchError, GalleryIndex, writing
 from index_builder.manifest import IndexFormatError
@@ -71,6 +73,17 @@ def add_index(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     i.add_argument("index", type=Path)
     i.add_argument("--json", action="store_true")
     i.set_defaults(run=run_info)
+
+    d = sub.add_parser("duplicates", help="groups of near-copies (crops, mirrors, rescales)")
+    d.add_argument("index", type=Path)
+    d.add_argument("--checkpoint", type=Path, help="the model the index was built with "
+                   "(default: ImageNet MobileNetV2, head-less)")  # fmt: skip
+    d.add_argument("--threshold", type=float, default=GLOBAL_THRESHOLD,
+                   help="least global similarity (default %(default)s)")  # fmt: skip
+    d.add_argument("--structural-threshold", type=float, default=STRUCTURAL_THRESHOLD,
+                   help="least structural similarity (default %(default)s)")  # fmt: skip
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(run=run_duplicates)
 
     v = sub.add_parser("verify", help="check an index's consistency (exit 1 on a problem)")
     v.add_argument("index", type=Path)
@@ -168,6 +181,30 @@ def run_info(args: argparse.Namespace) -> int:
     for key in ("path", "count", "backbone", "grid", "dim", "factory", "fingerprint", "created",
                 "size_bytes", "bytes_per_item", "segments", "skipped"):  # fmt: skip
         print(f"{key:>15}: {info[key]}")
+    return 0
+
+
+def run_duplicates(args: argparse.Namespace) -> int:
+    try:
+        model = load_model(args.checkpoint)
+        index = GalleryIndex.open(args.index, fingerprint(model))
+    except EXPECTED as e:
+        return _fail("duplicates", e)
+    try:
+        groups = near_duplicates(
+            index, model.config.matching, args.threshold, args.structural_threshold
+        )
+        items = index.items([i for g in groups for i in g.ids])
+    finally:
+        index.close()
+    if args.json:
+        out = [{"items": [{"id": i, "key": items[i].key, "label": items[i].label} for i in g.ids],
+                "pairs": [dataclasses.asdict(p) for p in g.pairs]} for g in groups]  # fmt: skip
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"{len(groups)} groups of near-copies, {sum(len(g.ids) for g in groups)} items")
+    for g in groups:
+        print("  " + ", ".join(f"{i} {items[i].key}" for i in g.ids))
     return 0
 
 

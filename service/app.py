@@ -21,7 +21,7 @@ from service.auth import AuthBeforeBody
 from service.engine import Engine
 from service.limits import BodyLimits, return_freed_images_to_the_system
 from service.metrics import Metrics, method_label
-from service.routes import explain, gallery, health, search
+from service.routes import duplicates, explain, gallery, health, search
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     app.state.load_error = None
     app.state.loading = "loading the model and the index"
     errors.install(app)
-    for module in (search, explain, gallery, health):
+    for module in (search, explain, gallery, duplicates, health):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

@@ -31,6 +31,7 @@ from PIL import Image
 from index_builder import GalleryIndex, IndexBusyError, Item, LabelFilter, Source
 from index_builder.build import Embedded, add_embedded
 from index_builder.device_search import DeviceSearch
+from index_builder.duplicates import DuplicateGroup, near_duplicates
 from index_builder.files import write_atomic, writer_lock
 from model import (
     Embedder,
@@ -284,6 +285,8 @@ class Engine:
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * 2**20)
         # Requests embedded and about to search (changed on the event loop's thread only).
         self.arriving = 0
+        self.changes = 0  # gallery changes since start: what cached answers are keyed on
+        self._duplicates: tuple[tuple[float, float, int], list[DuplicateGroup]] | None = None
         self.batcher = MicroBatcher(
             self.embedder,
             settings.max_batch_images,
@@ -352,6 +355,11 @@ class Engine:
         if item is None:
             raise NotFoundError(f"no gallery item with id {item_id}")
         return item
+
+    def items(self, ids: list[int]) -> dict[int, Item]:
+        """The live items among ``ids``, by id."""
+        with self.lock:
+            return self.index.items(ids)
 
     def page(self, offset: int, limit: int) -> tuple[list[Item], int]:
         """Up to ``limit`` live items in id order from ``offset``, and the number of items."""
@@ -531,10 +539,100 @@ class Engine:
             )
         return hits
 
+    def search_examples(
+        self,
+        positives: Embedding,
+        positive_geometries: list[ImageGeometry],
+        negatives: Embedding | None,
+        exclude: list[int],
+        options: SearchOptions,
+        timer: StageTimer,
+    ) -> tuple[Page, list[int]]:
+        """More like the positives, less like the negatives.
+
+        Candidates: the union of each positive's top ``rerank_k`` (at least 1) by the global
+        vector (within ``options.where``), less the gallery items given as examples
+        (``exclude``); the same for every page, so pages continue one ranking. Every
+        candidate c is matched with every example e in one structural match,
+        ``s(e, c) = global + w x structural``, and ranked by
+
+            score(c) = max over positives s(p, c) - max over negatives s(n, c)
+
+        (no negatives: the second term is 0): like any of the positives, unlike all of the
+        negatives. Best first, ties in id order. A hit's global and
+        structural terms and its explanation are those of the positive it matches best; the
+        second value returned lists, per hit, that positive's position among the positives.
+        """
+        n_pos = len(positives)
+        examples = positives if negatives is None else Embedding.cat([positives, negatives])
+        depth = max(options.rerank_k, 1)
+        start = time.perf_counter()
+        with self.lock:
+            _, found = self._search(positives.vector.numpy(), depth, options.where)
+            ids = np.setdiff1d(np.unique(found[found >= 0]), np.asarray(exclude, np.int64))
+            if len(ids) == 0:
+                return Page([], options.offset, None), []
+            grids = torch.from_numpy(self.index.grids(ids).astype(np.float32))
+            vectors = torch.from_numpy(self.index.vectors(ids))
+            items = self.index.items(ids)
+        coarse = time.perf_counter()
+        with torch.inference_mode():
+            device = self.embedder.device
+            match = structural_match(
+                examples.parts.to(device),
+                examples.vector.to(device),
+                grids.to(device).unsqueeze(0).expand(len(examples), -1, -1, -1),
+                vectors.to(device).unsqueeze(0).expand(len(examples), -1, -1),
+                self.config.matching,
+            ).to("cpu")
+        liked, best = match.score[:n_pos].max(dim=0)
+        disliked = match.score[n_pos:].amax(dim=0) if len(examples) > n_pos else 0.0
+        score = liked - disliked
+        order = torch.sort(score, descending=True, stable=True).indices  # ids ascend: ties by id
+        closeness = torch.argsort(match.global_similarity[:n_pos].mean(dim=0), descending=True)
+        rank = torch.empty_like(closeness)
+        rank[closeness] = torch.arange(len(closeness))
+        timer.add("coarse_search", coarse - start)
+        timer.add("rerank", time.perf_counter() - coarse)
+        hits, matched = [], []
+        with timer.stage("explain"):
+            for c in order[options.offset : options.offset + options.k].tolist():
+                if options.min_score is not None and float(score[c]) < options.min_score:
+                    continue
+                p = int(best[c])
+                explanation = None
+                if options.explain:
+                    explanation = explain(
+                        match, positive_geometries[p], self.geometry(items[int(ids[c])]),
+                        self.config.grid, self.config.matching, index=(p, c),
+                        top=options.matches,
+                    )  # fmt: skip
+                hits.append(Hit(items[int(ids[c])], float(score[c]),
+                                float(match.global_similarity[p, c]),
+                                float(match.structural_similarity[p, c]), True,
+                                int(rank[c]) + 1, explanation))  # fmt: skip
+                matched.append(p)
+        end = options.offset + options.k
+        return Page(hits, options.offset, end if len(ids) > end else None), matched
+
     def explain_pair(
         self, a: Embedding, ga: ImageGeometry, b: Embedding, gb: ImageGeometry, top: int
     ) -> Explanation:
         return explain_embeddings(a, ga, b, gb, self.config, top)
+
+    def duplicates(self, threshold: float, structural_threshold: float) -> list[DuplicateGroup]:
+        """The gallery's groups of near-copies (:func:`index_builder.duplicates.near_duplicates`),
+        kept until the gallery changes so that paging through them costs nothing. Runs under
+        the index lock, within the request's deadline (DeadlineExceededError past it)."""
+        key = (threshold, structural_threshold, self.changes)
+        with self.lock:
+            if self._duplicates is None or self._duplicates[0] != key:
+                groups = near_duplicates(
+                    self.index, self.config.matching, threshold, structural_threshold,
+                    check=_check_deadline,
+                )  # fmt: skip
+                self._duplicates = (key, groups)
+            return self._duplicates[1]
 
     # -- gallery changes -----------------------------------------------------------------------
 
@@ -594,6 +692,7 @@ class Engine:
                 raise
             if self.device_search is not None:
                 self.device_search.add(report.ids)
+            self.changes += 1
             added = self.index.items(report.ids)
             count = self.index.count
         names = {str(folder / sha): name for (name, _), sha in zip(uploads, shas, strict=True)}
@@ -622,6 +721,7 @@ class Engine:
                 raise NotFoundError(f"no gallery item with id {item_id}")
             if self.device_search is not None:
                 self.device_search.remove([item_id])
+            self.changes += 1
             return self.index.count
 
     def canary(self) -> None:

@@ -74,6 +74,17 @@ class SearchResponse(BaseModel):
     structural_weight: float = Field(description="w in score = global + w x structural")
 
 
+class ExampleHit(Hit):
+    positive: int = Field(
+        description="the positive example this hit matches best and is explained against "
+        "(its position among the positives: uploads first, then ids)"
+    )
+
+
+class ExamplesResponse(SearchResponse):
+    results: list[ExampleHit]  # type: ignore[assignment]
+
+
 class BatchSearchResponse(BaseModel):
     queries: list[SearchResponse]
 
@@ -94,6 +105,27 @@ class GalleryPage(BaseModel):
     total: int
     offset: int
     limit: int
+
+
+class DuplicatePairOut(BaseModel):
+    a: int = Field(description="an item id (the smaller)")
+    b: int = Field(description="the other item id")
+    global_similarity: float
+    structural_similarity: float
+
+
+class DuplicateGroupOut(BaseModel):
+    items: list[GalleryItemOut] = Field(description="near-copies of each other, by id")
+    pairs: list[DuplicatePairOut] = Field(description="the confirmed pairs that join them")
+
+
+class DuplicatesPage(BaseModel):
+    groups: list[DuplicateGroupOut]
+    total: int = Field(description="groups in the whole gallery")
+    offset: int
+    limit: int
+    threshold: float
+    structural_threshold: float
 
 
 class Skipped(BaseModel):

@@ -20,7 +20,7 @@ MEDIA = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": 
          "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}  # fmt: skip
 
 
-def _out(item: Item) -> dict[str, Any]:
+def item_json(item: Item) -> dict[str, Any]:
     return {
         "id": item.id,
         "key": item.key,
@@ -41,12 +41,17 @@ def list_items(
 ) -> dict[str, Any]:
     """A page of gallery items in id order."""
     items, total = engine.page(offset, limit)
-    return {"items": [_out(i) for i in items], "total": total, "offset": offset, "limit": limit}
+    return {
+        "items": [item_json(i) for i in items],
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+    }
 
 
 @router.get("/{item_id}", response_model=GalleryItemOut, dependencies=[Read])
 def get_item(item_id: ItemId, engine: EngineDep) -> dict[str, Any]:
-    return _out(engine.item(item_id))
+    return item_json(engine.item(item_id))
 
 
 @router.get(
@@ -91,7 +96,7 @@ async def add_items(
     added, skipped, count = await engine.add(uploads, key, label)
     if not added:
         response.status_code = 200
-    return {"added": [_out(i) for i in added], "skipped": skipped, "count": count}
+    return {"added": [item_json(i) for i in added], "skipped": skipped, "count": count}
 
 
 @router.delete("/{item_id}", response_model=DeleteResponse, dependencies=[Write])

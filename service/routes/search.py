@@ -1,4 +1,5 @@
-"""``POST /search``, ``POST /search/by-id/{id}``, ``POST /search/batch``."""
+"""``POST /search``, ``POST /search/by-id/{id}``, ``POST /search/batch``,
+``POST /search/examples``."""
 
 from __future__ import annotations
 
@@ -8,12 +9,22 @@ from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 from pydantic import StringConstraints
 
 from index_builder import LabelFilter
-from service.deps import DIGITS, EngineDep, ItemId, Read, TimerDep, single_parts, within_deadline
+from model import Embedding, ImageGeometry
+from service.deps import (
+    DIGITS,
+    MAX_ID,
+    EngineDep,
+    ItemId,
+    Read,
+    TimerDep,
+    single_parts,
+    within_deadline,
+)
 from service.engine import Engine, Hit, Page, SearchOptions
 from service.errors import ApiError
 from service.limits import in_thread
 from service.metrics import StageTimer
-from service.schemas import BatchSearchResponse, ErrorBody, SearchResponse
+from service.schemas import BatchSearchResponse, ErrorBody, ExamplesResponse, SearchResponse
 
 router = APIRouter(tags=["search"], dependencies=[Read])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -197,3 +208,80 @@ async def search_by_id(
     results = await within_deadline(engine, engine.find(embedding, [geometry], options, timer))
     response.headers["Server-Timing"] = timer.header()
     return page_json(results[0], engine.config.matching.structural_weight)
+
+
+ExampleIds = Annotated[
+    list[Annotated[int, DIGITS]] | None,
+    Query(max_length=64, description="gallery ids (repeat the parameter for several)"),
+]
+ExampleFiles = Annotated[list[UploadFile], File(description="example images (repeatable)")]
+
+
+@router.post(
+    "/search/examples",
+    response_model=ExamplesResponse,
+    response_model_exclude_unset=True,
+    responses=ERRORS,
+)
+async def search_examples(
+    engine: EngineDep,
+    timer: TimerDep,
+    response: Response,
+    options: Options,
+    positive: ExampleFiles = [],  # noqa: B006  (FastAPI copies defaults per request)
+    negative: ExampleFiles = [],  # noqa: B006
+    positive_id: ExampleIds = None,
+    negative_id: ExampleIds = None,
+) -> dict[str, Any]:
+    """More like the positive examples, less like the negative ones; each an upload or a
+    gallery id. A candidate's score is its best score against the positives less its best
+    against the negatives (each score global + w x structural); candidates are the union
+    of each positive's top rerank_k by the global vector, the examples from the gallery left
+    out. Each hit explains its match with the positive it matches best (``positive``: its
+    position among the positives, uploads first, then ids)."""
+    positive_ids, negative_ids = positive_id or [], negative_id or []
+    total = len(positive) + len(negative) + len(positive_ids) + len(negative_ids)
+    limit = engine.settings.max_batch_images
+    if not positive and not positive_ids:
+        raise ApiError(422, "invalid_request", "give at least one positive example: a "
+                       "'positive' image or a 'positive_id'")  # fmt: skip
+    if total > limit:
+        raise ApiError(422, "invalid_request", f"give at most {limit} examples, not {total}")
+    if any(not 0 <= i <= MAX_ID for i in positive_ids + negative_ids):
+        raise ApiError(422, "invalid_request", f"gallery ids are 0 to {MAX_ID}")
+
+    async def run() -> tuple[Page, list[int]]:
+        pos, pos_geometries = await _examples(engine, positive, positive_ids, timer)
+        neg = (await _examples(engine, negative, negative_ids, timer))[0] if (
+            negative or negative_ids) else None  # fmt: skip
+        exclude = positive_ids + negative_ids
+        return await in_thread(
+            engine.search_examples, pos, pos_geometries, neg, exclude, options, timer
+        )
+
+    page, matched = await within_deadline(engine, run())
+    response.headers["Server-Timing"] = timer.header()
+    out = page_json(page, engine.config.matching.structural_weight)
+    for hit, p in zip(out["results"], matched, strict=True):
+        hit["positive"] = p
+    return out
+
+
+async def _examples(
+    engine: Engine, uploads: list[UploadFile], ids: list[int], timer: StageTimer
+) -> tuple[Embedding, list[ImageGeometry]]:
+    """Uploads (decoded and embedded together), then stored items, as one Embedding."""
+    parts: list[Embedding] = []
+    geometries: list[ImageGeometry] = []
+    if uploads:
+        with timer.stage("decode"):
+            decoded = [await in_thread(engine.decode, await u.read(), u.filename or "image")
+                       for u in uploads]  # fmt: skip
+        with timer.stage("embed"):
+            parts.append(await engine.embed(decoded))
+        geometries += [d.geometry for d in decoded]
+    for item_id in ids:
+        embedding, geometry, _ = await in_thread(engine.stored, item_id)
+        parts.append(embedding)
+        geometries.append(geometry)
+    return Embedding.cat(parts), geometries

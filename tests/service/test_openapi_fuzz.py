@@ -5,7 +5,8 @@ ones accepted.
 One check is left out where it cannot hold: for the operations that take image uploads,
 "schema-valid request accepted" would need arbitrary bytes (which the schema allows as
 ``format: binary``) to be decodable images, and /explain's "an image or an id for each side"
-to be expressed in the schema; those answer 415/422 by design. The same check runs on every
+and /search/examples' "at least one positive example" to be expressed in the schema; those
+answer 415/422 by design. The same check runs on every
 other operation.
 """
 
@@ -22,7 +23,10 @@ schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathe
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.checks import CHECKS  # noqa: E402
 
-UPLOADS = {"POST /search", "POST /search/batch", "POST /explain", "POST /gallery"}
+UPLOADS = {
+    "POST /search", "POST /search/batch", "POST /search/examples", "POST /explain",
+    "POST /gallery",
+}  # fmt: skip
 
 
 def test_generated_requests_pass_every_check(served: dict[str, Path], fresh_index: Path) -> None:
