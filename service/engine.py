@@ -361,6 +361,11 @@ class Engine:
         with self.lock:
             return self.index.items(ids)
 
+    def labels(self) -> list[tuple[str, int]]:
+        """Every label of a live item and its number of items, most common first."""
+        with self.lock:
+            return self.index.table.labels()
+
     def page(self, offset: int, limit: int) -> tuple[list[Item], int]:
         """Up to ``limit`` live items in id order from ``offset``, and the number of items."""
         with self.lock:

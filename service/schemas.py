@@ -128,6 +128,11 @@ class DuplicatesPage(BaseModel):
     structural_threshold: float
 
 
+class LabelCount(BaseModel):
+    label: str
+    count: int
+
+
 class Skipped(BaseModel):
     filename: str
     reason: str

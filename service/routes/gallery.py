@@ -13,7 +13,7 @@ from service.deps import DIGITS, MAX_ID, EngineDep, ItemId, Read, Write, single_
 from service.errors import ApiError
 from service.limits import in_thread
 from service.routes.search import ERRORS
-from service.schemas import AddResponse, DeleteResponse, GalleryItemOut, GalleryPage
+from service.schemas import AddResponse, DeleteResponse, GalleryItemOut, GalleryPage, LabelCount
 
 router = APIRouter(prefix="/gallery", tags=["gallery"], responses=ERRORS)
 MEDIA = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
@@ -47,6 +47,13 @@ def list_items(
         "offset": offset,
         "limit": limit,
     }
+
+
+@router.get("/labels", response_model=list[LabelCount], dependencies=[Read])
+def list_labels(engine: EngineDep) -> list[dict[str, Any]]:
+    """Every label in the gallery with its number of items, most common first (what the
+    ``label`` and ``exclude_label`` search filters take)."""
+    return [{"label": label, "count": n} for label, n in engine.labels()]
 
 
 @router.get("/{item_id}", response_model=GalleryItemOut, dependencies=[Read])

@@ -4,7 +4,10 @@
 
 const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
-const state = { query: null, results: [], current: null, explanation: null, page: 0, pageSize: 24 };
+const state = {
+  query: null, results: [], current: null, explanation: null, page: 0, pageSize: 24,
+  next: null, path: null, options: null, marks: new Map(),  // marks: gallery id -> "like" | "unlike"
+};
 
 // ---- talking to the API ------------------------------------------------------------------
 
@@ -51,58 +54,110 @@ function say(message, isError = false) {
 
 // ---- search ------------------------------------------------------------------------------
 
-function searchParams() {
+function labelList(id) {
+  return $(id).value.split(",").map((l) => l.trim()).filter((l) => l);
+}
+
+function searchParams(offset = 0) {
   const k = Math.max(1, Math.min(100, parseInt($("k").value, 10) || 12));
   const rerank = $("rerank").checked ? 100 : 0;
-  return `k=${k}&rerank_k=${rerank}&explain=true&matches=8`;
+  const params = new URLSearchParams({ k, rerank_k: rerank, explain: "true", matches: 8, offset });
+  for (const label of labelList("labels")) params.append("label", label);
+  for (const label of labelList("exclude-labels")) params.append("exclude_label", label);
+  const min = $("min-score").value.trim();
+  if (min !== "" && Number.isFinite(Number(min))) params.set("min_score", min);
+  return params;
 }
 
 async function searchFile(file) {
   if (!file) { say("Choose an image first.", true); return; }
   state.query = { kind: "upload", file, url: URL.createObjectURL(file), name: file.name };
-  const form = new FormData();
-  form.append("image", file);
-  await runSearch(`/search?${searchParams()}`, { method: "POST", body: form });
+  await runSearch("/search", () => { const f = new FormData(); f.append("image", file); return f; });
 }
 
 async function searchById(id) {
   state.query = { kind: "item", id, url: await galleryImage(id), name: `gallery item ${id}` };
-  await runSearch(`/search/by-id/${id}?${searchParams()}`, { method: "POST" });
+  await runSearch(`/search/by-id/${id}`, null);
 }
 
-async function runSearch(path, options) {
+// More like the query and the results marked "like", less like those marked "unlike".
+async function searchExamples() {
+  const params = searchParams();
+  for (const [id, mark] of state.marks) params.append(mark === "like" ? "positive_id" : "negative_id", id);
+  const query = state.query;
+  if (query.kind === "item" && !state.marks.has(query.id)) params.append("positive_id", query.id);
+  const path = "/search/examples";
+  const form = () => { const f = new FormData(); if (query.kind === "upload") f.append("positive", query.file); return f; };
+  state.marks = new Map();
+  await runSearch(path, form, params);
+}
+
+// One search: the first page, then "More results" continues the same ranking (next_offset).
+async function runSearch(path, form, params = searchParams(), append = false) {
   say("Searching…");
-  $("detail").hidden = true;
+  if (!append) $("detail").hidden = true;
   try {
-    const body = await (await api(path, options)).json();
-    state.results = body.results;
-    say(`${body.results.length} results for ${state.query.name}.`);
+    const options = { method: "POST" };
+    if (form) options.body = form();
+    const body = await (await api(`${path}?${params}`, options)).json();
+    state.path = path; state.form = form; state.params = params; state.next = body.next_offset;
+    state.results = append ? state.results.concat(body.results) : body.results;
+    const note = params.has("min_score") ? ` scoring at least ${params.get("min_score")}` : "";
+    say(`${state.results.length} results${note} for ${state.query.name}.`);
     await showResults();
   } catch (e) {
     say(`Search failed: ${e.message}`, true);
   }
 }
 
+async function moreResults() {
+  if (state.next === null) return;
+  const params = new URLSearchParams(state.params);
+  params.set("offset", state.next);
+  await runSearch(state.path, state.form, params, true);
+}
+
+function toggleMark(id, mark, buttons) {
+  if (state.marks.get(id) === mark) state.marks.delete(id); else state.marks.set(id, mark);
+  for (const b of buttons) b.setAttribute("aria-pressed", String(state.marks.get(id) === b.dataset.mark));
+  const likes = [...state.marks.values()].filter((m) => m === "like").length;
+  $("examples-bar").hidden = state.marks.size === 0;
+  $("examples-note").textContent = `${likes} more like this, ${state.marks.size - likes} less like this`;
+}
+
 async function showResults() {
   const grid = $("results");
   grid.replaceChildren();
   $("results-section").hidden = false;
-  $("results-note").textContent = $("rerank").checked
-    ? "(re-ranked by structural matching; the global rank is shown beside each)"
-    : "(global ranking only)";
+  $("more-results").hidden = state.next === null;
+  $("examples-bar").hidden = state.marks.size === 0;
+  $("results-note").textContent = state.path === "/search/examples"
+    ? "(by examples: best positive minus best negative)"
+    : $("rerank").checked
+      ? "(re-ranked by structural matching; the global rank is shown beside each)"
+      : "(global ranking only)";
   for (const [i, hit] of state.results.entries()) {
-    const card = document.createElement("button");
-    card.type = "button";
+    const card = document.createElement("div");
     card.className = "card result";
     card.dataset.id = hit.id;
+    card.tabIndex = 0;
+    card.setAttribute("role", "button");
     const moved = hit.global_rank - (i + 1);
     const arrow = moved > 0 ? `<span class="up">▲${moved}</span>` : moved < 0 ? `<span class="down">▼${-moved}</span>` : "";
     card.innerHTML = `<img alt=""><span class="score">${hit.score.toFixed(3)}</span>
       <span class="rank">rank ${i + 1} · global rank ${hit.global_rank} ${arrow}</span>
-      <span class="label"></span>`;
+      <span class="label"></span>
+      <span class="marks"><button type="button" class="like" data-mark="like" aria-pressed="false">more like this</button>
+      <button type="button" class="unlike" data-mark="unlike" aria-pressed="false">less like this</button></span>`;
     card.querySelector(".label").textContent = hit.label ? `${hit.label} · ${hit.key}` : hit.key;
     card.querySelector("img").alt = hit.key;
+    const buttons = [...card.querySelectorAll(".marks button")];
+    for (const b of buttons) {
+      b.setAttribute("aria-pressed", String(state.marks.get(hit.id) === b.dataset.mark));
+      b.addEventListener("click", (e) => { e.stopPropagation(); toggleMark(hit.id, b.dataset.mark, buttons); });
+    }
     card.addEventListener("click", () => openDetail(hit));
+    card.addEventListener("keydown", (e) => { if (e.key === "Enter" && e.target === card) openDetail(hit); });
     grid.append(card);
     galleryImage(hit.id).then((url) => { card.querySelector("img").src = url; }).catch(() => {});
   }
@@ -301,6 +356,57 @@ async function showGallery() {
   }
 }
 
+async function showLabels() {
+  try {
+    const labels = await (await api("/gallery/labels")).json();
+    $("label-list").replaceChildren(...labels.map((l) => {
+      const option = document.createElement("option");
+      option.value = l.label;
+      option.textContent = `${l.count} items`;
+      return option;
+    }));
+  } catch (e) { /* the filters still take typed labels */ }
+}
+
+async function showDuplicates() {
+  const box = $("duplicates");
+  say("Looking for near-duplicates…");
+  try {
+    const body = await (await api("/duplicates?limit=50")).json();
+    box.replaceChildren();
+    box.hidden = false;
+    const title = document.createElement("h3");
+    title.textContent = `${body.total} groups of near-copies` + (body.total > 50 ? " (the 50 largest shown)" : "");
+    box.append(title);
+    for (const group of body.groups) {
+      const section = document.createElement("div");
+      section.className = "dup-group";
+      const best = group.pairs[0];
+      const caption = document.createElement("p");
+      caption.className = "hint";
+      caption.textContent = `${group.items.length} items · closest pair: global ${best.global_similarity.toFixed(3)}, structural ${best.structural_similarity.toFixed(3)}`;
+      const grid = document.createElement("div");
+      grid.className = "grid small";
+      for (const item of group.items) {
+        const card = document.createElement("button");
+        card.type = "button";
+        card.className = "card item";
+        card.innerHTML = `<img alt=""><span class="label"></span>`;
+        card.querySelector(".label").textContent = item.key;
+        card.querySelector("img").alt = item.key;
+        card.addEventListener("click", () => searchById(item.id));
+        grid.append(card);
+        galleryImage(item.id).then((url) => { card.querySelector("img").src = url; }).catch(() => {});
+      }
+      section.append(caption, grid);
+      box.append(section);
+    }
+    say(`${body.total} groups of near-duplicates.`);
+  } catch (e) {
+    say(`Near-duplicates could not be found: ${e.message}`, true);
+  }
+}
+
 function addImages(event) {
   event.preventDefault();
   const files = $("add-files").files;
@@ -321,6 +427,7 @@ function addImages(event) {
       say(`Added ${body.added.length} image(s); ${body.count} in the gallery.` + (skipped ? ` Skipped ${skipped}` : ""));
       $("add-form").reset();
       await showGallery();
+      showLabels();
     } else {
       const why = body && body.error ? `${body.error.message} (${xhr.status} ${body.error.code})` : `the server answered ${xhr.status}`;
       say(`Adding failed: ${why}`, true);
@@ -351,7 +458,12 @@ function init() {
   $("prev-page").addEventListener("click", () => { state.page -= 1; showGallery(); });
   $("next-page").addEventListener("click", () => { state.page += 1; showGallery(); });
   $("add-form").addEventListener("submit", addImages);
+  $("more-results").addEventListener("click", moreResults);
+  $("examples-search").addEventListener("click", searchExamples);
+  $("examples-clear").addEventListener("click", () => { state.marks = new Map(); showResults(); });
+  $("find-duplicates").addEventListener("click", showDuplicates);
   showGallery();
+  showLabels();
 }
 
 document.addEventListener("DOMContentLoaded", init);

@@ -148,3 +148,80 @@ def test_phone_sized_window_has_no_sideways_scrolling(
     tab.click("#results .result")
     tab.wait_for_selector("#detail:not([hidden]) #pair .cell")
     assert tab.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+
+def test_filters_threshold_more_results_examples_and_duplicates(
+    page: tuple[object, Server, list[str]], served: dict[str, Path], tmp_path: Path
+) -> None:
+    import io
+
+    from PIL import Image
+
+    tab, server, _ = page  # type: ignore[misc]
+    tab.wait_for_selector("#gallery .item")
+    tab.wait_for_function("document.querySelectorAll('#label-list option').length === 3")
+    query = sorted(served["gallery"].rglob("*.png"))[4]
+
+    def api(path: str, **params: object) -> list[dict[str, object]]:
+        files = {"image": ("q.png", query.read_bytes())} if path == "/search" else None
+        answer = httpx.post(f"{server.url}{path}", files=files, params=params, timeout=60)
+        assert answer.status_code == 200, answer.text
+        results: list[dict[str, object]] = answer.json()["results"]
+        return results
+
+    def shown() -> list[str]:
+        return [
+            c.get_attribute("data-id") or "" for c in tab.query_selector_all("#results .result")
+        ]
+
+    tab.fill("#labels", "class1")
+    tab.fill("#k", "4")
+    tab.set_input_files("#file", str(query))
+    tab.wait_for_function("document.querySelectorAll('#results .result').length === 4")
+    assert all(c.inner_text().count("class1") for c in tab.query_selector_all("#results .label"))
+    assert tab.is_hidden("#more-results")  # class1 holds 4 items: the ranking ends here
+
+    tab.fill("#labels", "")
+    tab.click("#search-button")
+    tab.wait_for_function("document.querySelector('#status').textContent.startsWith('4 results')")
+    tab.click("#more-results")  # the next page of the same ranking
+    tab.wait_for_function("document.querySelectorAll('#results .result').length === 8")
+    whole = api("/search", k=8, rerank_k=100)
+    assert shown() == [str(h["id"]) for h in whole]
+
+    scores = sorted(float(h["score"]) for h in whole)  # type: ignore[arg-type]
+    threshold = round((scores[3] + scores[4]) / 2, 4)
+    tab.fill("#k", "8")
+    tab.fill("#min-score", str(threshold))
+    tab.click("#search-button")
+    tab.wait_for_function("document.querySelector('#status').textContent.includes('at least')")
+    assert shown() == [str(h["id"]) for h in whole if float(h["score"]) >= threshold]  # type: ignore[arg-type]
+    tab.fill("#min-score", "")
+
+    tab.click("#search-button")
+    tab.wait_for_function("document.querySelector('#status').textContent.startsWith('8 results')")
+    cards = tab.query_selector_all("#results .result")
+    liked, disliked = cards[1].get_attribute("data-id"), cards[2].get_attribute("data-id")
+    cards[1].query_selector("button.like").click()
+    cards[2].query_selector("button.unlike").click()
+    assert "1 more like this, 1 less like this" in tab.inner_text("#examples-note")
+    tab.click("#examples-search")
+    tab.wait_for_function(
+        "document.querySelector('#results-note').textContent.includes('examples')"
+    )
+    files = {"positive": ("q.png", query.read_bytes())}
+    params = {"k": 8, "rerank_k": 100, "positive_id": liked, "negative_id": disliked}
+    expected = httpx.post(f"{server.url}/search/examples", files=files, params=params, timeout=60)
+    assert shown() == [str(h["id"]) for h in expected.json()["results"]]
+    assert liked not in shown()
+    assert disliked not in shown()
+
+    copy = io.BytesIO()
+    Image.open(query).convert("RGB").save(copy, "JPEG", quality=95)  # a re-encoded copy
+    added = httpx.post(f"{server.url}/gallery", files={"images": ("copy.jpg", copy.getvalue())})
+    assert added.status_code == 201, added.text
+    tab.click("#find-duplicates")
+    tab.wait_for_selector("#duplicates .dup-group")
+    groups = [g.inner_text() for g in tab.query_selector_all("#duplicates .dup-group")]
+    original = query.relative_to(served["gallery"]).as_posix()
+    assert any("copy.jpg" in g and original in g for g in groups)  # one group holds both
