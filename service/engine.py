@@ -65,6 +65,7 @@ from service.settings import ALLOWED_FORMATS, Settings
 
 log = logging.getLogger(__name__)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+GROUP_DEPTH = 4  # a grouped search first looks at this many candidates per hit it may return
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class SearchOptions:
     offset: int = 0
     min_score: float | None = None
     where: LabelFilter = field(default_factory=LabelFilter)
+    group_size: int | None = None  # group by label: k groups of up to this many hits
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,9 @@ class Page:
     hits: list[Hit]
     offset: int
     next_offset: int | None
+    # Grouped searches: (label, its hits) per group, best group first; ``hits`` is their
+    # concatenation and the offsets count groups.
+    groups: list[tuple[str | None, list[Hit]]] | None = None
 
 
 def _check_deadline() -> float | None:
@@ -543,6 +548,87 @@ class Engine:
                 Hit(item, score, global_sim, structural, reranked, position + 1, explanation)
             )
         return hits
+
+    def search_grouped(
+        self, query: Embedding, geometry: ImageGeometry, options: SearchOptions, timer: StageTimer
+    ) -> Page:
+        """One query's ranking (the same two-stage rule as :meth:`search_jobs`) grouped by
+        label: groups in the order of their best hit, each with its best ``group_size`` hits;
+        ``k`` groups from group ``offset``. Items without a label form one group (label None).
+
+        The ranking is walked until the groups asked for are full; when the candidates run out
+        first and the gallery holds more, the coarse search is repeated four times deeper.
+        """
+        size = options.group_size or 1
+        want = options.offset + options.k + 1  # groups; one more tells whether more exist
+        reorders = self.config.matching.structural_weight != 0
+        head_k = options.rerank_k if reorders else 0
+        depth = max(head_k, 1, int(GROUP_DEPTH * want * size))
+        start = time.perf_counter()
+        while True:
+            _check_deadline()
+            with self.lock:
+                _, found = self._search(query.vector.numpy(), depth, options.where)
+                ids = found[0][found[0] >= 0]
+                items = self.index.items(ids)
+                total = self.index.count
+            head = min(head_k, len(ids))
+            ranking = np.arange(len(ids))
+            if head:
+                match = self._match(query, ids[:head])
+                order = rerank_positions(match.score, head)[0].numpy()
+                ranking = np.r_[order, ranking[head:]]
+            groups: dict[str | None, list[int]] = {}
+            for position in ranking.tolist():
+                label = items[int(ids[position])].label if int(ids[position]) in items else None
+                if label not in groups:
+                    if len(groups) == want:
+                        continue
+                    groups[label] = []
+                if len(groups[label]) < size:
+                    groups[label].append(position)
+                    if len(groups) == want and all(len(g) == size for g in groups.values()):
+                        break
+            else:  # the candidates ran out before the groups were full
+                if len(ids) == depth and depth < total:
+                    depth *= 4
+                    continue
+            break
+        coarse = time.perf_counter()
+        chosen = list(groups.items())[options.offset : options.offset + options.k]
+        positions = sorted({p for _, members in chosen for p in members})
+        if not positions:
+            return Page([], options.offset, None, [])
+        match = self._match(query, ids[positions])
+        column = np.full(len(ids), -1, dtype=np.int64)
+        column[positions] = np.arange(len(positions))
+        candidates = ids[positions]
+        timer.add("coarse_search", coarse - start)
+        timer.add("rerank", time.perf_counter() - coarse)
+        out: list[tuple[str | None, list[Hit]]] = []
+        with timer.stage("explain"):
+            for label, members in chosen:
+                hits = self._hits(match, 0, members, column, candidates, items, geometry, options)
+                if hits:
+                    out.append((label, hits))
+        end = options.offset + options.k
+        more = end if len(groups) > end else None
+        return Page([h for _, hits in out for h in hits], options.offset, more, out)
+
+    def _match(self, query: Embedding, ids: np.ndarray) -> StructuralMatch:
+        """One query against the gallery items ``ids``: a StructuralMatch over (1, len(ids))."""
+        with self.lock:
+            grids = torch.from_numpy(self.index.grids(ids).astype(np.float32))
+            vectors = torch.from_numpy(self.index.vectors(ids))
+        with torch.inference_mode():
+            device = self.embedder.device
+            return structural_match(
+                query.parts.to(device),
+                query.vector.to(device),
+                grids.to(device).unsqueeze(0),
+                vectors.to(device).unsqueeze(0),
+                self.config.matching,
+            ).to("cpu")
 
     def search_examples(
         self,

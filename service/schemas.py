@@ -65,6 +65,11 @@ class Hit(BaseModel):
     explanation: ExplanationOut | None = None
 
 
+class GroupOut(BaseModel):
+    label: str | None
+    results: list[Hit]
+
+
 class SearchResponse(BaseModel):
     results: list[Hit]
     offset: int = Field(description="where in the ranking this page starts")
@@ -72,6 +77,9 @@ class SearchResponse(BaseModel):
         description="the offset of the next page of the same ranking; null at its end"
     )
     structural_weight: float = Field(description="w in score = global + w x structural")
+    groups: list[GroupOut] | None = Field(
+        None, description="with group_by: the groups, best first (results: their hits in order)"
+    )
 
 
 class ExampleHit(Hit):

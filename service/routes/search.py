@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 from pydantic import StringConstraints
@@ -84,6 +84,17 @@ def label_filter(label: Labels = None, exclude_label: ExcludeLabels = None) -> L
 Where = Annotated[LabelFilter, Depends(label_filter)]
 
 
+GroupBy = Annotated[
+    Literal["label"] | None,
+    Query(description="group the hits by label: k groups, each with its best group_size hits; "
+          "offsets then count groups"),
+]  # fmt: skip
+GroupSize = Annotated[
+    int, Query(ge=1, le=100, description="hits per group (with group_by)"), DIGITS
+]
+MAX_GROUPED_HITS = 1000
+
+
 def search_options(
     where: Where,
     k: K = 10,
@@ -92,8 +103,14 @@ def search_options(
     matches: Matches = 5,
     offset: Offset = 0,
     min_score: MinScore = None,
+    group_by: GroupBy = None,
+    group_size: GroupSize = 3,
 ) -> SearchOptions:
-    return SearchOptions(k, rerank_k, explain, matches, offset, min_score, where)
+    size = group_size if group_by == "label" else None
+    if size is not None and k * size > MAX_GROUPED_HITS:
+        raise ApiError(422, "invalid_request", f"k x group_size may be at most "
+                       f"{MAX_GROUPED_HITS}, not {k} x {size}")  # fmt: skip
+    return SearchOptions(k, rerank_k, explain, matches, offset, min_score, where, size)
 
 
 Options = Annotated[SearchOptions, Depends(search_options)]
@@ -120,12 +137,17 @@ def hit_json(hit: Hit) -> dict[str, Any]:
 
 def page_json(page: Page, weight: float) -> dict[str, Any]:
     """One query's page as the API answers it (``SearchResponse``)."""
-    return {
+    out: dict[str, Any] = {
         "results": [hit_json(h) for h in page.hits],
         "offset": page.offset,
         "next_offset": page.next_offset,
         "structural_weight": weight,
     }
+    if page.groups is not None:
+        out["groups"] = [
+            {"label": label, "results": [hit_json(h) for h in hits]} for label, hits in page.groups
+        ]
+    return out
 
 
 async def _run(
@@ -139,10 +161,28 @@ async def _run(
         for upload in uploads:
             data = await upload.read()
             queries.append(await in_thread(engine.decode, data, upload.filename or "image"))
+    grouped = options.group_size is not None
     with timer.stage("embed"):
-        embedding = await engine.embed(queries, search_next=True)
+        embedding = await engine.embed(queries, search_next=not grouped)
     geometries = [q.geometry for q in queries]
-    return await engine.find(embedding, geometries, options, timer, embedded=True)
+    return await _find(engine, embedding, geometries, options, timer, embedded=not grouped)
+
+
+async def _find(
+    engine: Engine,
+    embedding: Embedding,
+    geometries: list[ImageGeometry],
+    options: SearchOptions,
+    timer: StageTimer,
+    embedded: bool = False,
+) -> list[Page]:
+    """Through the shared search batcher, or, for grouped searches, one query at a time."""
+    if options.group_size is None:
+        return await engine.find(embedding, geometries, options, timer, embedded=embedded)
+    return [
+        await in_thread(engine.search_grouped, embedding[i : i + 1], geometry, options, timer)
+        for i, geometry in enumerate(geometries)
+    ]
 
 
 @router.post(
@@ -205,7 +245,7 @@ async def search_by_id(
 ) -> dict[str, Any]:
     """More like this: the gallery item's own stored embedding as the query."""
     embedding, geometry, _ = await in_thread(engine.stored, item_id)
-    results = await within_deadline(engine, engine.find(embedding, [geometry], options, timer))
+    results = await within_deadline(engine, _find(engine, embedding, [geometry], options, timer))
     response.headers["Server-Timing"] = timer.header()
     return page_json(results[0], engine.config.matching.structural_weight)
 
@@ -249,6 +289,8 @@ async def search_examples(
         raise ApiError(422, "invalid_request", f"give at most {limit} examples, not {total}")
     if any(not 0 <= i <= MAX_ID for i in positive_ids + negative_ids):
         raise ApiError(422, "invalid_request", f"gallery ids are 0 to {MAX_ID}")
+    if options.group_size is not None:
+        raise ApiError(422, "invalid_request", "group_by is not available with examples")
 
     async def run() -> tuple[Page, list[int]]:
         pos, pos_geometries = await _examples(engine, positive, positive_ids, timer)

@@ -182,3 +182,15 @@ def test_filters_and_pages_on_cub_photos(cub_three: Path) -> None:
             page = c.post("/search/by-id/5", params={"k": 10, "rerank_k": 10, "offset": offset})
             paged += page.json()["results"]
         assert [h["id"] for h in paged] == [h["id"] for h in whole]
+
+
+def test_group_by_label_on_the_embedded_gallery(client: TestClient) -> None:
+    query = {"image": ("q.jpg", (GALLERY / "cat" / "cat-photo.jpg").read_bytes())}
+    params = {"group_by": "label", "group_size": 2, "k": 4, "explain": False}
+    answer = client.post("/search", files=query, params=params).json()
+    groups = answer["groups"]
+    assert len(groups) == 4
+    assert groups[0]["label"] == "cat"
+    assert len({g["label"] for g in groups}) == 4
+    assert all(len(g["results"]) == 2 for g in groups)
+    assert all(h["label"] == g["label"] for g in groups for h in g["results"])

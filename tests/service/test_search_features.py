@@ -124,3 +124,47 @@ def test_device_search_filters_as_faiss_does(served: dict[str, Path]) -> None:
             answers.append([h["id"] for h in _search(c, item=2, **params)["results"]])
     assert answers[0] == answers[1]
     assert len(answers[0]) == 4
+
+
+def _grouped(client: TestClient, **params: Any) -> dict[str, Any]:
+    return _search(client, group_by="label", **params)
+
+
+@pytest.mark.parametrize("rerank_k", [0, 100])
+def test_group_by_label_gives_each_labels_best_hits_in_ranking_order(
+    client: TestClient, rerank_k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = _search(client, item=4, k=12, rerank_k=rerank_k)["results"]
+    expected: dict[str, list[int]] = {}
+    for hit in whole:  # groups in the order of their best hit, each its best 2 in order
+        members = expected.setdefault(hit["label"], [])
+        if len(members) < 2:
+            members.append(hit["id"])
+    answer = _grouped(client, item=4, k=3, group_size=2, rerank_k=rerank_k)
+    groups = [(g["label"], [h["id"] for h in g["results"]]) for g in answer["groups"]]
+    assert groups == list(expected.items())
+    assert [h["id"] for h in answer["results"]] == [i for _, ids in groups for i in ids]
+    assert answer["next_offset"] is None
+    second = _grouped(client, item=4, k=1, group_size=2, offset=1, rerank_k=rerank_k)
+    assert [g["label"] for g in second["groups"]] == [groups[1][0]]
+    assert second["next_offset"] == 2
+    # Starting too shallow, the search goes deeper until the groups are full.
+    import service.engine
+
+    monkeypatch.setattr(service.engine, "GROUP_DEPTH", 0.25)
+    deep = _grouped(client, item=4, k=3, group_size=4, rerank_k=0)
+    assert [len(g["results"]) for g in deep["groups"]] == [4, 4, 4]
+
+
+def test_group_by_bounds_and_filters(client: TestClient) -> None:
+    refused = client.post(
+        "/search/by-id/0", params={"group_by": "label", "k": 11, "group_size": 100}
+    )
+    assert refused.status_code == 422
+    assert "group_size" in refused.json()["error"]["message"]
+    assert client.post("/search/by-id/0", params={"group_by": "colour"}).status_code == 422
+    only = _grouped(client, label=["class0", "class2"], k=5, group_size=3)
+    assert sorted(g["label"] for g in only["groups"]) == ["class0", "class2"]
+    batch = [("images", (f"{i}.png", png())) for i in range(2)]
+    answer = client.post("/search/batch", files=batch, params={"group_by": "label", "k": 2})
+    assert [len(q["groups"]) for q in answer.json()["queries"]] == [2, 2]
