@@ -31,7 +31,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from model import Embedding, load_model
 from model.datasets import Record, read_dataset
-from model.evaluation import batches, rank_all, ranking_depth, retrieval_report
+from model.evaluation import rank_all, ranking_depth, retrieval_report
+from model.loading import batches
 from model.network import EmbeddingNet
 from model.runtime import OnnxBackbone
 

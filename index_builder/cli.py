@@ -22,7 +22,8 @@ from index_builder.files import IndexBusyError, write_atomic
 from index_builder.gallery import FingerprintMismatchError, GalleryIndex, writing
 from index_builder.manifest import IndexFormatError
 from model import BackboneWeightsError, CheckpointError, Embedder, fingerprint, load_model
-from model.cli import add_inference_argument, parse_device
+from model.cli import add_inference_argument
+from model.devices import parse_device
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 EXPECTED = (

@@ -9,10 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from model.backbones import BackboneWeightsError
 from model.checkpoint import CheckpointError, load_model
+from model.devices import parse_device
 from model.explain import Explanation
 from model.images import ImageLoadError, load_image
 from model.pipeline import Embedder
@@ -68,19 +67,6 @@ def run_explain(args: argparse.Namespace) -> int:
         if args.out is not None:
             print(f"picture: {args.out}")
     return 0
-
-
-def parse_device(name: str) -> torch.device:
-    """A torch device that exists here, or ValueError saying what does."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: use cpu, cuda or cuda:N")
-    return device
 
 
 def format_table(e: Explanation, query_name: str, result_name: str) -> str:

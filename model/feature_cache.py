@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from model.backbones import Backbone
 from model.config import Preprocessing
 from model.datasets import Record
-from model.evaluation import ImageFiles
+from model.loading import ImageFiles
 from model.network import EmbeddingHead
 
 PCA_POWER = 0.25

@@ -52,6 +52,9 @@ class ImageLoadError(ValueError):
         self.kind = kind
 
 
+GEOMETRY_COLUMNS = ("width", "height", "left", "top", "size")  # a geometry row's columns
+
+
 @dataclass(frozen=True)
 class ImageGeometry:
     """Where the model's centre crop lies in the original image (original pixel units).
@@ -65,6 +68,10 @@ class ImageGeometry:
     left: float
     top: float
     size: float
+
+    def row(self) -> torch.Tensor:
+        """The geometry as one row of a batched (N, 5) tensor: :data:`GEOMETRY_COLUMNS`."""
+        return torch.tensor([float(getattr(self, name)) for name in GEOMETRY_COLUMNS])
 
     def cell_boxes(self, grid: int) -> list[tuple[float, float, float, float]]:
         """Pixel boxes ``(x0, y0, x1, y1)`` of the ``grid x grid`` cells, row-major (R of them).

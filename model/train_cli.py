@@ -14,9 +14,10 @@ import torch
 from model.backbones import BackboneWeightsError
 from model.calibration import WEIGHTS
 from model.checkpoint import CheckpointError, load_model, save_checkpoint
-from model.cli import EXIT_USAGE, add_inference_argument, parse_device
+from model.cli import EXIT_USAGE, add_inference_argument
 from model.config import ModelConfig
 from model.datasets import READERS, DatasetError, ImageSet, read_dataset
+from model.devices import parse_device
 from model.images import ImageLoadError
 from model.network import EmbeddingNet, create_model, default_config
 
@@ -74,7 +75,7 @@ def add_calibrate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from model.calibration import calibrate
-    from model.evaluation import embed_records
+    from model.loading import embed_records
     from model.training import progress_bar
 
     try:

@@ -42,9 +42,9 @@ from model.calibration import calibrate, objective
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import LOSSES, ModelConfig, Preprocessing
 from model.datasets import ImageSet
-from model.evaluation import ImageFiles, embed_records
 from model.feature_cache import body_sequence, cache_maps, last_stage_start, pca_init
 from model.files import replacing, write_atomic
+from model.loading import ImageFiles, embed_records
 from model.network import Embedding, EmbeddingHead, EmbeddingNet, create_model
 from model.sampling import ClassBalancedBatches
 

@@ -10,14 +10,9 @@ import torch.nn.functional as F
 
 from model.config import MatchingConfig
 from model.datasets import read_dataset
-from model.evaluation import (
-    cell_centres,
-    deletion_check,
-    keypoint_cells,
-    rank_all,
-    same_class_pairs,
-    transfer_keypoints,
-)
+from model.deletion import deletion_check
+from model.evaluation import rank_all
+from model.keypoints import cell_centres, keypoint_cells, same_class_pairs, transfer_keypoints
 from model.matching import match_all
 from model.network import Embedding
 from service.cli import main

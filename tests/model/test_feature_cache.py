@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from model.backbones import create_backbone
 from model.config import Preprocessing
 from model.datasets import read_dataset
-from model.evaluation import batches
 from model.feature_cache import body_sequence, cache_maps, last_stage_start, pca_init
+from model.loading import batches
 from model.network import EmbeddingHead
 from model.training import train_transform
 

@@ -14,7 +14,7 @@ from model.calibration import calibrate, objective
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig, Preprocessing
 from model.datasets import read_dataset
-from model.evaluation import embed_records
+from model.loading import embed_records
 from model.sampling import ClassBalancedBatches, SamplingError
 from model.training import TrainConfig, Trainer, TrainingError
 from service.cli import main

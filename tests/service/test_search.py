@@ -171,7 +171,8 @@ def test_search_and_evaluation_rank_alike(client: TestClient) -> None:
     import torch
 
     from model.datasets import Record
-    from model.evaluation import embed_records, rank_all
+    from model.evaluation import rank_all
+    from model.loading import embed_records
 
     engine = client.app.state.engine  # type: ignore[attr-defined]
     items = engine.index.items(list(range(engine.index.count)))
