@@ -9,7 +9,9 @@ from index_builder.gallery import (
     has_index,
     writing,
 )
+from index_builder.location import QdrantLocation, parse_location
 from index_builder.manifest import IndexFormatError, Manifest
+from index_builder.opening import index_exists, open_index, opened
 from index_builder.table import Item, NewItem
 from index_builder.vector_index import VectorIndex, default_factory
 
@@ -22,6 +24,7 @@ __all__ = [
     "LabelFilter",
     "Manifest",
     "NewItem",
+    "QdrantLocation",
     "Report",
     "Source",
     "VectorIndex",
@@ -29,6 +32,10 @@ __all__ = [
     "build_index",
     "default_factory",
     "has_index",
+    "index_exists",
+    "open_index",
+    "opened",
+    "parse_location",
     "read_list",
     "scan_folder",
     "writing",

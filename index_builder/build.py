@@ -35,7 +35,9 @@ from index_builder.gallery import (
     GalleryIndex,
 )
 from index_builder.gallery import publish as publish_version
+from index_builder.location import Location, QdrantLocation, parse_location
 from index_builder.manifest import Manifest
+from index_builder.qdrant_index import QdrantIndex
 from index_builder.segments import SegmentStore
 from index_builder.table import ItemTable, NewItem
 from index_builder.vector_index import VectorIndex, default_factory
@@ -211,7 +213,7 @@ def default_workers(device: torch.device) -> int:
 
 def build_index(
     sources: Sequence[Source],
-    out: Path,
+    out: str | Path | Location,
     embedder: Embedder,
     factory: str | None = None,
     batch_size: int = 32,
@@ -220,11 +222,16 @@ def build_index(
     max_bytes: int = DEFAULT_MAX_BYTES,
     progress: bool = False,
 ) -> Report:
-    """Index ``sources`` into ``out`` (a new version, swapped in at the end). Resumable."""
+    """Index ``sources`` into ``out``: a folder (a new version, swapped in at the end) or a
+    Qdrant collection (points upserted batch by batch). Resumable either way."""
     started = time.perf_counter()
     model = embedder.model
     fp = fingerprint(model)
     workers = default_workers(embedder.device) if workers is None else workers
+    location = out if isinstance(out, QdrantLocation) else parse_location(out)
+    if isinstance(location, QdrantLocation):
+        return _build_qdrant(sources, location, embedder, batch_size, workers, max_bytes, progress)
+    out = location
     with writer_lock(out):
         work = out / BUILDING
         table = _resume_or_start(work, fp, factory, sources)
@@ -279,6 +286,54 @@ def build_index(
     report.count = index.count
     report.skipped = [{"path": p, "reason": r} for p, r in index.table.skipped()]
     index.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _build_qdrant(
+    sources: Sequence[Source],
+    location: QdrantLocation,
+    embedder: Embedder,
+    batch_size: int,
+    workers: int,
+    max_bytes: int,
+    progress: bool,
+) -> Report:
+    """Embed and upsert batch by batch. Point ids come from the bytes, so a rerun after a crash
+    writes the same points again: an image already there under its own key is neither added
+    nor reported, one whose bytes another item holds is skipped as a duplicate."""
+    started = time.perf_counter()
+    model = embedder.model
+    config = model.config
+    manifest = Manifest(
+        fingerprint=fingerprint(model), backbone=config.backbone, grid=config.grid,
+        dim=model.dim, factory="qdrant", count=0, model_config=config.to_dict(),
+    )  # fmt: skip
+    index = QdrantIndex.create(location, manifest)
+    report = Report()
+    try:
+        for records, vectors, grids in embed_sources(
+            sources, embedder, batch_size, workers, max_bytes, progress
+        ):
+            embedded, row = [], 0
+            for record in records:
+                source = sources[record["index"]]
+                if record["pixels"] is None:
+                    report.skipped.append({"path": str(source.path), "reason": record["reason"]})
+                    continue
+                width, height = record["size"]
+                embedded.append(
+                    Embedded(source, record["sha256"], width, height, vectors[row], grids[row])
+                )
+                row += 1
+            done = index.keys_by_sha256(e.sha256 for e in embedded)
+            fresh = [e for e in embedded if done.get(e.sha256) != e.source.key]
+            part = add_embedded(index, fresh)
+            report.indexed += part.indexed
+            report.skipped += part.skipped
+        report.count = index.count
+    finally:
+        index.close()
     report.seconds = time.perf_counter() - started
     return report
 
@@ -363,7 +418,7 @@ class Embedded:
 
 
 def add_images(
-    index: GalleryIndex,
+    index: GalleryIndex | QdrantIndex,
     sources: Sequence[Source],
     embedder: Embedder,
     batch_size: int = 32,
@@ -392,7 +447,7 @@ def add_images(
     return report
 
 
-def check_fingerprint(index: GalleryIndex, fp: str) -> None:
+def check_fingerprint(index: GalleryIndex | QdrantIndex, fp: str) -> None:
     """Refuse embeddings of another model than the one that built ``index``."""
     if fp != index.manifest.fingerprint:
         raise FingerprintMismatchError(
@@ -401,12 +456,12 @@ def check_fingerprint(index: GalleryIndex, fp: str) -> None:
         )
 
 
-def add_embedded(index: GalleryIndex, embedded: Sequence[Embedded]) -> Report:
+def add_embedded(index: GalleryIndex | QdrantIndex, embedded: Sequence[Embedded]) -> Report:
     """Add embedded images to ``index`` in one all-or-nothing step (the only part of an add that
     needs the index to itself). Bytes already in the index, or earlier in ``embedded``, are
     skipped and reported; ``Report.ids`` are the new items' ids in order."""
     report = Report()
-    known = index.table.keys_by_sha256(e.sha256 for e in embedded)
+    known = index.keys_by_sha256(e.sha256 for e in embedded)
     fresh: list[Embedded] = []
     for e in embedded:
         if e.sha256 in known:

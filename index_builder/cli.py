@@ -19,13 +19,16 @@ from index_builder.build import (
 )
 from index_builder.duplicates import GLOBAL_THRESHOLD, STRUCTURAL_THRESHOLD, near_duplicates
 from index_builder.files import IndexBusyError, write_atomic
-from index_builder.gallery import FingerprintMismatchError, GalleryIndex, writing
+from index_builder.gallery import FingerprintMismatchError
+from index_builder.location import Location, parse_location
 from index_builder.manifest import IndexFormatError
+from index_builder.opening import open_index, opened
 from model import BackboneWeightsError, CheckpointError, Embedder, fingerprint, load_model
 from model.cli import add_inference_argument
 from model.devices import parse_device
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
+LOCATION = "a folder, qdrant://HOST[:PORT]/COLLECTION or qdrant-local:PATH"
 EXPECTED = (
     SourceListError,
     IndexFormatError,
@@ -46,7 +49,8 @@ def add_index(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="a folder; subfolder names become labels")
     src.add_argument("--list", type=Path, help="a CSV with a 'path' column (and 'key', 'label')")
-    b.add_argument("--out", type=Path, required=True, help="the index folder")
+    b.add_argument("--out", type=location_argument, required=True, help="the index: a folder, "
+                   "qdrant://HOST[:PORT]/COLLECTION or qdrant-local:PATH")  # fmt: skip
     _model_args(b)
     b.add_argument("--factory", help="FAISS factory string (default: Flat below 100k items, IVF)")
     b.add_argument("--batch-size", type=int, default=32)
@@ -59,24 +63,24 @@ def add_index(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     b.set_defaults(run=run_build)
 
     a = sub.add_parser("add", help="add image files to an index (all or nothing)")
-    a.add_argument("index", type=Path)
+    a.add_argument("index", type=location_argument, help=LOCATION)
     a.add_argument("files", type=Path, nargs="+")
     a.add_argument("--label", help="label for every added image")
     _model_args(a)
     a.set_defaults(run=run_add)
 
     r = sub.add_parser("remove", help="remove items by id")
-    r.add_argument("index", type=Path)
+    r.add_argument("index", type=location_argument, help=LOCATION)
     r.add_argument("ids", type=int, nargs="+")
     r.set_defaults(run=run_remove)
 
     i = sub.add_parser("info", help="what an index holds")
-    i.add_argument("index", type=Path)
+    i.add_argument("index", type=location_argument, help=LOCATION)
     i.add_argument("--json", action="store_true")
     i.set_defaults(run=run_info)
 
     d = sub.add_parser("duplicates", help="groups of near-copies (crops, mirrors, rescales)")
-    d.add_argument("index", type=Path)
+    d.add_argument("index", type=location_argument, help=LOCATION)
     d.add_argument("--checkpoint", type=Path, help="the model the index was built with "
                    "(default: ImageNet MobileNetV2, head-less)")  # fmt: skip
     d.add_argument("--threshold", type=float, default=GLOBAL_THRESHOLD,
@@ -87,10 +91,18 @@ def add_index(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     d.set_defaults(run=run_duplicates)
 
     v = sub.add_parser("verify", help="check an index's consistency (exit 1 on a problem)")
-    v.add_argument("index", type=Path)
+    v.add_argument("index", type=location_argument, help=LOCATION)
     v.add_argument("--checkpoint", type=Path, help="also check it was built by this model")
     v.add_argument("--default-model", action="store_true", help="... or by the default model")
     v.set_defaults(run=run_verify)
+
+
+def location_argument(text: str) -> Location:
+    """An index location from the command line; argparse prints the reason it is not one."""
+    try:
+        return parse_location(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -145,7 +157,7 @@ def run_add(args: argparse.Namespace) -> int:
     sources = [Source(path.absolute(), path.name, args.label) for path in args.files]
     try:
         embedder = _embedder(args)
-        with writing(args.index, fingerprint(embedder.model)) as index:
+        with opened(args.index, fingerprint(embedder.model), writable=True) as index:
             report = add_images(index, sources, embedder)
     except EXPECTED as e:
         return _fail("add", e)
@@ -157,7 +169,7 @@ def run_add(args: argparse.Namespace) -> int:
 
 def run_remove(args: argparse.Namespace) -> int:
     try:
-        with writing(args.index) as index:
+        with opened(args.index, writable=True) as index:
             removed = index.remove(args.ids)
             count = index.count
     except EXPECTED as e:
@@ -171,7 +183,7 @@ def run_remove(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     try:
-        index = GalleryIndex.open(args.index)
+        index = open_index(args.index)
     except EXPECTED as e:
         return _fail("info", e)
     info = index.info()
@@ -188,7 +200,7 @@ def run_info(args: argparse.Namespace) -> int:
 def run_duplicates(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.checkpoint)
-        index = GalleryIndex.open(args.index, fingerprint(model))
+        index = open_index(args.index, fingerprint(model))
     except EXPECTED as e:
         return _fail("duplicates", e)
     try:
@@ -214,7 +226,7 @@ def run_verify(args: argparse.Namespace) -> int:
         expected = None
         if args.checkpoint or args.default_model:
             expected = fingerprint(load_model(args.checkpoint))
-        index = GalleryIndex.open(args.index)
+        index = open_index(args.index)
     except EXPECTED as e:
         return _fail("verify", e)
     problems = index.verify(expected)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from index_builder.gallery import GalleryIndex
+from index_builder.qdrant_index import QdrantIndex
 
 UPLOAD_CHUNK = 65_536
 
@@ -21,7 +22,7 @@ class DeviceSearch:
     """The live vectors of ``index`` on ``device``; keep it in step with :meth:`add` and
     :meth:`remove` after the index changes (the engine does, under its lock)."""
 
-    def __init__(self, index: GalleryIndex, device: torch.device | str) -> None:
+    def __init__(self, index: GalleryIndex | QdrantIndex, device: torch.device | str) -> None:
         self.index = index
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32

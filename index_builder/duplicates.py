@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from index_builder.gallery import GalleryIndex
+from index_builder.qdrant_index import QdrantIndex
 from model.config import MatchingConfig
 from model.matching import match_pairs
 from model.network import Embedding
@@ -49,7 +50,7 @@ class DuplicateGroup:
 
 
 def near_duplicates(
-    index: GalleryIndex,
+    index: GalleryIndex | QdrantIndex,
     matching: MatchingConfig,
     threshold: float = GLOBAL_THRESHOLD,
     structural_threshold: float = STRUCTURAL_THRESHOLD,
@@ -81,7 +82,10 @@ def near_duplicates(
 
 
 def _candidates(
-    index: GalleryIndex, threshold: float, neighbours: int, check: Callable[[], object] | None
+    index: GalleryIndex | QdrantIndex,
+    threshold: float,
+    neighbours: int,
+    check: Callable[[], object] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (a < b, each once) whose global similarity reaches ``threshold``."""
     ids = np.asarray(index.ids, dtype=np.int64)
@@ -98,7 +102,7 @@ def _candidates(
     return pairs[:, 0], pairs[:, 1]
 
 
-def _embedding(index: GalleryIndex, ids: np.ndarray) -> Embedding:
+def _embedding(index: GalleryIndex | QdrantIndex, ids: np.ndarray) -> Embedding:
     grids = torch.from_numpy(index.grids(ids).astype(np.float32))
     return Embedding(grids, torch.from_numpy(index.vectors(ids)))
 

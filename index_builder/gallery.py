@@ -21,7 +21,7 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,18 @@ class GalleryIndex:
 
     def items(self, ids: list[int] | np.ndarray) -> dict[int, Item]:
         return self.table.items([int(i) for i in ids])
+
+    def page(self, offset: int, limit: int) -> list[Item]:
+        """Up to ``limit`` live items in id order from position ``offset``."""
+        return self.table.page(offset, limit)
+
+    def keys_by_sha256(self, digests: Iterable[str] | None = None) -> dict[str, str]:
+        """sha256 -> key of the live item with those bytes, for ``digests`` (None: all)."""
+        return self.table.keys_by_sha256(digests)
+
+    def labels(self) -> list[tuple[str, int]]:
+        """Every label of a live item and its number of items, most common first."""
+        return self.table.labels()
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from index_builder import build_index, has_index, scan_folder
+from index_builder import build_index, index_exists, scan_folder
 from model import Embedder, EmbeddingNet, load_model
 from service import errors
 from service.auth import AuthBeforeBody
@@ -115,13 +115,13 @@ def _index_gallery_on_first_start(
 ) -> EmbeddingNet | None:
     """Build the index of ``gallery`` when ``settings.index`` holds none yet (first start; an
     interrupted first build resumes); returns the model it loaded, for the engine to reuse."""
-    if has_index(settings.index):
+    if index_exists(settings.location):
         return None
     app.state.loading = "indexing the gallery (first start)"
     device = torch.device(settings.device)
     model = load_model(settings.checkpoint, device=device)
     embedder = Embedder(model, device, half=device.type == "cuda", runtime=settings.inference)
-    report = build_index(scan_folder(gallery), settings.index, embedder)
+    report = build_index(scan_folder(gallery), settings.location, embedder)
     log.info(
         "indexed the gallery %s: %d images, %d skipped", gallery, report.indexed,
         len(report.skipped),

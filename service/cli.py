@@ -35,7 +35,8 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "Every setting can also come from the environment (DIML_INDEX, DIML_CHECKPOINT, "
         "DIML_DEVICE, DIML_READ_KEYS, DIML_WRITE_KEYS, DIML_MAX_UPLOAD_BYTES, ...).",
     )
-    p.add_argument("--index", type=Path, help="index folder (default $DIML_INDEX or gallery.index)")
+    p.add_argument("--index", help="the index: a folder, qdrant://HOST[:PORT]/COLLECTION or "
+                   "qdrant-local:PATH (default $DIML_INDEX or gallery.index)")  # fmt: skip
     p.add_argument(
         "--gallery",
         type=Path,
@@ -52,7 +53,7 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from index_builder import has_index
+    from index_builder import index_exists
     from service.app import create_app
     from service.settings import Settings
 
@@ -66,8 +67,17 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         if value is not None
     }
-    settings = Settings(**overrides)
-    if settings.gallery is None and not has_index(settings.index):
+    try:
+        settings = Settings(**overrides)
+        exists = index_exists(settings.location)
+    except ValueError as e:  # pydantic's ValidationError says which setting and why
+        print(f"diml serve: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a Qdrant server that cannot be reached
+        print(f"diml serve: cannot open the index {overrides.get('index', '')}: {e}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if settings.gallery is None and not exists:
         print(
             f"diml serve: no index at {settings.index}. Build one with `diml index build "
             f"--images PHOTOS --out {settings.index}`, pass --gallery PHOTOS to index a folder "

@@ -28,11 +28,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from index_builder import GalleryIndex, IndexBusyError, Item, LabelFilter, Source
+from index_builder import IndexBusyError, Item, LabelFilter, Source
 from index_builder.build import Embedded, add_embedded
 from index_builder.device_search import DeviceSearch
 from index_builder.duplicates import DuplicateGroup, near_duplicates
 from index_builder.files import write_atomic, writer_lock
+from index_builder.location import QdrantLocation
+from index_builder.opening import open_index
 from model import (
     Embedder,
     Embedding,
@@ -273,16 +275,22 @@ class Engine:
         self.lock = threading.RLock()
         self._exit = contextlib.ExitStack()
         self.writable = False
+        location = settings.location
+        # A folder has one writer (its lock); a Qdrant collection takes writes from every
+        # replica of the API, and its uploads folder is shared, so it is never swept.
+        shared = isinstance(location, QdrantLocation)
         if settings.allow_writes:
             try:
-                self._exit.enter_context(writer_lock(settings.index))
+                if not isinstance(location, QdrantLocation):
+                    self._exit.enter_context(writer_lock(location))
                 self.writable = True
             except IndexBusyError:
                 log.warning("%s is locked by another writer: serving read-only", settings.index)
-        self.index = GalleryIndex.open(settings.index, self.fingerprint, writable=self.writable)
+        self.index = open_index(location, self.fingerprint, writable=self.writable)
         if self.writable:
             self.index.recover()
-            self._sweep_uploads()
+            if not shared:
+                self._sweep_uploads()
         use_device = settings.device_search
         if use_device is None:
             use_device = device.type == "cuda"
@@ -369,12 +377,12 @@ class Engine:
     def labels(self) -> list[tuple[str, int]]:
         """Every label of a live item and its number of items, most common first."""
         with self.lock:
-            return self.index.table.labels()
+            return self.index.labels()
 
     def page(self, offset: int, limit: int) -> tuple[list[Item], int]:
         """Up to ``limit`` live items in id order from ``offset``, and the number of items."""
         with self.lock:
-            return self.index.table.page(offset, limit), self.index.count
+            return self.index.page(offset, limit), self.index.count
 
     @property
     def count(self) -> int:
@@ -764,7 +772,7 @@ class Engine:
         shas = [hashlib.sha256(data).hexdigest() for _, data in uploads]
         ready, written = [], []
         with self.lock:
-            known = self.index.table.keys_by_sha256(shas)  # skipped by the add: no file
+            known = self.index.keys_by_sha256(shas)  # skipped by the add: no file
             try:
                 for i, ((name, data), sha, (decoded, vector, grid)) in enumerate(
                     zip(uploads, shas, embedded, strict=True)
@@ -798,7 +806,7 @@ class Engine:
         if not folder.is_dir():
             return
         files = [f for f in folder.iterdir() if f.is_file() and _SHA256.fullmatch(f.name)]
-        live = self.index.table.keys_by_sha256(f.name for f in files)
+        live = self.index.keys_by_sha256(f.name for f in files)
         for f in files:  # only files this service wrote: named by the sha256 of their bytes
             if f.name not in live and hashlib.sha256(f.read_bytes()).hexdigest() == f.name:
                 log.info("removing %s: no gallery item holds it", f)

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from index_builder.location import Location, QdrantLocation, parse_location
+
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
 
@@ -24,7 +26,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DIML_", frozen=True)
 
-    index: Path = Field(Path("gallery.index"), description="index folder to serve")
+    index: str = Field("gallery.index", description="the index to serve: a folder, "
+                       "qdrant://HOST[:PORT]/COLLECTION or qdrant-local:PATH")  # fmt: skip
     gallery: Path | None = Field(None, description="images (sub-folder = label) indexed "
                                  "on the first start, when INDEX holds no index")  # fmt: skip
     checkpoint: Path | None = Field(None, description="model checkpoint (default: ImageNet "
@@ -59,8 +62,17 @@ class Settings(BaseSettings):
         "off", description="gallery changes without a write key (only when no write key is "
         "set): off, from loopback clients only, or from anyone")  # fmt: skip
     protect_metrics: bool = Field(False, description="/metrics needs a read key")
-    uploads: Path | None = Field(None, description="where added images are kept "
-                                 "(default: INDEX/uploads)")  # fmt: skip
+    uploads: Path | None = Field(None, description="where added images are kept (default: "
+                                 "INDEX/uploads; ./uploads for a Qdrant index, whose API "
+                                 "replicas should share one folder)")  # fmt: skip
+
+    @field_validator("index", mode="before")
+    @classmethod
+    def _index_text(cls, value: object) -> object:
+        text = str(value) if isinstance(value, Path) else value
+        if isinstance(text, str):
+            parse_location(text)  # a Qdrant URL it cannot read is refused here, saying why
+        return text
 
     @field_validator("read_keys", "write_keys", mode="before")
     @classmethod
@@ -68,8 +80,17 @@ class Settings(BaseSettings):
         return _split(value)
 
     @property
+    def location(self) -> Location:
+        """The index's location (:func:`index_builder.location.parse_location`)."""
+        return parse_location(self.index)
+
+    @property
     def uploads_dir(self) -> Path:
-        return self.uploads or self.index / "uploads"
+        if self.uploads is not None:
+            return self.uploads
+        location = self.location
+        return Path("uploads").absolute() if isinstance(location, QdrantLocation) else (
+            location / "uploads")  # fmt: skip
 
 
 @lru_cache

@@ -1,0 +1,342 @@
+"""A gallery in a Qdrant collection: the same reads and writes as a folder index.
+
+Collection layout, per point (one gallery item):
+
+- named vector ``global`` (dot product on unit vectors, HNSW-indexed);
+- named multivector ``parts``: the R x D part grid in float16, kept on disk, no HNSW index (it is
+  read back for the structural re-ranking, never searched by itself);
+- payload ``item`` (the item id), ``key``, ``path``, ``label``, ``sha256``, ``width``,
+  ``height``, ``added``;
+- the point id and the item id are the first 60 bits of the sha256 of the image's bytes, so a
+  build rerun after a crash upserts the same points again, and two copies of one file are one
+  item.
+
+The model's fingerprint, backbone, grid and dims are the collection's metadata, checked on open
+(another model is refused, naming both, as the folder index does). Label filters run in Qdrant
+(a keyword payload index on ``label``). qdrant-client is imported only here: the ``cluster``
+extra installs it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from index_builder.gallery import FingerprintMismatchError, LabelFilter
+from index_builder.location import QdrantLocation
+from index_builder.manifest import IndexFormatError, Manifest, now
+from index_builder.table import Item, NewItem
+
+if TYPE_CHECKING:
+    from qdrant_client import QdrantClient
+
+PAGE = 1024
+
+
+def _client(location: QdrantLocation) -> QdrantClient:
+    try:
+        from qdrant_client import QdrantClient
+    except ImportError as e:  # the default install stays small
+        raise IndexFormatError(
+            f"{location}: Qdrant locations need qdrant-client: "
+            "pip install 'diml-retrieval[cluster]'"
+        ) from e
+    return QdrantClient(**location.client_arguments())  # type: ignore[arg-type]
+
+
+def item_id(sha256: str) -> int:
+    """An item's id from its bytes' sha256: its first 60 bits (below 2^63, as ids must be)."""
+    return int(sha256[:15], 16)
+
+
+def qdrant_exists(location: QdrantLocation) -> bool:
+    client = _client(location)
+    try:
+        return bool(client.collection_exists(location.collection))
+    finally:
+        client.close()
+
+
+class QdrantIndex:
+    """An opened collection. ``manifest`` describes it as a folder's manifest would."""
+
+    def __init__(self, location: QdrantLocation, client: QdrantClient, manifest: Manifest,
+                 writable: bool) -> None:  # fmt: skip
+        self.location, self.client, self.manifest = location, client, manifest
+        self.writable = writable
+        self.collection = location.collection
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, location: QdrantLocation, manifest: Manifest) -> QdrantIndex:
+        """Create the collection for ``manifest``'s model, or open it when it exists for the same
+        model (a build resumes by upserting); another model's collection is refused."""
+        from qdrant_client import models
+
+        client = _client(location)
+        if client.collection_exists(location.collection):
+            client.close()
+            return cls.open(location, manifest.fingerprint, writable=True)
+        meta = {k: v for k, v in vars(manifest).items() if k != "count"}
+        client.create_collection(
+            location.collection,
+            vectors_config={
+                "global": models.VectorParams(size=manifest.dim, distance=models.Distance.DOT),
+                "parts": models.VectorParams(
+                    size=manifest.dim,
+                    distance=models.Distance.DOT,
+                    datatype=models.Datatype.FLOAT16,
+                    multivector_config=models.MultiVectorConfig(
+                        comparator=models.MultiVectorComparator.MAX_SIM
+                    ),
+                    hnsw_config=models.HnswConfigDiff(m=0),
+                    on_disk=True,
+                ),
+            },
+            metadata=meta,
+        )
+        if location.path is None:  # local mode filters without payload indexes (and warns)
+            for name in ("label", "sha256", "item"):
+                schema = models.PayloadSchemaType.INTEGER if name == "item" else (
+                    models.PayloadSchemaType.KEYWORD)  # fmt: skip
+                client.create_payload_index(location.collection, name, schema)
+        return cls(location, client, manifest, writable=True)
+
+    @classmethod
+    def open(
+        cls, location: QdrantLocation, expected_fingerprint: str | None = None,
+        writable: bool = False,
+    ) -> QdrantIndex:  # fmt: skip
+        client = _client(location)
+        if not client.collection_exists(location.collection):
+            client.close()
+            raise IndexFormatError(
+                f"{location}: no such collection; build one with `diml index build --out "
+                f"{location}`"
+            )
+        meta = client.get_collection(location.collection).config.metadata or {}
+        try:
+            manifest = Manifest(**{**meta, "count": 0})
+        except TypeError as e:
+            client.close()
+            raise IndexFormatError(f"{location}: not a collection of this project ({e})") from e
+        found = manifest.fingerprint
+        if expected_fingerprint is not None and found != expected_fingerprint:
+            client.close()
+            raise FingerprintMismatchError(
+                f"{location}: the collection was built by model {found[:16]}, but the model "
+                f"loaded here is {expected_fingerprint[:16]}; rebuild it with this model or use "
+                "the checkpoint it was built with"
+            )
+        return cls(location, client, manifest, writable)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        return int(self.client.count(self.collection, exact=True).count)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Every item id, ascending."""
+        found: list[int] = []
+        offset = None
+        while True:
+            points, offset = self.client.scroll(self.collection, limit=PAGE, offset=offset,
+                                                with_payload=False, with_vectors=False)  # fmt: skip
+            found += [int(p.id) for p in points]
+            if offset is None:
+                return np.sort(np.asarray(found, dtype=np.int64))
+
+    def search(
+        self, queries: np.ndarray, k: int, where: LabelFilter | None = None, **_: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """queries: (n, D) -> scores (n, k), ids (n, k), -1 past the end; the filter runs in
+        Qdrant, inside the search."""
+        from qdrant_client import models
+
+        if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
+            raise ValueError(f"queries must be (n, {self.manifest.dim}), got {queries.shape}")
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        selected = self._filter(where)
+        requests = [
+            models.QueryRequest(query=q.tolist(), using="global", limit=k, filter=selected)
+            for q in np.asarray(queries, dtype=np.float32)
+        ]
+        for row, answer in enumerate(self.client.query_batch_points(self.collection, requests)):
+            for col, point in enumerate(answer.points):
+                scores[row, col], ids[row, col] = point.score, int(point.id)
+        return scores, ids
+
+    def _filter(self, where: LabelFilter | None) -> Any:
+        from qdrant_client import models
+
+        if not where:
+            return None
+        must = []
+        if where.labels is not None:
+            must.append(
+                models.FieldCondition(key="label", match=models.MatchAny(any=list(where.labels)))
+            )
+        must_not = []
+        if where.exclude:
+            must_not.append(
+                models.FieldCondition(key="label", match=models.MatchAny(any=list(where.exclude)))
+            )
+        return models.Filter(must=must or None, must_not=must_not or None)
+
+    def selection(self, where: LabelFilter | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """A label filter as item ids (allowed or None, denied or None)."""
+        if not where:
+            return None, None
+        allow = None if where.labels is None else self._ids_where(LabelFilter(where.labels))
+        deny = self._ids_where(LabelFilter(where.exclude)) if where.exclude else None
+        return allow, deny
+
+    def _ids_where(self, where: LabelFilter) -> np.ndarray:
+        found: list[int] = []
+        offset = None
+        selected = self._filter(where)
+        while True:
+            points, offset = self.client.scroll(
+                self.collection, scroll_filter=selected, limit=PAGE, offset=offset,
+                with_payload=False,
+            )  # fmt: skip
+            found += [int(p.id) for p in points]
+            if offset is None:
+                return np.sort(np.asarray(found, dtype=np.int64))
+
+    def _points(self, ids: np.ndarray, vectors: list[str] | bool) -> dict[int, Any]:
+        found = {}
+        unique = [int(i) for i in np.unique(np.asarray(ids, dtype=np.int64))]
+        for start in range(0, len(unique), PAGE):
+            for point in self.client.retrieve(self.collection, unique[start : start + PAGE],
+                                              with_payload=True, with_vectors=vectors):  # fmt: skip
+                found[int(point.id)] = point
+        return found
+
+    def _vectors(self, ids: np.ndarray, name: str, dtype: type) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        points = self._points(ids, [name])
+        missing = [int(i) for i in ids if int(i) not in points]
+        if missing:
+            raise KeyError(f"no live item with id {missing[0]}")
+        return np.stack([np.asarray(points[int(i)].vector[name], dtype=dtype) for i in ids]) if len(
+            ids) else np.zeros((0,), dtype=dtype)  # fmt: skip
+
+    def grids(self, ids: np.ndarray) -> np.ndarray:
+        """ids: (n,) -> part grids (n, R, D) float16."""
+        return self._vectors(ids, "parts", np.float16)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """ids: (n,) -> global vectors (n, D) float32."""
+        return self._vectors(ids, "global", np.float32)
+
+    def items(self, ids: list[int] | np.ndarray) -> dict[int, Item]:
+        return {i: _item(p.payload) for i, p in self._points(np.asarray(ids), False).items()}
+
+    def page(self, offset: int, limit: int) -> list[Item]:
+        """Up to ``limit`` items in id order from position ``offset``."""
+        ids = self.ids[offset : offset + limit]
+        found = self.items(ids)
+        return [found[int(i)] for i in ids if int(i) in found]
+
+    def keys_by_sha256(self, digests: Any = None) -> dict[str, str]:
+        """sha256 -> key of the item with those bytes, for ``digests`` (None: all)."""
+        if digests is None:
+            return {item.sha256: item.key for item in self.page(0, self.count)}
+        wanted = {item_id(d): d for d in digests}
+        return {wanted[i]: item.key for i, item in self.items(list(wanted)).items()}
+
+    def labels(self) -> list[tuple[str, int]]:
+        counts: dict[str, int] = {}
+        for item in self.page(0, self.count):
+            if item.label is not None:
+                counts[item.label] = counts.get(item.label, 0) + 1
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def info(self) -> dict[str, Any]:
+        return {**vars(self.manifest), "count": self.count, "path": str(self.location),
+                "factory": "qdrant HNSW", "size_bytes": None, "bytes_per_item": None,
+                "segments": None, "skipped": None}  # fmt: skip
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def add(self, items: list[NewItem], vectors: np.ndarray, grids: np.ndarray) -> list[int]:
+        """Upsert the items (ids from their bytes) with vectors (n, D) and grids (n, R, D); once
+        this returns, the points are written (``wait=True``)."""
+        from qdrant_client import models
+
+        self._require_writable()
+        m = self.manifest
+        if vectors.shape != (len(items), m.dim) or grids.shape != (len(items), m.regions, m.dim):
+            raise ValueError(
+                f"add needs vectors ({len(items)}, {m.dim}) and grids ({len(items)}, "
+                f"{m.regions}, {m.dim}); got {vectors.shape} and {grids.shape}"
+            )
+        added = now()
+        ids = [item_id(it.sha256) for it in items]
+        points = [
+            models.PointStruct(
+                id=i,
+                vector={"global": v.astype(np.float32).tolist(),
+                        "parts": g.astype(np.float32).tolist()},
+                payload={"item": i, "key": it.key, "path": it.path, "label": it.label,
+                         "sha256": it.sha256, "width": it.width, "height": it.height,
+                         "added": added},
+            )
+            for i, it, v, g in zip(ids, items, vectors, grids, strict=True)
+        ]  # fmt: skip
+        for start in range(0, len(points), 256):
+            self.client.upsert(self.collection, points[start : start + 256], wait=True)
+        return ids
+
+    def remove(self, ids: list[int]) -> list[int]:
+        from qdrant_client import models
+
+        self._require_writable()
+        live = sorted(self.items(ids))
+        if live:
+            self.client.delete(self.collection, models.PointIdsList(points=live), wait=True)
+        return live
+
+    def backlog(self) -> int:
+        return 0  # Qdrant persists and indexes by itself
+
+    def snapshot(self) -> None:
+        pass
+
+    def recover(self) -> None:
+        pass
+
+    def verify(self, fingerprint: str | None = None, sample: int = 20) -> list[str]:
+        """Problems found: the fingerprint, and a sample of items finding themselves first."""
+        problems = []
+        if fingerprint is not None and fingerprint != self.manifest.fingerprint:
+            problems.append(
+                f"built by model {self.manifest.fingerprint[:16]}, not {fingerprint[:16]}"
+            )
+        ids = self.ids
+        if len(ids):
+            chosen = ids[np.linspace(0, len(ids) - 1, min(sample, len(ids))).astype(int)]
+            _, found = self.search(self.vectors(chosen), 1)
+            for wanted, got in zip(chosen, found[:, 0], strict=True):
+                if wanted != got:
+                    problems.append(f"item {wanted} does not find itself first (found {got})")
+        return problems
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise PermissionError(f"{self.location}: opened read-only")
+
+
+def _item(payload: dict[str, Any] | None) -> Item:
+    p = payload or {}
+    return Item(int(p["item"]), p["key"], p.get("path"), p.get("label"), p["sha256"],
+                int(p["width"]), int(p["height"]), p["added"])  # fmt: skip
