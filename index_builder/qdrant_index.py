@@ -19,6 +19,7 @@ extra installs it.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,6 +67,7 @@ class QdrantIndex:
         self.location, self.client, self.manifest = location, client, manifest
         self.writable = writable
         self.collection = location.collection
+        self._last: dict[int, Any] = {}  # the points the last search returned, by id
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -80,6 +82,7 @@ class QdrantIndex:
             client.close()
             return cls.open(location, manifest.fingerprint, writable=True)
         meta = {k: v for k, v in vars(manifest).items() if k != "count"}
+        shards, replicas = _distribution(location)
         client.create_collection(
             location.collection,
             vectors_config={
@@ -96,6 +99,8 @@ class QdrantIndex:
                 ),
             },
             metadata=meta,
+            shard_number=shards,
+            replication_factor=replicas,
         )
         if location.path is None:  # local mode filters without payload indexes (and warns)
             for name in ("label", "sha256", "item"):
@@ -166,12 +171,24 @@ class QdrantIndex:
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         selected = self._filter(where)
         requests = [
-            models.QueryRequest(query=q.tolist(), using="global", limit=k, filter=selected)
+            models.QueryRequest(
+                query=q.tolist(),
+                using="global",
+                limit=k,
+                filter=selected,
+                with_payload=True,
+                with_vector=["global", "parts"],
+            )
             for q in np.asarray(queries, dtype=np.float32)
         ]
+        fetched: dict[int, Any] = {}
         for row, answer in enumerate(self.client.query_batch_points(self.collection, requests)):
             for col, point in enumerate(answer.points):
                 scores[row, col], ids[row, col] = point.score, int(point.id)
+                fetched[int(point.id)] = point
+        # The candidates' grids come back with the hits (one round trip); the re-ranking that
+        # follows reads them from here. Only the last search's are kept, so none go stale.
+        self._last = fetched
         return scores, ids
 
     def _filter(self, where: LabelFilter | None) -> Any:
@@ -205,9 +222,12 @@ class QdrantIndex:
         selected = self._filter(where)
         while True:
             points, offset = self.client.scroll(
-                self.collection, scroll_filter=selected, limit=PAGE, offset=offset,
+                self.collection,
+                scroll_filter=selected,
+                limit=PAGE,
+                offset=offset,
                 with_payload=False,
-            )  # fmt: skip
+            )
             found += [int(p.id) for p in points]
             if offset is None:
                 return np.sort(np.asarray(found, dtype=np.int64))
@@ -223,10 +243,13 @@ class QdrantIndex:
 
     def _vectors(self, ids: np.ndarray, name: str, dtype: type) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        points = self._points(ids, [name])
-        missing = [int(i) for i in ids if int(i) not in points]
-        if missing:
-            raise KeyError(f"no live item with id {missing[0]}")
+        points = {i: p for i in ids.tolist() if (p := self._last.get(i)) is not None}
+        missing = np.array([i for i in ids.tolist() if i not in points], dtype=np.int64)
+        if len(missing):
+            points.update(self._points(missing, [name]))
+        unknown = [int(i) for i in ids if int(i) not in points]
+        if unknown:
+            raise KeyError(f"no live item with id {unknown[0]}")
         return np.stack([np.asarray(points[int(i)].vector[name], dtype=dtype) for i in ids]) if len(
             ids) else np.zeros((0,), dtype=dtype)  # fmt: skip
 
@@ -239,7 +262,12 @@ class QdrantIndex:
         return self._vectors(ids, "global", np.float32)
 
     def items(self, ids: list[int] | np.ndarray) -> dict[int, Item]:
-        return {i: _item(p.payload) for i, p in self._points(np.asarray(ids), False).items()}
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        found = {i: p for i in wanted.tolist() if (p := self._last.get(i)) is not None}
+        missing = np.array([i for i in wanted.tolist() if i not in found], dtype=np.int64)
+        if len(missing):
+            found.update(self._points(missing, False))
+        return {i: _item(p.payload) for i, p in found.items()}
 
     def page(self, offset: int, limit: int) -> list[Item]:
         """Up to ``limit`` items in id order from position ``offset``."""
@@ -302,6 +330,7 @@ class QdrantIndex:
 
         self._require_writable()
         live = sorted(self.items(ids))
+        self._last = {}
         if live:
             self.client.delete(self.collection, models.PointIdsList(points=live), wait=True)
         return live
@@ -334,6 +363,17 @@ class QdrantIndex:
     def _require_writable(self) -> None:
         if not self.writable:
             raise PermissionError(f"{self.location}: opened read-only")
+
+
+def _distribution(location: QdrantLocation) -> tuple[int | None, int | None]:
+    """Shards and replicas of a new collection on a server or cluster (``DIML_QDRANT_SHARDS``
+    and ``DIML_QDRANT_REPLICAS``; the server's defaults when unset); local mode has neither."""
+    if location.path is None:
+        shards, replicas = (
+            os.environ.get(n) for n in ("DIML_QDRANT_SHARDS", "DIML_QDRANT_REPLICAS")
+        )
+        return (int(shards) if shards else None), (int(replicas) if replicas else None)
+    return None, None
 
 
 def _item(payload: dict[str, Any] | None) -> Item:

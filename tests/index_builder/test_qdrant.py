@@ -99,6 +99,17 @@ def test_a_qdrant_build_searches_as_the_folder_index(built: dict[str, object]) -
         _, without = collection.search(queries[:1], 12, LabelFilter(exclude=("class1",)))
         assert (without >= 0).sum() == 8
         assert collection.verify(str(built["fp"])) == []
+        # The candidates' vectors, grids and records come back with the search itself.
+        _, found = collection.search(queries[:2], 6)
+        retrieve = collection.client.retrieve
+        collection.client.retrieve = None  # type: ignore[assignment]  # any call would fail
+        try:
+            flat = found.ravel()
+            assert collection.grids(flat).shape == (12, 4, folder.manifest.dim)
+            assert collection.vectors(flat).shape == (12, folder.manifest.dim)
+            assert set(collection.items(flat)) == set(flat.tolist())
+        finally:
+            collection.client.retrieve = retrieve  # type: ignore[method-assign]
         assert collection.labels() == [("class0", 4), ("class1", 4), ("class2", 4)]
     finally:
         folder.close()
