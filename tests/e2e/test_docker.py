@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from index_builder.location import QdrantLocation, parse_location
 from tests.e2e.test_server import _free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,6 +79,27 @@ def test_compose_file_is_valid_and_complete() -> None:
     assert index["entrypoint"][:3] == ["diml", "index", "build"]
     assert index["restart"] == "no"
     assert {v["target"] for v in index["volumes"]} == {"/data", "/gallery"}
+
+
+def test_the_cluster_profile_puts_the_gallery_in_three_qdrant_nodes() -> None:
+    services = compose_config("cluster")["services"]
+    assert {"qdrant-0", "qdrant-1", "qdrant-2", "index-cluster", "api-cluster"} <= set(services)
+    for n in (1, 2):  # the other nodes join the first one's consensus
+        node = services[f"qdrant-{n}"]
+        assert "--bootstrap http://qdrant-0:6335" in " ".join(node["command"])
+        assert node["environment"]["QDRANT__CLUSTER__ENABLED"] == "true"
+        assert node["depends_on"]["qdrant-0"]["condition"] == "service_healthy"
+    api = services["api-cluster"]
+    env = api["environment"]
+    assert parse_location(env["DIML_INDEX"]) == QdrantLocation("gallery", "qdrant-0", 6333)
+    assert env["DIML_QDRANT_REPLICAS"] == "2"
+    assert env["DIML_UPLOADS"] == "/uploads"  # one folder that every replica shares
+    assert api["depends_on"]["index-cluster"]["condition"] == "service_completed_successfully"
+    assert "published" not in api["ports"][0] or "-" in str(api["ports"][0]["published"])
+    build = services["index-cluster"]
+    assert build["entrypoint"][:3] == ["diml", "index", "build"]
+    assert build["entrypoint"][build["entrypoint"].index("--out") + 1] == env["DIML_INDEX"]
+    assert "qdrant-client==" in (REPO / "docker" / "requirements.txt").read_text()
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
