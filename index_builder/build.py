@@ -42,6 +42,7 @@ from index_builder.segments import SegmentStore
 from index_builder.table import ItemTable, NewItem
 from index_builder.vector_index import VectorIndex, default_factory
 from model import Embedder, ImageLoadError, fingerprint, load_for_model
+from model.config import Preprocessing
 from model.network import EmbeddingNet
 
 log = logging.getLogger(__name__)
@@ -139,25 +140,30 @@ class _Decode(Dataset[dict[str, Any]]):
         return len(self.sources)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        source = self.sources[i]
-        out: dict[str, Any] = {"index": i, "pixels": None, "sha256": "", "reason": "", "size": None}
-        try:
-            size = source.path.stat().st_size
-            if size > self.max_bytes:
-                out["reason"] = f"too large: {size:,} bytes (limit {self.max_bytes:,})"
-                return out
-            data = source.path.read_bytes()
-        except OSError as e:
-            out["reason"] = f"unreadable: {e.strerror or e}"
+        return {"index": i, **decode_source(self.sources[i].path, self.spec, self.max_bytes)}
+
+
+def decode_source(path: Path, spec: Preprocessing, max_bytes: int) -> dict[str, Any]:
+    """Read, hash, decode and preprocess one file: ``pixels`` (None on failure, with a
+    ``reason``), ``sha256`` of the bytes, original ``size``."""
+    out: dict[str, Any] = {"pixels": None, "sha256": "", "reason": "", "size": None}
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            out["reason"] = f"too large: {size:,} bytes (limit {max_bytes:,})"
             return out
-        out["sha256"] = hashlib.sha256(data).hexdigest()
-        try:
-            loaded = load_for_model(data, self.spec)
-            out["pixels"] = loaded.pixels
-            out["size"] = (loaded.geometry.width, loaded.geometry.height)
-        except ImageLoadError as e:
-            out["reason"] = e.reason
+        data = path.read_bytes()
+    except OSError as e:
+        out["reason"] = f"unreadable: {e.strerror or e}"
         return out
+    out["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
+        loaded = load_for_model(data, spec)
+        out["pixels"] = loaded.pixels
+        out["size"] = (loaded.geometry.width, loaded.geometry.height)
+    except ImageLoadError as e:
+        out["reason"] = e.reason
+    return out
 
 
 def _collate(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -299,11 +305,21 @@ def _build_qdrant(
     max_bytes: int,
     progress: bool,
 ) -> Report:
-    """Embed and upsert batch by batch. Point ids come from the bytes, so a rerun after a crash
-    writes the same points again: an image already there under its own key is neither added
-    nor reported, one whose bytes another item holds is skipped as a duplicate."""
+    batches = embed_sources(sources, embedder, batch_size, workers, max_bytes, progress)
+    return write_qdrant(sources, location, embedder.model, batches)
+
+
+def write_qdrant(
+    sources: Sequence[Source],
+    location: QdrantLocation,
+    model: EmbeddingNet,
+    batches: Iterator[tuple[list[dict[str, Any]], np.ndarray, np.ndarray]],
+) -> Report:
+    """Upsert embedded batches (as :func:`embed_sources` yields them, from this process or
+    from Ray) into a collection made for ``model``. Point ids come from the bytes, so a rerun
+    after a crash writes the same points again: an image already there under its own key is
+    neither added nor reported, one whose bytes another item holds is skipped as a duplicate."""
     started = time.perf_counter()
-    model = embedder.model
     config = model.config
     manifest = Manifest(
         fingerprint=fingerprint(model), backbone=config.backbone, grid=config.grid,
@@ -312,9 +328,7 @@ def _build_qdrant(
     index = QdrantIndex.create(location, manifest)
     report = Report()
     try:
-        for records, vectors, grids in embed_sources(
-            sources, embedder, batch_size, workers, max_bytes, progress
-        ):
+        for records, vectors, grids in batches:
             embedded, row = [], 0
             for record in records:
                 source = sources[record["index"]]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from index_builder.build import (
     DEFAULT_MAX_BYTES,
+    Report,
     Source,
     SourceListError,
     add_images,
@@ -20,7 +21,7 @@ from index_builder.build import (
 from index_builder.duplicates import GLOBAL_THRESHOLD, STRUCTURAL_THRESHOLD, near_duplicates
 from index_builder.files import IndexBusyError, write_atomic
 from index_builder.gallery import FingerprintMismatchError
-from index_builder.location import Location, parse_location
+from index_builder.location import Location, QdrantLocation, parse_location
 from index_builder.manifest import IndexFormatError
 from index_builder.opening import open_index, opened
 from model import BackboneWeightsError, CheckpointError, Embedder, fingerprint, load_model
@@ -59,6 +60,12 @@ def add_index(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     b.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="larger files skip")
     b.add_argument("--report", type=Path, help="also write the build report to this JSON file")
+    b.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="decode and embed on Ray (a local Ray, or the cluster at ADDRESS: "
+                   "auto, ray://HOST:PORT); --out must be a Qdrant collection")  # fmt: skip
+    b.add_argument("--ray-actors", type=int, default=1,
+                   help="embedding actors on Ray, each with the model (and a GPU with "
+                   "--device cuda); default 1")  # fmt: skip
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(run=run_build)
 
@@ -123,19 +130,38 @@ def _fail(command: str, error: Exception, code: int = EXIT_USAGE) -> int:
     return code
 
 
+def _build_on_ray(args: argparse.Namespace, sources: list[Source]) -> Report:
+    if not isinstance(args.out, QdrantLocation):
+        raise ValueError(
+            f"--ray writes to a Qdrant collection, and {args.out} is a folder; give --out "
+            "qdrant://HOST[:PORT]/COLLECTION (or qdrant-local:PATH), or leave out --ray"
+        )
+    from index_builder.ray_build import build_with_ray
+
+    model = load_model(args.checkpoint)
+    return build_with_ray(
+        sources, args.out, model, args.checkpoint, device=args.device, inference=args.inference,
+        batch_size=args.batch_size, max_bytes=args.max_bytes,
+        address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
+    )  # fmt: skip
+
+
 def run_build(args: argparse.Namespace) -> int:
     try:
         sources = scan_folder(args.images) if args.images else read_list(args.list)
-        report = build_index(
-            sources,
-            args.out,
-            _embedder(args),
-            factory=args.factory,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            max_bytes=args.max_bytes,
-            progress=not args.quiet,
-        )
+        if args.ray is not None:
+            report = _build_on_ray(args, sources)
+        else:
+            report = build_index(
+                sources,
+                args.out,
+                _embedder(args),
+                factory=args.factory,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                max_bytes=args.max_bytes,
+                progress=not args.quiet,
+            )
     except EXPECTED as e:
         return _fail("build", e)
     data = report.to_dict()

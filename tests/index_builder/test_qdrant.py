@@ -187,3 +187,38 @@ def test_the_cli_and_the_service_take_a_qdrant_location(
         labels = client.get("/gallery/labels").json()
         assert {"label": "fresh", "count": 2} in labels
         assert client.get("/duplicates").status_code == 200
+
+
+def test_a_build_on_ray_writes_the_same_collection(
+    built: dict[str, object], tmp_path: Path
+) -> None:
+    """Decoding on Ray tasks and embedding on a Ray actor (a local Ray here) gives the points
+    the in-process build gave; a folder --out is refused."""
+    pytest.importorskip("ray", reason="pip install 'diml-retrieval[cluster]'")
+    root, location = built["root"], built["location"]
+    assert isinstance(root, Path)
+    assert isinstance(location, QdrantLocation)
+    where = f"qdrant-local:{tmp_path / 'q'}"
+    cli = [sys.executable, "-m", "service.cli", "index", "build", "--images", str(root / "gallery"),
+           "--checkpoint", str(built["checkpoint"]), "--batch-size", "5", "--quiet"]  # fmt: skip
+    done = subprocess.run([*cli, "--out", where, "--ray"], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "indexed 12 images" in done.stdout
+    ours, theirs = open_index(parse_location(where)), open_index(location)
+    try:
+        ids = theirs.ids
+        np.testing.assert_array_equal(ours.ids, ids)
+        np.testing.assert_allclose(ours.vectors(ids), theirs.vectors(ids), atol=1e-5)
+        np.testing.assert_allclose(ours.grids(ids), theirs.grids(ids), atol=2e-3)
+        mine, reference = ours.items(ids), theirs.items(ids)
+        for i in ids.tolist():  # the same records (only the time added differs)
+            a, b = mine[i], reference[i]
+            assert (a.key, a.label, a.sha256, a.width) == (b.key, b.label, b.sha256, b.width)
+    finally:
+        ours.close()
+        theirs.close()
+    folder = subprocess.run([*cli, "--out", str(tmp_path / "folder"), "--ray"],
+                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert folder.returncode == 2
+    assert "--ray writes to a Qdrant collection" in folder.stderr
