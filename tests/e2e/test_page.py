@@ -200,6 +200,7 @@ def test_filters_threshold_more_results_examples_and_duplicates(
 
     tab.click("#search-button")
     tab.wait_for_function("document.querySelector('#status').textContent.startsWith('8 results')")
+    assert tab.is_hidden("#examples-bar")  # nothing marked yet
     cards = tab.query_selector_all("#results .result")
     liked, disliked = cards[1].get_attribute("data-id"), cards[2].get_attribute("data-id")
     cards[1].query_selector("button.like").click()
