@@ -31,8 +31,8 @@ from index_builder.gallery import (
     BUILDING,
     SNAPSHOT_META,
     SNAPSHOT_SEGMENT_META,
-    FingerprintMismatchError,
     GalleryIndex,
+    require_fingerprint,
 )
 from index_builder.gallery import publish as publish_version
 from index_builder.location import Location, QdrantLocation, parse_location
@@ -463,11 +463,8 @@ def add_images(
 
 def check_fingerprint(index: GalleryIndex | QdrantIndex, fp: str) -> None:
     """Refuse embeddings of another model than the one that built ``index``."""
-    if fp != index.manifest.fingerprint:
-        raise FingerprintMismatchError(
-            f"the index was built by model {index.manifest.fingerprint[:16]}, not by the model "
-            f"loaded here ({fp[:16]}); pass the checkpoint the index was built with"
-        )
+    where = index.location if isinstance(index, QdrantIndex) else index.folder
+    require_fingerprint(where, index.manifest.fingerprint, fp)
 
 
 def add_embedded(index: GalleryIndex | QdrantIndex, embedded: Sequence[Embedded]) -> Report:

@@ -60,6 +60,16 @@ class FingerprintMismatchError(ValueError):
     """The index was built by another model than the one asked for."""
 
 
+def require_fingerprint(where: object, found: str, expected: str | None) -> None:
+    """Refuse an index that ``found``'s model built when the model loaded is ``expected``."""
+    if expected is not None and found != expected:
+        raise FingerprintMismatchError(
+            f"{where}: the index was built by model {found[:16]}, but the model loaded here is "
+            f"{expected[:16]}; rebuild the index with this model (`diml index build`) or use "
+            "the checkpoint it was built with"
+        )
+
+
 class GalleryIndex:
     """An opened index version. Reads need no lock; writers hold the folder's writer lock."""
 
@@ -85,14 +95,11 @@ class GalleryIndex:
         """
         folder = live_version(Path(root))
         index = cls(folder, writable=writable)
-        found = index.manifest.fingerprint
-        if expected_fingerprint is not None and found != expected_fingerprint:
+        try:
+            require_fingerprint(root, index.manifest.fingerprint, expected_fingerprint)
+        except FingerprintMismatchError:
             index.close()
-            raise FingerprintMismatchError(
-                f"{root}: the index was built by model {found[:16]}, but the model loaded here is "
-                f"{expected_fingerprint[:16]}; rebuild the index with this model "
-                "(`diml index build`) or use the checkpoint it was built with"
-            )
+            raise
         return index
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from index_builder.gallery import FingerprintMismatchError, LabelFilter
+from index_builder.gallery import FingerprintMismatchError, LabelFilter, require_fingerprint
 from index_builder.location import QdrantLocation
 from index_builder.manifest import IndexFormatError, Manifest, now
 from index_builder.table import Item, NewItem
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from qdrant_client import QdrantClient
 
 PAGE = 1024
+LABELS = 100_000  # the most labels listed
 
 
 def _client(location: QdrantLocation) -> QdrantClient:
@@ -127,14 +128,11 @@ class QdrantIndex:
         except TypeError as e:
             client.close()
             raise IndexFormatError(f"{location}: not a collection of this project ({e})") from e
-        found = manifest.fingerprint
-        if expected_fingerprint is not None and found != expected_fingerprint:
+        try:
+            require_fingerprint(location, manifest.fingerprint, expected_fingerprint)
+        except FingerprintMismatchError:
             client.close()
-            raise FingerprintMismatchError(
-                f"{location}: the collection was built by model {found[:16]}, but the model "
-                f"loaded here is {expected_fingerprint[:16]}; rebuild it with this model or use "
-                "the checkpoint it was built with"
-            )
+            raise
         return cls(location, client, manifest, writable)
 
     def close(self) -> None:
@@ -149,14 +147,23 @@ class QdrantIndex:
     @property
     def ids(self) -> np.ndarray:
         """Every item id, ascending."""
+        return self._scroll_ids()
+
+    def _scroll_ids(self, where: LabelFilter | None = None, limit: int | None = None) -> np.ndarray:
+        """The ids of the items ``where`` allows (the first ``limit`` of them), ascending: Qdrant
+        scrolls in id order."""
         found: list[int] = []
-        offset = None
-        while True:
-            points, offset = self.client.scroll(self.collection, limit=PAGE, offset=offset,
-                                                with_payload=False, with_vectors=False)  # fmt: skip
+        offset, selected = None, self._filter(where)
+        while limit is None or len(found) < limit:
+            step = PAGE if limit is None else min(PAGE, limit - len(found))
+            points, offset = self.client.scroll(
+                self.collection, scroll_filter=selected, limit=step, offset=offset,
+                with_payload=False, with_vectors=False,
+            )  # fmt: skip
             found += [int(p.id) for p in points]
             if offset is None:
-                return np.sort(np.asarray(found, dtype=np.int64))
+                break
+        return np.sort(np.asarray(found, dtype=np.int64))
 
     def search(
         self, queries: np.ndarray, k: int, where: LabelFilter | None = None, **_: int
@@ -212,46 +219,31 @@ class QdrantIndex:
         """A label filter as item ids (allowed or None, denied or None)."""
         if not where:
             return None, None
-        allow = None if where.labels is None else self._ids_where(LabelFilter(where.labels))
-        deny = self._ids_where(LabelFilter(where.exclude)) if where.exclude else None
+        allow = None if where.labels is None else self._scroll_ids(LabelFilter(where.labels))
+        deny = self._scroll_ids(LabelFilter(where.exclude)) if where.exclude else None
         return allow, deny
 
-    def _ids_where(self, where: LabelFilter) -> np.ndarray:
-        found: list[int] = []
-        offset = None
-        selected = self._filter(where)
-        while True:
-            points, offset = self.client.scroll(
-                self.collection,
-                scroll_filter=selected,
-                limit=PAGE,
-                offset=offset,
-                with_payload=False,
-            )
-            found += [int(p.id) for p in points]
-            if offset is None:
-                return np.sort(np.asarray(found, dtype=np.int64))
-
-    def _points(self, ids: np.ndarray, vectors: list[str] | bool) -> dict[int, Any]:
-        found = {}
-        unique = [int(i) for i in np.unique(np.asarray(ids, dtype=np.int64))]
-        for start in range(0, len(unique), PAGE):
-            for point in self.client.retrieve(self.collection, unique[start : start + PAGE],
+    def _points(self, ids: np.ndarray | list[int], vectors: list[str] | bool) -> dict[int, Any]:
+        """The points ``ids`` that exist, by id: from the last search where it returned them,
+        else read (with the named ``vectors``, or none)."""
+        wanted = np.unique(np.asarray(ids, dtype=np.int64)).tolist()
+        found = {i: p for i in wanted if (p := self._last.get(i)) is not None}
+        missing = [i for i in wanted if i not in found]
+        for start in range(0, len(missing), PAGE):
+            for point in self.client.retrieve(self.collection, missing[start : start + PAGE],
                                               with_payload=True, with_vectors=vectors):  # fmt: skip
                 found[int(point.id)] = point
         return found
 
     def _vectors(self, ids: np.ndarray, name: str, dtype: type) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        points = {i: p for i in ids.tolist() if (p := self._last.get(i)) is not None}
-        missing = np.array([i for i in ids.tolist() if i not in points], dtype=np.int64)
-        if len(missing):
-            points.update(self._points(missing, [name]))
-        unknown = [int(i) for i in ids if int(i) not in points]
-        if unknown:
-            raise KeyError(f"no live item with id {unknown[0]}")
-        return np.stack([np.asarray(points[int(i)].vector[name], dtype=dtype) for i in ids]) if len(
-            ids) else np.zeros((0,), dtype=dtype)  # fmt: skip
+        points = self._points(ids, [name])
+        rows: list[np.ndarray] = []
+        for i in ids.tolist():
+            if i not in points:
+                raise KeyError(f"no live item with id {i}")
+            rows.append(np.asarray(points[i].vector[name], dtype=dtype))
+        return np.stack(rows) if rows else np.zeros((0,), dtype=dtype)
 
     def grids(self, ids: np.ndarray) -> np.ndarray:
         """ids: (n,) -> part grids (n, R, D) float16."""
@@ -262,16 +254,12 @@ class QdrantIndex:
         return self._vectors(ids, "global", np.float32)
 
     def items(self, ids: list[int] | np.ndarray) -> dict[int, Item]:
-        wanted = np.unique(np.asarray(ids, dtype=np.int64))
-        found = {i: p for i in wanted.tolist() if (p := self._last.get(i)) is not None}
-        missing = np.array([i for i in wanted.tolist() if i not in found], dtype=np.int64)
-        if len(missing):
-            found.update(self._points(missing, False))
-        return {i: _item(p.payload) for i, p in found.items()}
+        return {i: _item(p.payload) for i, p in self._points(ids, False).items()}
 
     def page(self, offset: int, limit: int) -> list[Item]:
-        """Up to ``limit`` items in id order from position ``offset``."""
-        ids = self.ids[offset : offset + limit]
+        """Up to ``limit`` items in id order from position ``offset`` (scrolls the ids before
+        it: Qdrant pages by id, not by position)."""
+        ids = self._scroll_ids(limit=offset + limit)[offset:]
         found = self.items(ids)
         return [found[int(i)] for i in ids if int(i) in found]
 
@@ -283,11 +271,10 @@ class QdrantIndex:
         return {wanted[i]: item.key for i, item in self.items(list(wanted)).items()}
 
     def labels(self) -> list[tuple[str, int]]:
-        counts: dict[str, int] = {}
-        for item in self.page(0, self.count):
-            if item.label is not None:
-                counts[item.label] = counts.get(item.label, 0) + 1
-        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        """Every label and its number of items (Qdrant's exact facet counts)."""
+        facet = self.client.facet(self.collection, key="label", limit=LABELS, exact=True)
+        counts = [(str(hit.value), int(hit.count)) for hit in facet.hits]
+        return sorted(counts, key=lambda kv: (-kv[1], kv[0]))
 
     def info(self) -> dict[str, Any]:
         return {**vars(self.manifest), "count": self.count, "path": str(self.location),
