@@ -99,6 +99,7 @@ class Hit:
     reranked: bool
     global_rank: int
     explanation: Explanation | None = None
+    positive: int | None = None  # example searches: the positive it matches best
 
 
 @dataclass(frozen=True)
@@ -278,18 +279,18 @@ class Engine:
         location = settings.location
         # A folder has one writer (its lock); a Qdrant collection takes writes from every
         # replica of the API, and its uploads folder is shared, so it is never swept.
-        shared = isinstance(location, QdrantLocation)
+        folder = None if isinstance(location, QdrantLocation) else location
         if settings.allow_writes:
             try:
-                if not isinstance(location, QdrantLocation):
-                    self._exit.enter_context(writer_lock(location))
+                if folder is not None:
+                    self._exit.enter_context(writer_lock(folder))
                 self.writable = True
             except IndexBusyError:
                 log.warning("%s is locked by another writer: serving read-only", settings.index)
         self.index = open_index(location, self.fingerprint, writable=self.writable)
         if self.writable:
             self.index.recover()
-            if not shared:
+            if folder is not None:
                 self._sweep_uploads()
         use_device = settings.device_search
         if use_device is None:
@@ -299,7 +300,7 @@ class Engine:
         # Requests embedded and about to search (changed on the event loop's thread only).
         self.arriving = 0
         self.changes = 0  # gallery changes since start: what cached answers are keyed on
-        self._duplicates: tuple[tuple[float, float, int], list[DuplicateGroup]] | None = None
+        self._duplicates: tuple[tuple[float, float, int, int], list[DuplicateGroup]] | None = None
         self.batcher = MicroBatcher(
             self.embedder,
             settings.max_batch_images,
@@ -588,7 +589,10 @@ class Engine:
                 ranking = np.r_[order, ranking[head:]]
             groups: dict[str | None, list[int]] = {}
             for position in ranking.tolist():
-                label = items[int(ids[position])].label if int(ids[position]) in items else None
+                item = items.get(int(ids[position]))
+                if item is None:  # removed since the search
+                    continue
+                label = item.label
                 if label not in groups:
                     if len(groups) == want:
                         continue
@@ -623,18 +627,19 @@ class Engine:
         more = end if len(groups) > end else None
         return Page([h for _, hits in out for h in hits], options.offset, more, out)
 
-    def _match(self, query: Embedding, ids: np.ndarray) -> StructuralMatch:
-        """One query against the gallery items ``ids``: a StructuralMatch over (1, len(ids))."""
+    def _match(self, queries: Embedding, ids: np.ndarray) -> StructuralMatch:
+        """Every query against the same gallery items ``ids``: a StructuralMatch over
+        (len(queries), len(ids)), the candidates' grids read once and shared."""
         with self.lock:
             grids = torch.from_numpy(self.index.grids(ids).astype(np.float32))
             vectors = torch.from_numpy(self.index.vectors(ids))
         with torch.inference_mode():
-            device = self.embedder.device
+            device, n = self.embedder.device, len(queries)
             return structural_match(
-                query.parts.to(device),
-                query.vector.to(device),
-                grids.to(device).unsqueeze(0),
-                vectors.to(device).unsqueeze(0),
+                queries.parts.to(device),
+                queries.vector.to(device),
+                grids.to(device).unsqueeze(0).expand(n, -1, -1, -1),
+                vectors.to(device).unsqueeze(0).expand(n, -1, -1),
                 self.config.matching,
             ).to("cpu")
 
@@ -646,7 +651,7 @@ class Engine:
         exclude: list[int],
         options: SearchOptions,
         timer: StageTimer,
-    ) -> tuple[Page, list[int]]:
+    ) -> Page:
         """More like the positives, less like the negatives.
 
         Candidates: the union of each positive's top ``rerank_k`` (at least 1) by the global
@@ -658,9 +663,9 @@ class Engine:
             score(c) = max over positives s(p, c) - max over negatives s(n, c)
 
         (no negatives: the second term is 0): like any of the positives, unlike all of the
-        negatives. Best first, ties in id order. A hit's global and
-        structural terms and its explanation are those of the positive it matches best; the
-        second value returned lists, per hit, that positive's position among the positives.
+        negatives. Best first, ties in id order. A hit's global and structural terms and its
+        explanation are those of the positive it matches best (``Hit.positive``: its position
+        among the positives).
         """
         n_pos = len(positives)
         examples = positives if negatives is None else Embedding.cat([positives, negatives])
@@ -670,20 +675,10 @@ class Engine:
             _, found = self._search(positives.vector.numpy(), depth, options.where)
             ids = np.setdiff1d(np.unique(found[found >= 0]), np.asarray(exclude, np.int64))
             if len(ids) == 0:
-                return Page([], options.offset, None), []
-            grids = torch.from_numpy(self.index.grids(ids).astype(np.float32))
-            vectors = torch.from_numpy(self.index.vectors(ids))
+                return Page([], options.offset, None)
             items = self.index.items(ids)
         coarse = time.perf_counter()
-        with torch.inference_mode():
-            device = self.embedder.device
-            match = structural_match(
-                examples.parts.to(device),
-                examples.vector.to(device),
-                grids.to(device).unsqueeze(0).expand(len(examples), -1, -1, -1),
-                vectors.to(device).unsqueeze(0).expand(len(examples), -1, -1),
-                self.config.matching,
-            ).to("cpu")
+        match = self._match(examples, ids)
         liked, best = match.score[:n_pos].max(dim=0)
         disliked = match.score[n_pos:].amax(dim=0) if len(examples) > n_pos else 0.0
         score = liked - disliked
@@ -693,7 +688,7 @@ class Engine:
         rank[closeness] = torch.arange(len(closeness))
         timer.add("coarse_search", coarse - start)
         timer.add("rerank", time.perf_counter() - coarse)
-        hits, matched = [], []
+        hits = []
         with timer.stage("explain"):
             for c in order[options.offset : options.offset + options.k].tolist():
                 if options.min_score is not None and float(score[c]) < options.min_score:
@@ -709,10 +704,9 @@ class Engine:
                 hits.append(Hit(items[int(ids[c])], float(score[c]),
                                 float(match.global_similarity[p, c]),
                                 float(match.structural_similarity[p, c]), True,
-                                int(rank[c]) + 1, explanation))  # fmt: skip
-                matched.append(p)
+                                int(rank[c]) + 1, explanation, positive=p))  # fmt: skip
         end = options.offset + options.k
-        return Page(hits, options.offset, end if len(ids) > end else None), matched
+        return Page(hits, options.offset, end if len(ids) > end else None)
 
     def explain_pair(
         self, a: Embedding, ga: ImageGeometry, b: Embedding, gb: ImageGeometry, top: int
@@ -723,8 +717,9 @@ class Engine:
         """The gallery's groups of near-copies (:func:`index_builder.duplicates.near_duplicates`),
         kept until the gallery changes so that paging through them costs nothing. Runs under
         the index lock, within the request's deadline (DeadlineExceededError past it)."""
-        key = (threshold, structural_threshold, self.changes)
         with self.lock:
+            # Changes made here, and (for a collection other replicas write to) the count.
+            key = (threshold, structural_threshold, self.changes, self.index.count)
             if self._duplicates is None or self._duplicates[0] != key:
                 groups = near_duplicates(
                     self.index, self.config.matching, threshold, structural_threshold,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 from pydantic import StringConstraints
 
 from index_builder import LabelFilter
-from model import Embedding, ImageGeometry
+from model import Embedding, ImageGeometry, ModelInput
 from service.deps import (
     DIGITS,
     MAX_ID,
@@ -132,6 +132,8 @@ def hit_json(hit: Hit) -> dict[str, Any]:
     }
     if hit.explanation is not None:
         out["explanation"] = hit.explanation.to_dict(matrices=False)
+    if hit.positive is not None:
+        out["positive"] = hit.positive
     return out
 
 
@@ -156,16 +158,19 @@ async def _run(
     timer: StageTimer,
     options: SearchOptions,
 ) -> list[Page]:
-    with timer.stage("decode"):
-        queries = []
-        for upload in uploads:
-            data = await upload.read()
-            queries.append(await in_thread(engine.decode, data, upload.filename or "image"))
+    queries = await _decode(engine, uploads, timer)
     grouped = options.group_size is not None
     with timer.stage("embed"):
         embedding = await engine.embed(queries, search_next=not grouped)
     geometries = [q.geometry for q in queries]
     return await _find(engine, embedding, geometries, options, timer, embedded=not grouped)
+
+
+async def _decode(engine: Engine, uploads: list[UploadFile], timer: StageTimer) -> list[ModelInput]:
+    """Each upload read and decoded (named by its file name in any error)."""
+    with timer.stage("decode"):
+        return [await in_thread(engine.decode, await u.read(), u.filename or "image")
+                for u in uploads]  # fmt: skip
 
 
 async def _find(
@@ -292,7 +297,7 @@ async def search_examples(
     if options.group_size is not None:
         raise ApiError(422, "invalid_request", "group_by is not available with examples")
 
-    async def run() -> tuple[Page, list[int]]:
+    async def run() -> Page:
         pos, pos_geometries = await _examples(engine, positive, positive_ids, timer)
         neg = (await _examples(engine, negative, negative_ids, timer))[0] if (
             negative or negative_ids) else None  # fmt: skip
@@ -301,12 +306,9 @@ async def search_examples(
             engine.search_examples, pos, pos_geometries, neg, exclude, options, timer
         )
 
-    page, matched = await within_deadline(engine, run())
+    page = await within_deadline(engine, run())
     response.headers["Server-Timing"] = timer.header()
-    out = page_json(page, engine.config.matching.structural_weight)
-    for hit, p in zip(out["results"], matched, strict=True):
-        hit["positive"] = p
-    return out
+    return page_json(page, engine.config.matching.structural_weight)
 
 
 async def _examples(
@@ -316,9 +318,7 @@ async def _examples(
     parts: list[Embedding] = []
     geometries: list[ImageGeometry] = []
     if uploads:
-        with timer.stage("decode"):
-            decoded = [await in_thread(engine.decode, await u.read(), u.filename or "image")
-                       for u in uploads]  # fmt: skip
+        decoded = await _decode(engine, uploads, timer)
         with timer.stage("embed"):
             parts.append(await engine.embed(decoded))
         geometries += [d.geometry for d in decoded]
