@@ -329,17 +329,8 @@ def write_qdrant(
     report = Report()
     try:
         for records, vectors, grids in batches:
-            embedded, row = [], 0
-            for record in records:
-                source = sources[record["index"]]
-                if record["pixels"] is None:
-                    report.skipped.append({"path": str(source.path), "reason": record["reason"]})
-                    continue
-                width, height = record["size"]
-                embedded.append(
-                    Embedded(source, record["sha256"], width, height, vectors[row], grids[row])
-                )
-                row += 1
+            embedded, failed = _embedded(sources, records, vectors, grids)
+            report.skipped += failed
             done = index.keys_by_sha256(e.sha256 for e in embedded)
             fresh = [e for e in embedded if done.get(e.sha256) != e.source.key]
             part = add_embedded(index, fresh)
@@ -446,19 +437,32 @@ def add_images(
     skipped: list[dict[str, str]] = []
     embedded: list[Embedded] = []
     for records, vecs, grds in embed_sources(sources, embedder, batch_size, workers, max_bytes):
-        row = 0
-        for record in records:
-            source = sources[record["index"]]
-            if record["pixels"] is None:
-                skipped.append({"path": str(source.path), "reason": record["reason"]})
-                continue
-            width, height = record["size"]
-            embedded.append(Embedded(source, record["sha256"], width, height, vecs[row], grds[row]))
-            row += 1
+        good, failed = _embedded(sources, records, vecs, grds)
+        embedded += good
+        skipped += failed
     report = add_embedded(index, embedded)
     report.skipped = skipped + report.skipped
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _embedded(
+    sources: Sequence[Source],
+    records: list[dict[str, Any]],
+    vectors: np.ndarray,
+    grids: np.ndarray,
+) -> tuple[list[Embedded], list[dict[str, str]]]:
+    """One batch of :func:`embed_sources` as Embedded images and the files that failed."""
+    embedded, failed, row = [], [], 0
+    for record in records:
+        source = sources[record["index"]]
+        if record["pixels"] is None:
+            failed.append({"path": str(source.path), "reason": record["reason"]})
+            continue
+        width, height = record["size"]
+        embedded.append(Embedded(source, record["sha256"], width, height, vectors[row], grids[row]))
+        row += 1
+    return embedded, failed
 
 
 def check_fingerprint(index: GalleryIndex | QdrantIndex, fp: str) -> None:

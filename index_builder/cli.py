@@ -50,8 +50,7 @@ def add_index(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="a folder; subfolder names become labels")
     src.add_argument("--list", type=Path, help="a CSV with a 'path' column (and 'key', 'label')")
-    b.add_argument("--out", type=location_argument, required=True, help="the index: a folder, "
-                   "qdrant://HOST[:PORT]/COLLECTION or qdrant-local:PATH")  # fmt: skip
+    b.add_argument("--out", type=location_argument, required=True, help=f"the index: {LOCATION}")
     _model_args(b)
     b.add_argument("--factory", help="FAISS factory string (default: Flat below 100k items, IVF)")
     b.add_argument("--batch-size", type=int, default=32)

@@ -58,10 +58,10 @@ function labelList(id) {
   return $(id).value.split(",").map((l) => l.trim()).filter((l) => l);
 }
 
-function searchParams(offset = 0) {
+function searchParams() {
   const k = Math.max(1, Math.min(100, parseInt($("k").value, 10) || 12));
   const rerank = $("rerank").checked ? 100 : 0;
-  const params = new URLSearchParams({ k, rerank_k: rerank, explain: "true", matches: 8, offset });
+  const params = new URLSearchParams({ k, rerank_k: rerank, explain: "true", matches: 8 });
   for (const label of labelList("labels")) params.append("label", label);
   for (const label of labelList("exclude-labels")) params.append("exclude_label", label);
   const min = $("min-score").value.trim();

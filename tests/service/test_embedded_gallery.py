@@ -132,7 +132,14 @@ def test_a_negative_example_moves_its_own_scene_down(client: TestClient) -> None
 
     assert min(places(disliked["results"])) > max(places(ranking))
     assert [h["label"] for h in disliked["results"][:3]] == ["cat"] * 3
-    assert all(h["positive"] == 0 for h in disliked["results"])
+    # The documented rule: s(positive, c) - s(negative, c), each the pair's explained score.
+    for hit in disliked["results"][:4]:
+        pair = {"b_id": hit["id"]}
+        liked_score = client.get("/explain", params={"a_id": params["positive_id"], **pair})
+        disliked_score = client.get("/explain", params={"a_id": negative, **pair})
+        expected = liked_score.json()["score"] - disliked_score.json()["score"]
+        assert hit["score"] == pytest.approx(expected, abs=2e-5)
+        assert hit["positive"] == 0
 
 
 def test_examples_mix_uploads_and_ids_and_explain_the_best_positive(client: TestClient) -> None:
