@@ -26,9 +26,9 @@ from index_builder import GalleryIndex, build_index, scan_folder
 from index_builder.duplicates import (
     GLOBAL_THRESHOLD,
     STRUCTURAL_THRESHOLD,
-    _candidates,
-    _embedding,
+    candidate_pairs,
     near_duplicates,
+    stored_embedding,
 )
 from model import Embedder, load_model
 from model.datasets import read_cub
@@ -67,9 +67,11 @@ def main() -> None:
         index = GalleryIndex.open(root / "index")
         items = index.items(index.ids)
         source = {i: str(items[i].label) for i in items}  # "<class>-<photo>"
-        a, b = _candidates(index, 0.0, 32, None)
+        a, b = candidate_pairs(index, 0.0, 32, None)
         with torch.inference_mode():
-            match = match_pairs(_embedding(index, a), _embedding(index, b), model.config.matching)
+            match = match_pairs(
+                stored_embedding(index, a), stored_embedding(index, b), model.config.matching
+            )
         g = match.global_similarity[:, 0].numpy()
         s = match.structural_similarity[:, 0].numpy()
         copy = np.array([source[x] == source[y] for x, y in zip(a, b, strict=True)])

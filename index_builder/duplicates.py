@@ -63,7 +63,7 @@ def near_duplicates(
     still found whole when its members are linked through each other). ``check`` is called
     between batches (a deadline that raises to stop).
     """
-    a, b = _candidates(index, threshold, neighbours, check)
+    a, b = candidate_pairs(index, threshold, neighbours, check)
     if len(a) == 0:
         return []
     global_sim = np.empty(len(a), dtype=np.float32)
@@ -71,7 +71,9 @@ def near_duplicates(
     for start in range(0, len(a), BATCH):
         left, right = a[start : start + BATCH], b[start : start + BATCH]
         with torch.inference_mode():
-            match = match_pairs(_embedding(index, left), _embedding(index, right), matching)
+            match = match_pairs(
+                stored_embedding(index, left), stored_embedding(index, right), matching
+            )
         global_sim[start : start + len(left)] = match.global_similarity[:, 0].numpy()
         structural[start : start + len(left)] = match.structural_similarity[:, 0].numpy()
         if check is not None:
@@ -81,7 +83,7 @@ def near_duplicates(
     return _groups(a, b, global_sim, structural)
 
 
-def _candidates(
+def candidate_pairs(
     index: GalleryIndex | QdrantIndex,
     threshold: float,
     neighbours: int,
@@ -102,7 +104,8 @@ def _candidates(
     return pairs[:, 0], pairs[:, 1]
 
 
-def _embedding(index: GalleryIndex | QdrantIndex, ids: np.ndarray) -> Embedding:
+def stored_embedding(index: GalleryIndex | QdrantIndex, ids: np.ndarray) -> Embedding:
+    """The stored parts (as float32) and global vectors of the items ``ids``."""
     grids = torch.from_numpy(index.grids(ids).astype(np.float32))
     return Embedding(grids, torch.from_numpy(index.vectors(ids)))
 
