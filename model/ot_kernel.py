@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
+import sysconfig
+from pathlib import Path
 
 import torch
 
@@ -93,10 +97,26 @@ def fits(rows: int, cols: int) -> bool:
 
 @functools.cache
 def available() -> bool:
-    """Whether Triton can be imported (it ships with PyTorch's CUDA builds)."""
+    """Whether the kernel can run: Triton imports (it ships with PyTorch's CUDA builds) and,
+    unless it interprets (``TRITON_INTERPRET=1``), what Triton needs to build its kernel
+    launcher on first use is there: a C compiler (``CC``, else gcc or clang, Triton's own
+    order) and Python's headers. Without them the PyTorch solver runs instead of every solve
+    failing (a slim image without gcc, a Debian Python without python3-dev)."""
     try:
         import triton  # noqa: F401
     except ImportError:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+    headers = Path(sysconfig.get_paths()["include"], "Python.h").is_file()
+    if compiler is None or not headers:
+        missing = "a C compiler (CC, gcc or clang)" if compiler is None else "Python.h"
+        log.warning(
+            "Triton cannot build its kernel launcher without %s: Sinkhorn runs in the PyTorch "
+            "solver, not the fused kernel",
+            missing,
+        )
         return False
     return True
 

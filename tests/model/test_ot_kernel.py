@@ -6,10 +6,12 @@ before Triton is imported, hence a subprocess); on CUDA it runs compiled.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -73,9 +75,38 @@ def _check(rows: list[dict[str, object]]) -> None:
         assert gap < 1e-6 + 1e-3 * row["row_error"], row  # type: ignore[operator]
 
 
-@pytest.mark.skipif(not ot_kernel.available(), reason="Triton is not installed")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_HEADERS = Path(sysconfig.get_paths()["include"], "Python.h").is_file()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_fused_kernel_matches_the_pytorch_solver_in_the_interpreter() -> None:
     _check(_run_check({"TRITON_INTERPRET": "1"}))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_without_a_c_compiler_the_pytorch_solver_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton builds its launcher with a C compiler on first use; an image without one (a
+    slim base) must fall back to the PyTorch solver instead of failing every solve; so must
+    one without Python's headers."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ot_kernel.shutil, "which", lambda name: None)
+    ot_kernel.available.cache_clear()
+    try:
+        assert not ot_kernel.available()
+        ot_kernel.available.cache_clear()
+        monkeypatch.setenv("CC", "/usr/bin/cc")
+        assert ot_kernel.available() == HAS_HEADERS
+        ot_kernel.available.cache_clear()
+        monkeypatch.setattr(ot_kernel.sysconfig, "get_paths", lambda: {"include": "/nowhere"})
+        assert not ot_kernel.available()
+        ot_kernel.available.cache_clear()
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter compiles nothing
+        assert ot_kernel.available()
+    finally:
+        ot_kernel.available.cache_clear()
 
 
 def _run_check(env: dict[str, str]) -> list[dict[str, object]]:
