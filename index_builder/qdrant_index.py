@@ -181,13 +181,15 @@ class QdrantIndex:
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         selected = self._filter(where)
+        # local mode searches exactly (and warns that it ignores search parameters)
+        ef = None if self.location.path else models.SearchParams(hnsw_ef=max(SEARCH_EF, k))
         requests = [
             models.QueryRequest(
                 query=q.tolist(),
                 using="global",
                 limit=k,
                 filter=selected,
-                params=models.SearchParams(hnsw_ef=max(SEARCH_EF, k)),
+                params=ef,
                 with_payload=True,
                 with_vector=["global", "parts"],
             )
