@@ -16,6 +16,9 @@ keyword index on ``label``; then
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -47,7 +50,7 @@ def _layout(indexing_threshold_kb: int) -> object:
 
 
 @pytest.fixture(scope="module")
-def shard(tmp_path_factory: pytest.TempPathFactory) -> object:
+def shard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, ...]]:
     """N points in clusters (like embeddings of many photos of a few hundred subjects), the
     rarest label on 1% of them, HNSW built."""
     rng = np.random.default_rng(0)
@@ -78,8 +81,8 @@ def shard(tmp_path_factory: pytest.TempPathFactory) -> object:
     store.close()
 
 
-def _query(store: object, q: np.ndarray, exact: bool, where: object = None) -> list[int]:
-    found = store.query(  # type: ignore[attr-defined]
+def _query(store: Any, q: np.ndarray, exact: bool, where: object = None) -> list[int]:
+    found = store.query(
         edge.QueryRequest(
             limit=K,
             query=edge.Query.Nearest(q.tolist(), using="global"),
@@ -90,20 +93,20 @@ def _query(store: object, q: np.ndarray, exact: bool, where: object = None) -> l
     return [int(p.id) for p in found]
 
 
-def test_the_engine_keeps_float16_grids_exactly(shard: tuple[object, ...]) -> None:
+def test_the_engine_keeps_float16_grids_exactly(shard: tuple[Any, ...]) -> None:
     store, vectors, parts, _ = shard
     ids = [0, 17, N - 1]
-    records = store.retrieve(ids, with_payload=False, with_vector=True)  # type: ignore[attr-defined]
+    records = store.retrieve(ids, with_payload=False, with_vector=True)
     for record in records:
         i = int(record.id)
         grid = np.asarray(record.vector["parts"], dtype=np.float32)
         # float16 storage is the float16 rounding, exactly; a float16 grid comes back unchanged
         np.testing.assert_array_equal(grid, parts[i].astype(np.float16).astype(np.float32))
         np.testing.assert_array_equal(np.asarray(record.vector["global"], np.float32), vectors[i])
-    assert store.info().indexed_vectors_count >= N  # type: ignore[attr-defined]
+    assert store.info().indexed_vectors_count >= N
 
 
-def test_hnsw_recall_at_the_search_ef(shard: tuple[object, ...]) -> None:
+def test_hnsw_recall_at_the_search_ef(shard: tuple[Any, ...]) -> None:
     store, vectors, _, _ = shard
     queries = vectors[:: N // 50][:50]
     recall = np.mean(
@@ -113,7 +116,7 @@ def test_hnsw_recall_at_the_search_ef(shard: tuple[object, ...]) -> None:
     assert recall >= 0.95
 
 
-def test_filtered_search_through_the_payload_index(shard: tuple[object, ...]) -> None:
+def test_filtered_search_through_the_payload_index(shard: tuple[Any, ...]) -> None:
     store, vectors, _, labels = shard
     allowed = {LABELS[3], LABELS[7], LABELS[-1]}
     where = edge.Filter(
