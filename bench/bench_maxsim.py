@@ -25,12 +25,11 @@ import torch
 from model import load_model
 from model.config import MatchingConfig
 from model.datasets import read_cub
+from model.evaluation import PUBLISHED_WEIGHT
 from model.loading import embed_records
 from model.matching import ranking_score, rerank_positions, structural_match
 from model.metrics import relevant_counts, retrieval_metrics
 from model.network import Embedding
-
-PUBLISHED_WEIGHT = 1.0
 
 
 def maxsim(query_parts: torch.Tensor, candidate_parts: torch.Tensor) -> torch.Tensor:

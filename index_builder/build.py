@@ -32,11 +32,11 @@ from index_builder.gallery import (
     SNAPSHOT_META,
     SNAPSHOT_SEGMENT_META,
     GalleryIndex,
-    require_fingerprint,
 )
 from index_builder.gallery import publish as publish_version
 from index_builder.location import Location, QdrantLocation, parse_location
 from index_builder.manifest import Manifest
+from index_builder.opening import AnyIndex
 from index_builder.qdrant_index import QdrantIndex
 from index_builder.segments import SegmentStore
 from index_builder.table import ItemTable, NewItem
@@ -234,7 +234,7 @@ def build_index(
     model = embedder.model
     fp = fingerprint(model)
     workers = default_workers(embedder.device) if workers is None else workers
-    location = out if isinstance(out, QdrantLocation) else parse_location(out)
+    location = parse_location(out)
     if isinstance(location, QdrantLocation):
         return _build_qdrant(sources, location, embedder, batch_size, workers, max_bytes, progress)
     out = location
@@ -331,9 +331,7 @@ def write_qdrant(
         for records, vectors, grids in batches:
             embedded, failed = _embedded(sources, records, vectors, grids)
             report.skipped += failed
-            done = index.keys_by_sha256(e.sha256 for e in embedded)
-            fresh = [e for e in embedded if done.get(e.sha256) != e.source.key]
-            part = add_embedded(index, fresh)
+            part = add_embedded(index, embedded, resume=True)
             report.indexed += part.indexed
             report.skipped += part.skipped
         report.count = index.count
@@ -423,7 +421,7 @@ class Embedded:
 
 
 def add_images(
-    index: GalleryIndex | QdrantIndex,
+    index: AnyIndex,
     sources: Sequence[Source],
     embedder: Embedder,
     batch_size: int = 32,
@@ -433,7 +431,7 @@ def add_images(
     """Decode, embed and add ``sources`` to ``index`` (opened for writing) in one all-or-nothing
     step; unreadable files, non-images and bytes already in the index are skipped and reported."""
     started = time.perf_counter()
-    check_fingerprint(index, fingerprint(embedder.model))
+    index.check_model(fingerprint(embedder.model))
     skipped: list[dict[str, str]] = []
     embedded: list[Embedded] = []
     for records, vecs, grds in embed_sources(sources, embedder, batch_size, workers, max_bytes):
@@ -465,20 +463,17 @@ def _embedded(
     return embedded, failed
 
 
-def check_fingerprint(index: GalleryIndex | QdrantIndex, fp: str) -> None:
-    """Refuse embeddings of another model than the one that built ``index``."""
-    where = index.location if isinstance(index, QdrantIndex) else index.folder
-    require_fingerprint(where, index.manifest.fingerprint, fp)
-
-
-def add_embedded(index: GalleryIndex | QdrantIndex, embedded: Sequence[Embedded]) -> Report:
+def add_embedded(index: AnyIndex, embedded: Sequence[Embedded], resume: bool = False) -> Report:
     """Add embedded images to ``index`` in one all-or-nothing step (the only part of an add that
     needs the index to itself). Bytes already in the index, or earlier in ``embedded``, are
-    skipped and reported; ``Report.ids`` are the new items' ids in order."""
+    skipped and reported; ``Report.ids`` are the new items' ids in order. ``resume``: an image
+    already in the index under its own key (a rerun of a build) is passed over unreported."""
     report = Report()
     known = index.keys_by_sha256(e.sha256 for e in embedded)
     fresh: list[Embedded] = []
     for e in embedded:
+        if resume and known.get(e.sha256) == e.source.key:
+            continue
         if e.sha256 in known:
             reason = f"duplicate bytes of {known[e.sha256]}"
             report.skipped.append({"path": str(e.source.path), "reason": reason})

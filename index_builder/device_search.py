@@ -12,8 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from index_builder.gallery import GalleryIndex
-from index_builder.qdrant_index import QdrantIndex
+from index_builder.opening import AnyIndex
 
 UPLOAD_CHUNK = 65_536
 
@@ -22,7 +21,7 @@ class DeviceSearch:
     """The live vectors of ``index`` on ``device``; keep it in step with :meth:`add` and
     :meth:`remove` after the index changes (the engine does, under its lock)."""
 
-    def __init__(self, index: GalleryIndex | QdrantIndex, device: torch.device | str) -> None:
+    def __init__(self, index: AnyIndex, device: torch.device | str) -> None:
         self.index = index
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32

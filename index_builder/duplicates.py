@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from index_builder.gallery import GalleryIndex
-from index_builder.qdrant_index import QdrantIndex
+from index_builder.opening import AnyIndex
 from model.config import MatchingConfig
 from model.matching import match_pairs
 from model.network import Embedding
@@ -50,7 +49,7 @@ class DuplicateGroup:
 
 
 def near_duplicates(
-    index: GalleryIndex | QdrantIndex,
+    index: AnyIndex,
     matching: MatchingConfig,
     threshold: float = GLOBAL_THRESHOLD,
     structural_threshold: float = STRUCTURAL_THRESHOLD,
@@ -84,7 +83,7 @@ def near_duplicates(
 
 
 def candidate_pairs(
-    index: GalleryIndex | QdrantIndex,
+    index: AnyIndex,
     threshold: float,
     neighbours: int,
     check: Callable[[], object] | None,
@@ -104,7 +103,7 @@ def candidate_pairs(
     return pairs[:, 0], pairs[:, 1]
 
 
-def stored_embedding(index: GalleryIndex | QdrantIndex, ids: np.ndarray) -> Embedding:
+def stored_embedding(index: AnyIndex, ids: np.ndarray) -> Embedding:
     """The stored parts (as float32) and global vectors of the items ``ids``."""
     grids = torch.from_numpy(index.grids(ids).astype(np.float32))
     return Embedding(grids, torch.from_numpy(index.vectors(ids)))

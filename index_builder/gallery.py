@@ -102,6 +102,10 @@ class GalleryIndex:
             raise
         return index
 
+    def check_model(self, fp: str) -> None:
+        """Refuse embeddings of another model than the one that built this index."""
+        require_fingerprint(self.folder, self.manifest.fingerprint, fp)
+
     def close(self) -> None:
         self.table.close()
 
@@ -199,12 +203,7 @@ class GalleryIndex:
         crash before the commit leaves orphan files that the next writer deletes.
         """
         self._require_writable()
-        m = self.manifest
-        if vectors.shape != (len(items), m.dim) or grids.shape != (len(items), m.regions, m.dim):
-            raise ValueError(
-                f"add needs vectors ({len(items)}, {m.dim}) and grids ({len(items)}, "
-                f"{m.regions}, {m.dim}); got {vectors.shape} and {grids.shape}"
-            )
+        self.manifest.check_rows(len(items), vectors, grids)
         if not items:
             return []
         segment = self.table.next_segment()

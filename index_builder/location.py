@@ -48,10 +48,12 @@ class QdrantLocation:
 Location = Path | QdrantLocation
 
 
-def parse_location(text: str | Path) -> Location:
+def parse_location(text: str | Path | QdrantLocation) -> Location:
     """A folder path or a Qdrant location; ValueError for a ``qdrant`` URL it cannot read.
-    (A path object is taken as it is; ``qdrant:/`` with one slash, as a path object
+    (A Qdrant location is taken as it is; ``qdrant:/`` with one slash, as a path object
     prints a URL, is read as ``qdrant://``.)"""
+    if isinstance(text, QdrantLocation):
+        return text
     raw = str(text)
     if raw.startswith(("qdrant:", "qdrants:")):
         match = _REMOTE.fullmatch(raw)

@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from index_builder.files import write_atomic
 
 SCHEMA_VERSION = 1
@@ -35,6 +37,14 @@ class Manifest:
     @property
     def regions(self) -> int:
         return self.grid * self.grid
+
+    def check_rows(self, n: int, vectors: np.ndarray, grids: np.ndarray) -> None:
+        """ValueError unless ``vectors`` is (n, D) and ``grids`` (n, R, D) for this index."""
+        if vectors.shape != (n, self.dim) or grids.shape != (n, self.regions, self.dim):
+            raise ValueError(
+                f"add needs vectors ({n}, {self.dim}) and grids ({n}, {self.regions}, "
+                f"{self.dim}); got {vectors.shape} and {grids.shape}"
+            )
 
     def write(self, folder: Path) -> None:
         write_atomic(folder / MANIFEST, (json.dumps(asdict(self), indent=1) + "\n").encode())

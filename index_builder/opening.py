@@ -16,7 +16,7 @@ AnyIndex = GalleryIndex | QdrantIndex
 
 
 def index_exists(where: str | Path | Location) -> bool:
-    location = where if isinstance(where, QdrantLocation) else parse_location(where)
+    location = parse_location(where)
     if isinstance(location, QdrantLocation):
         return qdrant_exists(location)
     return has_index(location)
@@ -26,7 +26,7 @@ def open_index(
     where: str | Path | Location, expected_fingerprint: str | None = None, writable: bool = False
 ) -> AnyIndex:
     """Open for reading (or writing, without a folder's writer lock: see :func:`opened`)."""
-    location = where if isinstance(where, QdrantLocation) else parse_location(where)
+    location = parse_location(where)
     if isinstance(location, QdrantLocation):
         return QdrantIndex.open(location, expected_fingerprint, writable)
     return GalleryIndex.open(location, expected_fingerprint, writable)
@@ -37,7 +37,7 @@ def opened(
     where: str | Path | Location, expected_fingerprint: str | None = None, writable: bool = False
 ) -> Iterator[AnyIndex]:
     """An index, closed on the way out; a folder opened for writing holds the writer lock."""
-    location = where if isinstance(where, QdrantLocation) else parse_location(where)
+    location = parse_location(where)
     if writable and not isinstance(location, QdrantLocation):
         with writing(location, expected_fingerprint) as folder:
             yield folder

@@ -139,6 +139,10 @@ class QdrantIndex:
             raise
         return cls(location, client, manifest, writable)
 
+    def check_model(self, fp: str) -> None:
+        """Refuse embeddings of another model than the one that built this collection."""
+        require_fingerprint(self.location, self.manifest.fingerprint, fp)
+
     def close(self) -> None:
         self.client.close()
 
@@ -296,12 +300,7 @@ class QdrantIndex:
         from qdrant_client import models
 
         self._require_writable()
-        m = self.manifest
-        if vectors.shape != (len(items), m.dim) or grids.shape != (len(items), m.regions, m.dim):
-            raise ValueError(
-                f"add needs vectors ({len(items)}, {m.dim}) and grids ({len(items)}, "
-                f"{m.regions}, {m.dim}); got {vectors.shape} and {grids.shape}"
-            )
+        self.manifest.check_rows(len(items), vectors, grids)
         added = now()
         ids = [item_id(it.sha256) for it in items]
         points = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -52,15 +53,7 @@ async def duplicates(
         "groups": [
             {
                 "items": [item_json(items[i]) for i in g.ids if i in items],
-                "pairs": [
-                    {
-                        "a": p.a,
-                        "b": p.b,
-                        "global_similarity": p.global_similarity,
-                        "structural_similarity": p.structural_similarity,
-                    }
-                    for p in g.pairs
-                ],
+                "pairs": [dataclasses.asdict(p) for p in g.pairs],
             }
             for g in page
         ],
