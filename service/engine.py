@@ -611,10 +611,13 @@ class Engine:
         positions = sorted({p for _, members in chosen for p in members})
         if not positions:
             return Page([], options.offset, None, [])
-        match = self._match(query, ids[positions])
-        column = np.full(len(ids), -1, dtype=np.int64)
-        column[positions] = np.arange(len(positions))
-        candidates = ids[positions]
+        if head and positions[-1] < head:  # all in the re-ranked head: matched already
+            column, candidates = np.arange(len(ids)), ids[:head]
+        else:
+            match = self._match(query, ids[positions])
+            column = np.full(len(ids), -1, dtype=np.int64)
+            column[positions] = np.arange(len(positions))
+            candidates = ids[positions]
         timer.add("coarse_search", coarse - start)
         timer.add("rerank", time.perf_counter() - coarse)
         out: list[tuple[str | None, list[Hit]]] = []
