@@ -29,6 +29,7 @@ from typing import IO
 import httpx
 
 from model.runtime import RUNTIMES
+from service.metrics import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,14 +141,13 @@ def send(url: str, images: list[bytes], clients: int, requests: int) -> Load:
 def run(url: str, images: list[bytes], clients: int, requests: int) -> dict[str, object]:
     load = send(url, images, clients, requests)
     latencies = sorted(load.latencies)
-    names = ("decode", "embed", "coarse_search", "rerank", "explain")
     return {
         "clients": clients,
         "p50": 1e3 * latencies[len(latencies) // 2],
         "p95": 1e3 * latencies[int(0.95 * (len(latencies) - 1))],
         "rps": len(latencies) / load.wall,
         "errors": len(load.errors),
-        "stages": {n: statistics.median(t.get(n, 0.0) for t in load.timings) for n in names},
+        "stages": {n: statistics.median(t.get(n, 0.0) for t in load.timings) for n in STAGES},
     }
 
 
@@ -182,7 +182,7 @@ def main() -> None:
     )
     print(
         f"  {'backbone':8} {'clients':>7} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7} {'errors':>6}   "
-        "server median ms: decode / embed / coarse / rerank / explain"
+        "server median ms: decode / embed / coarse / gather / rerank / explain"
     )
     for row in rows:
         print(row)
@@ -203,8 +203,7 @@ def measure(index: Path, runtime: str, images: list[bytes], args: argparse.Names
             assert isinstance(s, dict)
             rows.append(
                 f"  {running:8} {clients:7d} {r['p50']:8.1f} {r['p95']:8.1f} {r['rps']:7.1f} "
-                f"{r['errors']:6d}   {s['decode']:.1f} / {s['embed']:.1f} / "
-                f"{s['coarse_search']:.1f} / {s['rerank']:.1f} / {s['explain']:.1f}"
+                f"{r['errors']:6d}   " + " / ".join(f"{s[n]:.1f}" for n in STAGES)
             )
     finally:
         server.terminate()

@@ -2,9 +2,11 @@
 
 Images from concurrent requests are embedded together by a :class:`MicroBatcher` (one thread
 owns the backbone; it waits a short window for company, up to a batch limit); a full queue
-refuses with ``OverloadedError`` instead of making callers wait without bound. Coarse search
-and grid gathering hold the index lock; re-ranking and explanations run on copies, outside it.
-Results are plain values (:class:`Hit`) and failures the kinds in :mod:`service.failures`;
+refuses with ``OverloadedError`` instead of making callers wait without bound; their searches
+are batched the same way by a :class:`SearchBatcher`. A search runs the named stages of
+:mod:`service.search` (coarse search, gather, re-rank, rank, explain): the first two hold the
+index lock, the rest run on copies, outside it, and each is timed. Results are plain values
+(:class:`service.search.Hit`) and failures the kinds in :mod:`service.failures`;
 ``service.errors`` and the routes turn them into HTTP statuses and JSON.
 """
 
@@ -21,7 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -47,7 +49,6 @@ from model import (
     load_for_model,
     load_model,
     preprocess,
-    structural_match,
 )
 from model.images import geometry_of
 from model.matching import StructuralMatch, rerank_positions
@@ -63,56 +64,23 @@ from service.failures import (
 )
 from service.limits import BudgetExhaustedError, MemoryBudget, in_thread, time_left
 from service.metrics import StageTimer
+from service.search import (
+    Hit,
+    Page,
+    SearchOptions,
+    coarse_search,
+    explain_hits,
+    gather,
+    gather_shared,
+    needed_positions,
+    rank,
+    rerank,
+)
 from service.settings import ALLOWED_FORMATS, Settings
 
 log = logging.getLogger(__name__)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 GROUP_DEPTH = 4  # a grouped search first looks at this many candidates per hit it may return
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    """k results from position ``offset`` of one ranking (the top ``rerank_k`` of the global
-    ranking re-ranked, the rest in global order), among the items ``where`` allows; hits that
-    score below ``min_score`` left out; explanations with the ``matches`` strongest part pairs
-    when ``explain``."""
-
-    k: int = 10
-    rerank_k: int = 100
-    explain: bool = True
-    matches: int = 5
-    offset: int = 0
-    min_score: float | None = None
-    where: LabelFilter = field(default_factory=LabelFilter)
-    group_size: int | None = None  # group by label: k groups of up to this many hits
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result: the item, its score and its terms, where it stood in the global
-    ranking (1-based), whether it was re-ranked, and its explanation when one was asked for."""
-
-    item: Item
-    score: float
-    global_similarity: float
-    structural_similarity: float
-    reranked: bool
-    global_rank: int
-    explanation: Explanation | None = None
-    positive: int | None = None  # example searches: the positive it matches best
-
-
-@dataclass(frozen=True)
-class Page:
-    """The hits of one query from ``offset``; ``next_offset`` continues the same ranking (None
-    when it has no more items)."""
-
-    hits: list[Hit]
-    offset: int
-    next_offset: int | None
-    # Grouped searches: (label, its hits) per group, best group first; ``hits`` is their
-    # concatenation and the offsets count groups.
-    groups: list[tuple[str | None, list[Hit]]] | None = None
 
 
 def _check_deadline() -> float | None:
@@ -250,14 +218,6 @@ class SearchBatcher(Batcher[SearchJob, list[Page]]):
 
     def process(self, jobs: list[SearchJob]) -> list[list[Page]]:
         return self.engine.search_jobs(jobs)
-
-
-def _needed(options: SearchOptions, count: int, reorders: bool) -> np.ndarray:
-    """The positions of the global ranking (of ``count`` candidates) a page needs matched: the
-    re-ranked head when re-ranking reorders, and the page's positions past it."""
-    head = min(options.rerank_k, count) if reorders else 0
-    end = min(options.offset + options.k, count)
-    return np.r_[np.arange(head), np.arange(max(head, options.offset), end)]
 
 
 class Engine:
@@ -422,13 +382,14 @@ class Engine:
         return await asyncio.wrap_future(future)
 
     def search_jobs(self, jobs: list[SearchJob]) -> list[list[Page]]:
-        """The queries of several requests, searched together: one coarse search by the global
-        vector per distinct label filter, then one gathering of the candidates' grids and one
-        structural match for the whole batch. Each query's ranking is the two-stage rule
-        (:func:`model.matching.rerank_positions`): its top ``rerank_k`` by score = global +
-        weight x structural, the rest in global order; a page is a slice of that ranking, so
-        pages continue each other exactly. Every hit's score is the same formula, re-ranked or
-        not. Each request's timer gets the shared stages' time and its own explanations' time.
+        """The queries of several requests, searched together through the stages of
+        :mod:`service.search`: one coarse search by the global vector per distinct label
+        filter, one gathering of the candidates' grids and one structural match for the whole
+        batch. Each query's ranking is the two-stage rule (:func:`service.search.rank`): its
+        top ``rerank_k`` by score = global + weight x structural, the rest in global order; a
+        page is a slice of that ranking, so pages continue each other exactly. Every hit's
+        score is the same formula, re-ranked or not. Each request's timer gets the shared
+        stages' time and its own explanations' time.
 
         Only the candidates a ranking needs are matched: the re-ranked head and the page. With
         weight 0 (the training-free default model) re-ranking cannot change the order, so only
@@ -439,76 +400,34 @@ class Engine:
         # One more than the page tells whether a next page exists.
         depth = max(max(o.offset + o.k + 1, o.rerank_k if reorders else 0) for o in options)
         queries = Embedding.cat([j.queries for j in jobs]) if len(jobs) > 1 else jobs[0].queries
-        start = time.perf_counter()
+        times = [time.perf_counter()]
         with self.lock:
-            ids = np.full((len(options), depth), -1, dtype=np.int64)
-            for where in dict.fromkeys(o.where for o in options):
-                rows = np.array([i for i, o in enumerate(options) if o.where == where])
-                _, found = self._search(queries.vector[rows].numpy(), depth, where)
-                ids[rows, : found.shape[1]] = found
-            counts = (ids >= 0).sum(axis=1)  # FAISS pads with -1 past the end
-            columns = [
-                _needed(o, int(n), reorders) for o, n in zip(options, counts, strict=True)
-            ]  # fmt: skip
-            width = max(len(c) for c in columns)
-            if width == 0:
-                return self._pages(jobs, [[] for _ in options], counts)
-            chosen = np.zeros((len(options), width), dtype=np.int64)
-            for row, cols in enumerate(columns):
-                chosen[row, : len(cols)] = cols
-            matched = np.arange(width) < np.array([len(c) for c in columns])[:, None]
-            candidates = np.take_along_axis(ids, chosen, axis=1)
-            safe = np.where(matched, candidates, candidates[matched][0]).ravel()
-            grids = self.index.grids(safe)
-            grids = grids.reshape(len(options), width, *grids.shape[1:])  # (B, W, R, D)
-            vectors = self.index.vectors(safe).reshape(len(options), width, -1)  # (B, W, D)
-            items = self.index.items(np.unique(safe))
-        coarse = time.perf_counter()
-        with torch.inference_mode():
-            device = self.embedder.device  # the grids travel as float16
-            match = structural_match(
-                queries.parts.to(device),
-                queries.vector.to(device),
-                torch.from_numpy(grids).to(device).float(),
-                torch.from_numpy(vectors).to(device),
-                self.config.matching,
-            ).to("cpu")
-        # Scores by position in the global ranking; the positions not matched are never sorted.
-        rows, cols = np.nonzero(matched)
-        score = torch.full((len(options), depth), float("-inf"))
-        score[rows, chosen[rows, cols]] = match.score[rows, cols]
-        column = np.full((len(options), depth), -1, dtype=np.int64)
-        column[rows, chosen[rows, cols]] = cols
-        reranked = time.perf_counter()
-        hits: list[list[Hit]] = []
-        row = 0
-        for job in jobs:
-            job.timer.add("coarse_search", coarse - start)
-            job.timer.add("rerank", reranked - coarse)
-            o, n = job.options, len(job.queries)
-            with job.timer.stage("explain"):
-                order = rerank_positions(score[row : row + n], o.rerank_k if reorders else 0)
-                for i in range(n):
-                    b = row + i
-                    ranking = order[i][order[i] < int(counts[b])]
-                    page = ranking[o.offset : o.offset + o.k].tolist()
-                    hits.append(self._hits(match, b, page, column[b], candidates[b], items,
-                                           job.geometries[i], o))  # fmt: skip
-            row += n
-        return self._pages(jobs, hits, counts)
-
-    @staticmethod
-    def _pages(
-        jobs: list[SearchJob], hits: list[list[Hit]], counts: np.ndarray
-    ) -> list[list[Page]]:
+            filters = [o.where for o in options]
+            candidates = coarse_search(self._search, queries.vector.numpy(), filters, depth)
+            times.append(time.perf_counter())
+            needed = [needed_positions(o, int(n), reorders)
+                      for o, n in zip(options, candidates.counts, strict=True)]  # fmt: skip
+            gathered = gather(self.index, candidates, needed)
+            times.append(time.perf_counter())
+        if gathered is not None:
+            match = rerank(queries, gathered, self.config, self.embedder.device)
+            ranking = rank(match, gathered, candidates, options, reorders)
+        times.append(time.perf_counter())
         pages, row = [], 0
         for job in jobs:
-            o, n = job.options, len(job.queries)
-            end = o.offset + o.k
-            pages.append([
-                Page(hits[row + i], o.offset, end if counts[row + i] > end else None)
-                for i in range(n)
-            ])  # fmt: skip
+            for stage, seconds in zip(("coarse_search", "gather", "rerank"), np.diff(times),
+                                      strict=True):  # fmt: skip
+                job.timer.add(stage, float(seconds))
+            o, n, end = job.options, len(job.queries), job.options.offset + job.options.k
+            hits: list[list[Hit]] = [[] for _ in range(n)]
+            if gathered is not None:
+                with job.timer.stage("explain"):
+                    hits = [explain_hits(match, b, ranking.pages[b], ranking.column[b],
+                                         gathered.ids[b], gathered.items, geometry, o, self.config)
+                            for b, geometry in enumerate(job.geometries, start=row)]  # fmt: skip
+            counts = candidates.counts[row : row + n]
+            pages.append([Page(h, o.offset, end if c > end else None)
+                          for h, c in zip(hits, counts, strict=True)])  # fmt: skip
             row += n
         return pages
 
@@ -519,44 +438,12 @@ class Engine:
             return self.device_search.search(queries, k, *self.index.selection(where))
         return self.index.search(queries, k, where)
 
-    def _hits(
-        self,
-        match: StructuralMatch,
-        b: int,
-        positions: list[int],
-        column: np.ndarray,
-        candidates: np.ndarray,
-        items: dict[int, Item],
-        geometry: ImageGeometry,
-        options: SearchOptions,
-    ) -> list[Hit]:
-        """The hits at ``positions`` of query ``b``'s global ranking; ``column`` maps a position
-        to its column of ``match`` and ``candidates`` a column to its item id."""
-        hits: list[Hit] = []
-        for position in positions:
-            c = int(column[position])
-            item = items.get(int(candidates[c]))
-            score = float(match.score[b, c])
-            if item is None or (options.min_score is not None and score < options.min_score):
-                continue
-            explanation = None
-            if options.explain:
-                explanation = explain(
-                    match,
-                    geometry,
-                    self.geometry(item),
-                    self.config.grid,
-                    self.config.matching,
-                    index=(b, c),
-                    top=options.matches,
-                )
-            global_sim = float(match.global_similarity[b, c])
-            structural = float(match.structural_similarity[b, c])
-            reranked = position < options.rerank_k
-            hits.append(
-                Hit(item, score, global_sim, structural, reranked, position + 1, explanation)
-            )
-        return hits
+    def _match(self, queries: Embedding, ids: np.ndarray) -> StructuralMatch:
+        """Every query against the same gallery items ``ids``: a StructuralMatch over
+        (len(queries), len(ids)), the candidates' grids read once and shared."""
+        with self.lock:
+            gathered = gather_shared(self.index, ids)
+        return rerank(queries, gathered, self.config, self.embedder.device)
 
     def search_grouped(
         self, query: Embedding, geometry: ImageGeometry, options: SearchOptions, timer: StageTimer
@@ -577,8 +464,8 @@ class Engine:
         while True:
             _check_deadline()
             with self.lock:
-                _, found = self._search(query.vector.numpy(), depth, options.where)
-                ids = found[0][found[0] >= 0]
+                found = coarse_search(self._search, query.vector.numpy(), [options.where], depth)
+                ids = found.ids[0][: found.counts[0]]
                 items = self.index.items(ids)
                 total = self.index.count
             head = min(head_k, len(ids))
@@ -623,28 +510,13 @@ class Engine:
         out: list[tuple[str | None, list[Hit]]] = []
         with timer.stage("explain"):
             for label, members in chosen:
-                hits = self._hits(match, 0, members, column, candidates, items, geometry, options)
+                hits = explain_hits(match, 0, members, column, candidates, items, geometry,
+                                    options, self.config)  # fmt: skip
                 if hits:
                     out.append((label, hits))
         end = options.offset + options.k
         more = end if len(groups) > end else None
         return Page([h for _, hits in out for h in hits], options.offset, more, out)
-
-    def _match(self, queries: Embedding, ids: np.ndarray) -> StructuralMatch:
-        """Every query against the same gallery items ``ids``: a StructuralMatch over
-        (len(queries), len(ids)), the candidates' grids read once and shared."""
-        with self.lock:
-            grids = torch.from_numpy(self.index.grids(ids).astype(np.float32))
-            vectors = torch.from_numpy(self.index.vectors(ids))
-        with torch.inference_mode():
-            device, n = self.embedder.device, len(queries)
-            return structural_match(
-                queries.parts.to(device),
-                queries.vector.to(device),
-                grids.to(device).unsqueeze(0).expand(n, -1, -1, -1),
-                vectors.to(device).unsqueeze(0).expand(n, -1, -1),
-                self.config.matching,
-            ).to("cpu")
 
     def search_examples(
         self,
@@ -675,7 +547,8 @@ class Engine:
         depth = max(options.rerank_k, 1)
         start = time.perf_counter()
         with self.lock:
-            _, found = self._search(positives.vector.numpy(), depth, options.where)
+            filters = [options.where] * n_pos
+            found = coarse_search(self._search, positives.vector.numpy(), filters, depth).ids
             ids = np.setdiff1d(np.unique(found[found >= 0]), np.asarray(exclude, np.int64))
             if len(ids) == 0:
                 return Page([], options.offset, None)

@@ -20,11 +20,12 @@ from service.deps import (
     single_parts,
     within_deadline,
 )
-from service.engine import Engine, Hit, Page, SearchOptions
+from service.engine import Engine
 from service.errors import ApiError
 from service.limits import in_thread
 from service.metrics import StageTimer
 from service.schemas import BatchSearchResponse, ErrorBody, ExamplesResponse, SearchResponse
+from service.search import Hit, Page, SearchOptions
 
 router = APIRouter(tags=["search"], dependencies=[Read])
 ERRORS: dict[int | str, dict[str, Any]] = {

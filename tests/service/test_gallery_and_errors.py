@@ -14,6 +14,7 @@ from PIL import Image
 from model import Embedding
 from service.app import create_app
 from service.engine import MicroBatcher, OverloadedError
+from service.metrics import STAGES
 from tests.hostile import dds_header, png_header
 from tests.index_builder.helpers import make_images
 from tests.service.conftest import png, settings_for
@@ -236,7 +237,7 @@ def test_metrics_count_requests_and_stages(client: TestClient) -> None:
     client.post("/search", files={"image": ("q.png", png())})
     text = client.get("/metrics").text
     assert 'diml_requests_total{method="POST",route="/search",status="200"}' in text
-    for stage in ("decode", "embed", "coarse_search", "rerank", "explain"):
+    for stage in STAGES:
         assert f'diml_stage_seconds_count{{stage="{stage}"}}' in text
 
 

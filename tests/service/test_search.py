@@ -193,8 +193,9 @@ def test_concurrent_searches_are_batched_and_answer_as_alone(client: TestClient)
     each gets what it would have got alone (its own k, rerank_k and explanations)."""
     import asyncio
 
-    from service.engine import SearchJob, SearchOptions
+    from service.engine import SearchJob
     from service.metrics import StageTimer
+    from service.search import SearchOptions
 
     engine = client.app.state.engine  # type: ignore[attr-defined]
     ids = [0, 3, 7, 11]
@@ -237,3 +238,57 @@ def test_concurrent_searches_are_batched_and_answer_as_alone(client: TestClient)
         ]
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
         assert [h.explanation is None for h in a] == [h.explanation is None for h in b]
+
+
+def test_the_staged_search_ranks_as_the_two_stage_rule_says(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch of queries with ragged needs (different rerank_k, offsets, a label filter)
+    through the stages of service.search gives, for every query, the page of the rule computed
+    directly over the stored arrays: global order, head re-sorted by global + w x structural,
+    tail in global order."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from index_builder import LabelFilter
+    from model.matching import structural_match
+    from service.engine import SearchJob
+    from service.metrics import StageTimer
+    from service.search import SearchOptions
+
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    matching = dataclasses.replace(engine.config.matching, structural_weight=1.0)
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, matching=matching))
+    items, count = engine.page(0, 10_000)
+    ids = np.array([i.id for i in items])
+    vectors = torch.from_numpy(engine.index.vectors(ids))
+    grids = torch.from_numpy(engine.index.grids(ids).astype(np.float32))
+    label = items[0].label
+    options = [
+        SearchOptions(k=5, rerank_k=12, explain=False),
+        SearchOptions(k=4, rerank_k=3, offset=2, explain=False),  # page past the head
+        SearchOptions(k=3, rerank_k=30, offset=6, explain=False),
+        SearchOptions(k=3, rerank_k=8, explain=False, where=LabelFilter(labels=(label,))),
+    ]
+    queries = [engine.stored(int(i))[:2] for i in ids[[1, 4, 7, 10]]]
+    timer = StageTimer(client.app.state.metrics)  # type: ignore[attr-defined]
+    jobs = [SearchJob(e, [g], o, timer) for (e, g), o in zip(queries, options, strict=True)]
+    pages = [p[0] for p in engine.search_jobs(jobs)]
+    for (query, _), o, page in zip(queries, options, pages, strict=True):
+        allowed = np.array([o.where.labels is None or i.label in o.where.labels for i in items])
+        sims = (vectors[allowed] @ query.vector[0]).numpy()
+        order = np.argsort(-sims, kind="stable")
+        head = order[: o.rerank_k]
+        match = structural_match(query.parts, query.vector, grids[allowed][head][None],
+                                 vectors[allowed][head][None], matching)  # fmt: skip
+        resorted = head[torch.sort(match.score[0], descending=True, stable=True).indices.numpy()]
+        ranking = np.r_[resorted, order[o.rerank_k :]]
+        expected = ids[allowed][ranking[o.offset : o.offset + o.k]].tolist()
+        assert [h.item.id for h in page.hits] == expected
+        assert [h.global_rank for h in page.hits] == [
+            int(np.nonzero(order == r)[0][0]) + 1 for r in ranking[o.offset : o.offset + o.k]
+        ]
+        assert page.next_offset == (o.offset + o.k if allowed.sum() > o.offset + o.k else None)
+    assert count == len(items)
