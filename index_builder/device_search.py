@@ -3,6 +3,10 @@
 FAISS-GPU publishes no wheel that matches this project's torch/CUDA pair, so on a GPU the live
 global vectors are kept in device memory (float16 on CUDA) and searched exactly with one matrix
 product and a top-k per batch of queries. On the CPU, FAISS stays the default.
+
+With ``grids=True`` the live part grids (float16, as the index stores them) are kept on the
+device too, so that re-ranking gathers its candidates' grids there with one indexing operation
+instead of reading them on the host and copying them over for every batch.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ class DeviceSearch:
     """The live vectors of ``index`` on ``device``; keep it in step with :meth:`add` and
     :meth:`remove` after the index changes (the engine does, under its lock)."""
 
-    def __init__(self, index: AnyIndex, device: torch.device | str) -> None:
+    def __init__(self, index: AnyIndex, device: torch.device | str, grids: bool = False) -> None:
         self.index = index
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.keeps_grids = grids
         self.refresh()
 
     @property
@@ -37,13 +42,29 @@ class DeviceSearch:
         vectors = torch.empty(
             len(ids), self.index.manifest.dim, dtype=self.dtype, device=self.device
         )
+        grids = None
+        if self.keeps_grids:
+            shape = (self.index.manifest.grid**2, self.index.manifest.dim)
+            grids = torch.empty(len(ids), *shape, dtype=torch.float16, device=self.device)
         for start in range(0, len(ids), UPLOAD_CHUNK):
             chunk = ids[start : start + UPLOAD_CHUNK]
             vectors[start : start + len(chunk)] = torch.from_numpy(self.index.vectors(chunk)).to(
                 self.device, self.dtype
             )
+            if grids is not None:
+                grids[start : start + len(chunk)] = self._grids(chunk)
         self.ids = torch.from_numpy(ids).to(self.device)
         self.vectors = vectors
+        self.part_grids = grids
+        self._lookup: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _grids(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.index.grids(ids), dtype=np.float16)).to(self.device)
+
+    @staticmethod
+    def grid_bytes(index: AnyIndex) -> int:
+        """What keeping ``index``'s part grids on a device takes (float16)."""
+        return index.count * index.manifest.grid**2 * index.manifest.dim * 2
 
     def add(self, ids: Sequence[int]) -> None:
         if not len(ids):
@@ -52,11 +73,32 @@ class DeviceSearch:
         vectors = torch.from_numpy(self.index.vectors(new)).to(self.device, self.dtype)
         self.ids = torch.cat([self.ids, torch.from_numpy(new).to(self.device)])
         self.vectors = torch.cat([self.vectors, vectors])
+        if self.part_grids is not None:
+            self.part_grids = torch.cat([self.part_grids, self._grids(new)])
+        self._lookup = None
 
     def remove(self, ids: Sequence[int]) -> None:
         gone = torch.as_tensor(list(ids), dtype=torch.int64, device=self.device)
         keep = ~torch.isin(self.ids, gone)
         self.ids, self.vectors = self.ids[keep], self.vectors[keep]
+        if self.part_grids is not None:
+            self.part_grids = self.part_grids[keep]
+        self._lookup = None
+
+    def grids(self, ids: np.ndarray) -> torch.Tensor | None:
+        """The part grids of ``ids`` (n, R, D) float16 on the device, gathered there; None
+        when grids are not kept here or one of ``ids`` is not (the caller reads the index)."""
+        if self.part_grids is None or self.count == 0 or len(ids) == 0:
+            return None
+        if self._lookup is None:  # ids in order, and where each lies: rebuilt after changes
+            order = torch.argsort(self.ids)
+            self._lookup = (self.ids[order], order)
+        ordered, order = self._lookup
+        wanted = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device)
+        at = torch.searchsorted(ordered, wanted).clamp_max(len(ordered) - 1)
+        if not bool((ordered[at] == wanted).all()):  # one host sync per gathering
+            return None
+        return self.part_grids[order[at]]
 
     @torch.inference_mode()
     def search(

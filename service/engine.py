@@ -255,7 +255,9 @@ class Engine:
         use_device = settings.device_search
         if use_device is None:
             use_device = device.type == "cuda"
-        self.device_search = DeviceSearch(self.index, device) if use_device else None
+        self.device_search = None
+        if use_device:
+            self.device_search = DeviceSearch(self.index, device, self._keep_grids(device))
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * 2**20)
         # Requests embedded and about to search (changed on the event loop's thread only).
         self.arriving = 0
@@ -270,6 +272,20 @@ class Engine:
         self.searcher = SearchBatcher(
             self, settings.max_batch_queries, settings.batch_window_ms / 1000, settings.max_queue
         )
+
+    def _keep_grids(self, device: torch.device) -> bool:
+        """Whether the part grids stay on ``device`` (``settings.device_grids``; by default on
+        CUDA when they take at most half of its free memory, leaving room for adds)."""
+        if self.settings.device_grids is not None:
+            return self.settings.device_grids
+        if device.type != "cuda":
+            return False
+        need, free = DeviceSearch.grid_bytes(self.index), torch.cuda.mem_get_info(device)[0]
+        if need > free // 2:
+            log.info("part grids (%d MiB) stay on the host: %d MiB free on %s",
+                     need >> 20, free >> 20, device)  # fmt: skip
+            return False
+        return True
 
     def close(self) -> None:
         self.batcher.close()
@@ -349,6 +365,10 @@ class Engine:
     def count(self) -> int:
         return self.index.count
 
+    @property
+    def grids_on_device(self) -> bool:
+        return self.device_search is not None and self.device_search.part_grids is not None
+
     def stored(self, item_id: int) -> tuple[Embedding, ImageGeometry, Item]:
         """A gallery item's stored embedding, geometry and record; NotFoundError when unknown."""
         with self.lock:
@@ -407,7 +427,7 @@ class Engine:
             times.append(time.perf_counter())
             needed = [needed_positions(o, int(n), reorders)
                       for o, n in zip(options, candidates.counts, strict=True)]  # fmt: skip
-            gathered = gather(self.index, candidates, needed)
+            gathered = gather(self.index, candidates, needed, self.device_search)
             times.append(time.perf_counter())
         if gathered is not None:
             match = rerank(queries, gathered, self.config, self.embedder.device)
@@ -442,7 +462,7 @@ class Engine:
         """Every query against the same gallery items ``ids``: a StructuralMatch over
         (len(queries), len(ids)), the candidates' grids read once and shared."""
         with self.lock:
-            gathered = gather_shared(self.index, ids)
+            gathered = gather_shared(self.index, ids, self.device_search)
         return rerank(queries, gathered, self.config, self.embedder.device)
 
     def search_grouped(

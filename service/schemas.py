@@ -163,6 +163,10 @@ class Health(BaseModel):
     model: str | None = None
     device: str | None = None
     inference: str | None = Field(None, description="what runs the backbone: onnx or torch")
+    coarse_search: str | None = Field(None, description="what searches the global vectors: "
+                                      "faiss, or torch (exact, on the device)")  # fmt: skip
+    grids: str | None = Field(None, description="where re-ranking reads the part grids: "
+                              "index (host) or device")  # fmt: skip
 
 
 class ErrorDetail(BaseModel):

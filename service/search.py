@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from index_builder import Item, LabelFilter
+from index_builder.device_search import DeviceSearch
 from index_builder.opening import AnyIndex
 from model import Embedding, Explanation, ImageGeometry, explain, structural_match
 from model.config import ModelConfig
@@ -90,13 +91,14 @@ class Candidates:
 class Gathered:
     """What re-ranking needs from the index, W columns per query: ``positions`` (B, W) in each
     query's global ranking, meaningful where ``valid`` (B, W); the ``ids`` (B, W) there; their
-    stored ``grids`` (B, W, R, D) float16 and ``vectors`` (B, W, D) float32; the item records
-    by id. One row (B = 1) holds candidates shared by every query."""
+    stored ``grids`` (B, W, R, D) float16 (read from the index on the host, or a tensor
+    gathered on the device where the grids are kept there) and ``vectors`` (B, W, D) float32;
+    the item records by id. One row (B = 1) holds candidates shared by every query."""
 
     positions: np.ndarray
     valid: np.ndarray
     ids: np.ndarray
-    grids: np.ndarray
+    grids: np.ndarray | torch.Tensor
     vectors: np.ndarray
     items: dict[int, Item]
 
@@ -132,11 +134,14 @@ def needed_positions(options: SearchOptions, count: int, reorders: bool) -> np.n
 
 
 def gather(
-    index: AnyIndex, candidates: Candidates, needed: Sequence[np.ndarray]
+    index: AnyIndex,
+    candidates: Candidates,
+    needed: Sequence[np.ndarray],
+    resident: DeviceSearch | None = None,
 ) -> Gathered | None:
     """Read the grids, vectors and records of the ``needed`` positions of each query's ranking
-    (ragged rows padded to the widest; padding repeats a real id and is not ``valid``). None
-    when no query needs any."""
+    (ragged rows padded to the widest; padding repeats a real id and is not ``valid``); the
+    grids from ``resident`` when it keeps them on its device. None when no query needs any."""
     width = max((len(n) for n in needed), default=0)
     if width == 0:
         return None
@@ -147,18 +152,28 @@ def gather(
     ids = np.take_along_axis(candidates.ids, positions, axis=1)
     ids = np.where(valid, ids, ids[valid][0])
     flat = ids.ravel()
-    grids = index.grids(flat)
+    grids = _grids(index, flat, resident)
     grids = grids.reshape(*ids.shape, *grids.shape[1:])
     vectors = index.vectors(flat).reshape(*ids.shape, -1)
     return Gathered(positions, valid, ids, grids, vectors, index.items(np.unique(flat)))
 
 
-def gather_shared(index: AnyIndex, ids: np.ndarray) -> Gathered:
+def gather_shared(
+    index: AnyIndex, ids: np.ndarray, resident: DeviceSearch | None = None
+) -> Gathered:
     """The candidates ``ids`` of every query alike: one row, read once."""
     ids = np.asarray(ids, dtype=np.int64)[None]
     positions = np.arange(ids.shape[1])[None]
-    return Gathered(positions, np.ones(ids.shape, dtype=bool), ids, index.grids(ids[0])[None],
-                    index.vectors(ids[0])[None], index.items(ids[0]))  # fmt: skip
+    return Gathered(positions, np.ones(ids.shape, dtype=bool), ids,
+                    _grids(index, ids[0], resident)[None], index.vectors(ids[0])[None],
+                    index.items(ids[0]))  # fmt: skip
+
+
+def _grids(
+    index: AnyIndex, ids: np.ndarray, resident: DeviceSearch | None
+) -> np.ndarray | torch.Tensor:
+    kept = resident.grids(ids) if resident is not None else None
+    return kept if kept is not None else index.grids(ids)
 
 
 def rerank(
@@ -168,7 +183,7 @@ def rerank(
     match on ``device`` (grids travel as float16); the result (B, W) back on the CPU."""
     n = len(queries)
     with torch.inference_mode():
-        grids = torch.from_numpy(gathered.grids).to(device).float()
+        grids = torch.as_tensor(gathered.grids).to(device).float()
         vectors = torch.from_numpy(gathered.vectors).to(device)
         if len(gathered.ids) != n:  # one shared row
             grids, vectors = grids.expand(n, -1, -1, -1), vectors.expand(n, -1, -1)

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from index_builder.location import Location, QdrantLocation, parse_location
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         "CUDA), onnx or torch")  # fmt: skip
     device_search: bool | None = Field(None, description="exact global search in torch on "
                                        "DEVICE (default: on CUDA; else FAISS)")  # fmt: skip
+    device_grids: bool | None = Field(None, description="keep the part grids on DEVICE for "
+                                      "re-ranking, with device search (default: on CUDA when "
+                                      "they take at most half its free memory)")  # fmt: skip
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="request body limit")
     max_pixels: int = Field(40_000_000, gt=0, description="decoded image size limit")
     max_aspect_ratio: float = Field(20.0, ge=1, description="longer side / shorter side limit")
@@ -73,6 +76,14 @@ class Settings(BaseSettings):
         if isinstance(text, str):
             parse_location(text)  # a Qdrant URL it cannot read is refused here, saying why
         return text
+
+    @model_validator(mode="after")
+    def _grids_need_device_search(self) -> Settings:
+        if self.device_grids and self.device_search is False:
+            raise ValueError("DIML_DEVICE_GRIDS needs DIML_DEVICE_SEARCH: the grids kept on the "
+                             "device are those of the items device search holds; turn both on, "
+                             "or DIML_DEVICE_GRIDS off")  # fmt: skip
+        return self
 
     @field_validator("read_keys", "write_keys", mode="before")
     @classmethod

@@ -44,6 +44,8 @@ async def readyz(request: Request) -> Any:
             "model": engine.fingerprint[:16],
             "device": str(engine.embedder.device),
             "inference": engine.embedder.runtime,
+            "coarse_search": "torch" if engine.device_search is not None else "faiss",
+            "grids": "device" if engine.grids_on_device else "index",
         }
     )
 

@@ -24,12 +24,21 @@ def _client(served: dict[str, Path], index: Path | None = None, **extra: object)
     return TestClient(create_app(settings_for(served, index, **extra), load_in_background=False))
 
 
-@pytest.mark.parametrize("device_search", [False, True], ids=["faiss", "torch-exact"])
+@pytest.mark.parametrize(
+    ("device_search", "device_grids"),
+    [(False, False), (True, False), (True, True)],
+    ids=["faiss", "torch-exact", "torch-exact-grids-on-device"],
+)
 def test_add_search_delete_and_restart(
-    served: dict[str, Path], fresh_index: Path, tmp_path: Path, device_search: bool
+    served: dict[str, Path],
+    fresh_index: Path,
+    tmp_path: Path,
+    device_search: bool,
+    device_grids: bool,
 ) -> None:
     new = make_images(tmp_path / "new", 2, seed=11)
-    with _client(served, fresh_index, device_search=device_search) as client:
+    ways = {"device_search": device_search, "device_grids": device_grids}
+    with _client(served, fresh_index, **ways) as client:
         files = [("images", (p.name, p.read_bytes())) for p in new]
         files.append(("images", ("dup.png", new[0].read_bytes())))
         # All or nothing: one upload that is not an image refuses the request, naming it.
@@ -58,7 +67,7 @@ def test_add_search_delete_and_restart(
         assert client.delete("/gallery/13").status_code == 404
         hits = client.post("/search", files=query, params={"k": 20}).json()["results"]
         assert 13 not in [h["id"] for h in hits]
-    with _client(served, fresh_index, device_search=device_search) as client:  # a restart
+    with _client(served, fresh_index, **ways) as client:  # a restart
         assert client.get("/gallery", params={"limit": 500}).json()["total"] == 13
         hits = client.post("/search", files=query, params={"k": 20}).json()["results"]
         assert 13 not in [h["id"] for h in hits]

@@ -125,20 +125,35 @@ def test_explain_needs_exactly_one_of_each_side(
 
 
 def test_device_search_gives_the_same_answers(served: dict[str, Path]) -> None:
-    """The torch exact-search path (the GPU's) answers as FAISS does, here on the CPU."""
+    """The torch exact-search path (the GPU's), with the part grids read from the index or
+    kept on the device, answers as FAISS does, here on the CPU; /readyz says which runs."""
     from service.app import create_app
     from tests.service.conftest import settings_for
 
     image = png()
     answers = []
-    for device_search in (False, True):
-        app = create_app(settings_for(served, device_search=device_search), False)
-        with TestClient(app) as c:
-            response = c.post("/search", files={"image": ("q.png", image)}, params={"k": 6})
+    ways = [(False, False, "faiss", "index"), (True, False, "torch", "index"),
+            (True, True, "torch", "device")]  # fmt: skip
+    for device_search, device_grids, coarse, grids in ways:
+        settings = settings_for(served, device_search=device_search, device_grids=device_grids)
+        with TestClient(create_app(settings, False)) as c:
+            ready = c.get("/readyz").json()
+            assert (ready["coarse_search"], ready["grids"]) == (coarse, grids)
+            params = {"k": 6, "rerank_k": 9}
+            response = c.post("/search", files={"image": ("q.png", image)}, params=params)
             assert response.status_code == 200
-            assert (c.app.state.engine.device_search is not None) == device_search  # type: ignore[attr-defined]
-            answers.append([(h["id"], round(h["score"], 5)) for h in response.json()["results"]])
-    assert answers[0] == answers[1]
+            answers.append([(h["id"], round(h["score"], 5), round(h["structural_similarity"], 5))
+                            for h in response.json()["results"]])  # fmt: skip
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_grids_on_the_device_need_device_search(served: dict[str, Path]) -> None:
+    from pydantic import ValidationError
+
+    from tests.service.conftest import settings_for
+
+    with pytest.raises(ValidationError, match="DIML_DEVICE_GRIDS needs DIML_DEVICE_SEARCH"):
+        settings_for(served, device_search=False, device_grids=True)
 
 
 def test_a_model_with_weight_0_returns_the_global_order_with_explanations(
