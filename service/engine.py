@@ -458,12 +458,13 @@ class Engine:
             return self.device_search.search(queries, k, *self.index.selection(where))
         return self.index.search(queries, k, where)
 
-    def _match(self, queries: Embedding, ids: np.ndarray) -> StructuralMatch:
+    def _match(self, queries: Embedding, ids: np.ndarray, timer: StageTimer) -> StructuralMatch:
         """Every query against the same gallery items ``ids``: a StructuralMatch over
         (len(queries), len(ids)), the candidates' grids read once and shared."""
-        with self.lock:
+        with timer.stage("gather"), self.lock:
             gathered = gather_shared(self.index, ids, self.device_search)
-        return rerank(queries, gathered, self.config, self.embedder.device)
+        with timer.stage("rerank"):
+            return rerank(queries, gathered, self.config, self.embedder.device)
 
     def search_grouped(
         self, query: Embedding, geometry: ImageGeometry, options: SearchOptions, timer: StageTimer
@@ -480,10 +481,9 @@ class Engine:
         reorders = self.config.matching.structural_weight != 0
         head_k = options.rerank_k if reorders else 0
         depth = max(head_k, 1, int(GROUP_DEPTH * want * size))
-        start = time.perf_counter()
         while True:
             _check_deadline()
-            with self.lock:
+            with timer.stage("coarse_search"), self.lock:
                 found = coarse_search(self._search, query.vector.numpy(), [options.where], depth)
                 ids = found.ids[0][: found.counts[0]]
                 items = self.index.items(ids)
@@ -491,7 +491,7 @@ class Engine:
             head = min(head_k, len(ids))
             ranking = np.arange(len(ids))
             if head:
-                match = self._match(query, ids[:head])
+                match = self._match(query, ids[:head], timer)
                 order = rerank_positions(match.score, head)[0].numpy()
                 ranking = np.r_[order, ranking[head:]]
             groups: dict[str | None, list[int]] = {}
@@ -513,7 +513,6 @@ class Engine:
                     depth *= 4
                     continue
             break
-        coarse = time.perf_counter()
         chosen = list(groups.items())[options.offset : options.offset + options.k]
         positions = sorted({p for _, members in chosen for p in members})
         if not positions:
@@ -521,12 +520,10 @@ class Engine:
         if head and positions[-1] < head:  # all in the re-ranked head: matched already
             column, candidates = np.arange(len(ids)), ids[:head]
         else:
-            match = self._match(query, ids[positions])
+            match = self._match(query, ids[positions], timer)
             column = np.full(len(ids), -1, dtype=np.int64)
             column[positions] = np.arange(len(positions))
             candidates = ids[positions]
-        timer.add("coarse_search", coarse - start)
-        timer.add("rerank", time.perf_counter() - coarse)
         out: list[tuple[str | None, list[Hit]]] = []
         with timer.stage("explain"):
             for label, members in chosen:
@@ -565,16 +562,15 @@ class Engine:
         n_pos = len(positives)
         examples = positives if negatives is None else Embedding.cat([positives, negatives])
         depth = max(options.rerank_k, 1)
-        start = time.perf_counter()
-        with self.lock:
+        with timer.stage("coarse_search"), self.lock:
             filters = [options.where] * n_pos
             found = coarse_search(self._search, positives.vector.numpy(), filters, depth).ids
             ids = np.setdiff1d(np.unique(found[found >= 0]), np.asarray(exclude, np.int64))
             if len(ids) == 0:
                 return Page([], options.offset, None)
             items = self.index.items(ids)
-        coarse = time.perf_counter()
-        match = self._match(examples, ids)
+        match = self._match(examples, ids, timer)
+        start = time.perf_counter()
         liked, best = match.score[:n_pos].max(dim=0)
         disliked = match.score[n_pos:].amax(dim=0) if len(examples) > n_pos else 0.0
         score = liked - disliked
@@ -582,8 +578,7 @@ class Engine:
         closeness = torch.argsort(match.global_similarity[:n_pos].mean(dim=0), descending=True)
         rank = torch.empty_like(closeness)
         rank[closeness] = torch.arange(len(closeness))
-        timer.add("coarse_search", coarse - start)
-        timer.add("rerank", time.perf_counter() - coarse)
+        timer.add("rerank", time.perf_counter() - start)
         hits = []
         with timer.stage("explain"):
             for c in order[options.offset : options.offset + options.k].tolist():

@@ -168,3 +168,16 @@ def test_group_by_bounds_and_filters(client: TestClient) -> None:
     batch = [("images", (f"{i}.png", png())) for i in range(2)]
     answer = client.post("/search/batch", files=batch, params={"group_by": "label", "k": 2})
     assert [len(q["groups"]) for q in answer.json()["queries"]] == [2, 2]
+
+
+def test_grouped_and_example_searches_time_the_same_stages(client: TestClient) -> None:
+    """Every kind of search reports its coarse search, gathering, re-ranking and explanations
+    apart (the Server-Timing header), as the batched search does."""
+    answers = [
+        client.post("/search/by-id/4", params={"group_by": "label", "k": 2}),
+        client.post("/search/examples", params={"positive_id": 4, "k": 3}),
+    ]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        timed = {part.split(";")[0] for part in answer.headers["server-timing"].split(", ")}
+        assert {"coarse_search", "gather", "rerank", "explain"} <= timed
