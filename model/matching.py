@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -44,14 +44,37 @@ class StructuralMatch:
     converged: torch.Tensor
     iterations: int
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}  # fmt: skip
+
     def to(self, device: torch.device | str) -> StructuralMatch:
-        """The same result with every tensor on ``device`` (one transfer each)."""
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
+        """The same result with every tensor on ``device``, in one transfer: the tensors travel
+        packed in one buffer (of their common dtype, so values are unchanged) and are unpacked
+        there, so that moving a result off a GPU costs one synchronisation, not one per field."""
+        device = torch.device(device)
+        if all(t.device == device for t in self._tensors().values()):
+            return self
+        return self._packed_to(device)
+
+    def _packed_to(self, device: torch.device) -> StructuralMatch:
+        tensors = self._tensors()
+        common = torch.float32
+        for t in tensors.values():
+            common = torch.promote_types(common, t.dtype)
+        packed = torch.cat([t.reshape(-1).to(common) for t in tensors.values()]).to(device)
+        moved: dict[str, Any] = {}
+        start = 0
+        for name, t in tensors.items():
+            moved[name] = packed[start : start + t.numel()].reshape(t.shape).to(t.dtype)
+            start += t.numel()
         return dataclasses.replace(self, **moved)
+
+    def pick(self, rows: torch.Tensor, columns: torch.Tensor) -> StructuralMatch:
+        """The pairs ``(rows[h], columns[h])`` as a result over (1, H), where the tensors are:
+        what explaining H hits needs, without moving the whole (B, K) result."""
+        picked: dict[str, Any] = {n: t[rows, columns][None] for n, t in self._tensors().items()}
+        return dataclasses.replace(self, **picked)
 
     @property
     def contributions(self) -> torch.Tensor:

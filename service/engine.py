@@ -70,6 +70,7 @@ from service.search import (
     SearchOptions,
     coarse_search,
     explain_hits,
+    explain_pages,
     gather,
     gather_shared,
     needed_positions,
@@ -408,8 +409,9 @@ class Engine:
         batch. Each query's ranking is the two-stage rule (:func:`service.search.rank`): its
         top ``rerank_k`` by score = global + weight x structural, the rest in global order; a
         page is a slice of that ranking, so pages continue each other exactly. Every hit's
-        score is the same formula, re-ranked or not. Each request's timer gets the shared
-        stages' time and its own explanations' time.
+        score is the same formula, re-ranked or not. The match stays on the model's device:
+        only its scores and the pages' pairs leave it. Each request's timer gets the whole time
+        of each stage, all of them shared.
 
         Only the candidates a ranking needs are matched: the re-ranked head and the page. With
         weight 0 (the training-free default model) re-ranking cannot change the order, so only
@@ -420,6 +422,7 @@ class Engine:
         # One more than the page tells whether a next page exists.
         depth = max(max(o.offset + o.k + 1, o.rerank_k if reorders else 0) for o in options)
         queries = Embedding.cat([j.queries for j in jobs]) if len(jobs) > 1 else jobs[0].queries
+        geometries = [g for j in jobs for g in j.geometries]
         times = [time.perf_counter()]
         with self.lock:
             filters = [o.where for o in options]
@@ -429,25 +432,24 @@ class Engine:
                       for o, n in zip(options, candidates.counts, strict=True)]  # fmt: skip
             gathered = gather(self.index, candidates, needed, self.device_search)
             times.append(time.perf_counter())
+        hits: list[list[Hit]] = [[] for _ in options]
         if gathered is not None:
             match = rerank(queries, gathered, self.config, self.embedder.device)
             ranking = rank(match, gathered, candidates, options, reorders)
+            times.append(time.perf_counter())
+            hits = explain_pages(match, gathered, ranking, options, geometries, self.config)
+        else:
+            times.append(time.perf_counter())
         times.append(time.perf_counter())
+        stages = ("coarse_search", "gather", "rerank", "explain")
         pages, row = [], 0
         for job in jobs:
-            for stage, seconds in zip(("coarse_search", "gather", "rerank"), np.diff(times),
-                                      strict=True):  # fmt: skip
+            for stage, seconds in zip(stages, np.diff(times), strict=True):
                 job.timer.add(stage, float(seconds))
             o, n, end = job.options, len(job.queries), job.options.offset + job.options.k
-            hits: list[list[Hit]] = [[] for _ in range(n)]
-            if gathered is not None:
-                with job.timer.stage("explain"):
-                    hits = [explain_hits(match, b, ranking.pages[b], ranking.column[b],
-                                         gathered.ids[b], gathered.items, geometry, o, self.config)
-                            for b, geometry in enumerate(job.geometries, start=row)]  # fmt: skip
             counts = candidates.counts[row : row + n]
             pages.append([Page(h, o.offset, end if c > end else None)
-                          for h, c in zip(hits, counts, strict=True)])  # fmt: skip
+                          for h, c in zip(hits[row : row + n], counts, strict=True)])  # fmt: skip
             row += n
         return pages
 
@@ -460,11 +462,11 @@ class Engine:
 
     def _match(self, queries: Embedding, ids: np.ndarray, timer: StageTimer) -> StructuralMatch:
         """Every query against the same gallery items ``ids``: a StructuralMatch over
-        (len(queries), len(ids)), the candidates' grids read once and shared."""
+        (len(queries), len(ids)) on the CPU, the candidates' grids read once and shared."""
         with timer.stage("gather"), self.lock:
             gathered = gather_shared(self.index, ids, self.device_search)
         with timer.stage("rerank"):
-            return rerank(queries, gathered, self.config, self.embedder.device)
+            return rerank(queries, gathered, self.config, self.embedder.device).to("cpu")
 
     def search_grouped(
         self, query: Embedding, geometry: ImageGeometry, options: SearchOptions, timer: StageTimer
@@ -527,7 +529,8 @@ class Engine:
         out: list[tuple[str | None, list[Hit]]] = []
         with timer.stage("explain"):
             for label, members in chosen:
-                hits = explain_hits(match, 0, members, column, candidates, items, geometry,
+                cols = column[members].tolist()
+                hits = explain_hits(match, 0, cols, members, candidates[cols], items, geometry,
                                     options, self.config)  # fmt: skip
                 if hits:
                     out.append((label, hits))

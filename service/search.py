@@ -180,7 +180,7 @@ def rerank(
     queries: Embedding, gathered: Gathered, config: ModelConfig, device: torch.device
 ) -> StructuralMatch:
     """Every query against its gathered candidates (or the shared row) in one structural
-    match on ``device`` (grids travel as float16); the result (B, W) back on the CPU."""
+    match on ``device`` (grids travel as float16); the result (B, W) stays there."""
     n = len(queries)
     with torch.inference_mode():
         grids = torch.as_tensor(gathered.grids).to(device).float()
@@ -189,7 +189,7 @@ def rerank(
             grids, vectors = grids.expand(n, -1, -1, -1), vectors.expand(n, -1, -1)
         return structural_match(
             queries.parts.to(device), queries.vector.to(device), grids, vectors, config.matching
-        ).to("cpu")
+        )
 
 
 def rank(
@@ -201,12 +201,13 @@ def rank(
 ) -> Ranking:
     """Each query's page under the two-stage rule: its top ``rerank_k`` by score, the rest in
     global order (no head when re-ranking cannot reorder), then ``k`` from ``offset``.
-    Positions not matched are never sorted (their score is -inf and they lie past the head)."""
+    Positions not matched are never sorted (their score is -inf and they lie past the head).
+    Only the scores leave the match's device here."""
     b, depth = candidates.ids.shape
     rows, cols = np.nonzero(gathered.valid)
     at = gathered.positions[rows, cols]
     score = torch.full((b, depth), float("-inf"))
-    score[rows, at] = match.score[rows, cols]
+    score[rows, at] = match.score.cpu()[rows, cols]
     column = np.full((b, depth), -1, dtype=np.int64)
     column[rows, at] = cols
     pages: list[list[int]] = [[] for _ in range(b)]
@@ -221,24 +222,47 @@ def rank(
     return Ranking(pages, column)
 
 
+def explain_pages(
+    match: StructuralMatch,
+    gathered: Gathered,
+    ranking: Ranking,
+    options: Sequence[SearchOptions],
+    geometries: Sequence[ImageGeometry],
+    config: ModelConfig,
+) -> list[list[Hit]]:
+    """The hits of every query's page, explained where asked. Only the pages' pairs leave the
+    match's device, in one transfer (:meth:`StructuralMatch.pick`)."""
+    sizes = [len(page) for page in ranking.pages]
+    columns = [ranking.column[b, page] for b, page in enumerate(ranking.pages)]
+    device = match.score.device
+    rows = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)).to(device)
+    cols = torch.from_numpy(np.concatenate(columns).astype(np.int64)).to(device)
+    picked = match.pick(rows, cols).to("cpu")
+    starts = np.cumsum([0, *sizes])
+    return [
+        explain_hits(picked, 0, range(starts[b], starts[b + 1]), page, gathered.ids[b, cols_b],
+                     gathered.items, geometries[b], options[b], config)
+        for b, (page, cols_b) in enumerate(zip(ranking.pages, columns, strict=True))
+    ]  # fmt: skip
+
+
 def explain_hits(
     match: StructuralMatch,
     row: int,
+    columns: Sequence[int],
     positions: Sequence[int],
-    column: np.ndarray,
-    ids: np.ndarray,
+    ids: Sequence[int] | np.ndarray,
     items: dict[int, Item],
     geometry: ImageGeometry,
     options: SearchOptions,
     config: ModelConfig,
 ) -> list[Hit]:
-    """The hits at ``positions`` of query ``row``'s global ranking: ``column`` maps a position
-    to its column of ``match`` and ``ids`` a column to its item id. Items removed since the
+    """Hits from row ``row`` of ``match`` (on the CPU): hit h is its column ``columns[h]``, at
+    ``positions[h]`` of the query's global ranking, item ``ids[h]``. Items removed since the
     search and hits below ``min_score`` are left out."""
     hits: list[Hit] = []
-    for position in positions:
-        c = int(column[position])
-        item = items.get(int(ids[c]))
+    for c, position, item_id in zip(columns, positions, ids, strict=True):
+        item = items.get(int(item_id))
         score = float(match.score[row, c])
         if item is None or (options.min_score is not None and score < options.min_score):
             continue

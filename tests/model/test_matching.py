@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -152,6 +154,29 @@ def test_cuda_matches_cpu() -> None:
     cpu = match_all(queries, gallery)
     gpu = match_all(queries.to("cuda"), gallery.to("cuda"))
     assert_close(gpu.score.cpu(), cpu.score, atol=1e-5, rtol=0)
+    moved = gpu.to("cpu")  # packed in one transfer: every field as a transfer of its own gives
+    for f in dataclasses.fields(gpu):
+        value = getattr(gpu, f.name)
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(getattr(moved, f.name), value.cpu()), f.name
+
+
+def test_a_match_moves_packed_and_unchanged_and_picks_pairs() -> None:
+    match = match_all(_embedding(3), _embedding(7))
+    moved = match._packed_to(torch.device("cpu"))  # the path a GPU result takes to the host
+    picked = match.pick(torch.tensor([2, 0, 2]), torch.tensor([5, 1, 0]))
+    for f in dataclasses.fields(match):
+        value = getattr(match, f.name)
+        if isinstance(value, torch.Tensor):
+            assert getattr(moved, f.name).dtype == value.dtype
+            assert torch.equal(getattr(moved, f.name), value), f.name
+            got = getattr(picked, f.name)
+            assert got.shape == (1, 3, *value.shape[2:])
+            assert torch.equal(got[0], value[[2, 0, 2], [5, 1, 0]]), f.name
+        else:
+            assert getattr(moved, f.name) == value
+    assert match.converged.dtype == torch.bool
+    assert match.to("cpu") is match  # already there: nothing moves
 
 
 def test_rerank_positions_is_the_two_stage_rule() -> None:
