@@ -320,12 +320,7 @@ def write_qdrant(
     after a crash writes the same points again: an image already there under its own key is
     neither added nor reported, one whose bytes another item holds is skipped as a duplicate."""
     started = time.perf_counter()
-    config = model.config
-    manifest = Manifest(
-        fingerprint=fingerprint(model), backbone=config.backbone, grid=config.grid,
-        dim=model.dim, factory="qdrant", count=0, model_config=config.to_dict(),
-    )  # fmt: skip
-    index = QdrantIndex.create(location, manifest)
+    index = create_collection(location, model)
     report = Report()
     try:
         for records, vectors, grids in batches:
@@ -339,6 +334,17 @@ def write_qdrant(
         index.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def create_collection(location: QdrantLocation, model: EmbeddingNet) -> QdrantIndex:
+    """The collection at ``location`` for ``model``'s embeddings, opened for writing: made
+    when missing, reopened (a build resumed) when made for the same model."""
+    config = model.config
+    manifest = Manifest(
+        fingerprint=fingerprint(model), backbone=config.backbone, grid=config.grid,
+        dim=model.dim, factory="qdrant", count=0, model_config=config.to_dict(),
+    )  # fmt: skip
+    return QdrantIndex.create(location, manifest)
 
 
 def _resume_or_start(

@@ -65,6 +65,10 @@ def add_index(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     b.add_argument("--ray-actors", type=int, default=1,
                    help="embedding actors on Ray, each with the model (and a GPU with "
                    "--device cuda); default 1")  # fmt: skip
+    b.add_argument("--ray-writers", type=int, metavar="N",
+                   help="writer actors on Ray, each adding batches to the collection (0: this "
+                   "process writes); default: as many as --ray-actors for a server, 0 for "
+                   "qdrant-local:, which one process at a time may open")  # fmt: skip
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(run=run_build)
 
@@ -142,6 +146,7 @@ def _build_on_ray(args: argparse.Namespace, sources: list[Source]) -> Report:
         sources, args.out, model, args.checkpoint, device=args.device, inference=args.inference,
         batch_size=args.batch_size, max_bytes=args.max_bytes,
         address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
+        writers=args.ray_writers,
     )  # fmt: skip
 
 

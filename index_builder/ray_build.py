@@ -6,8 +6,17 @@ Three stages, as clip-retrieval's reader / mapper / writer:
   same decoding and limits as a local build);
 - embed: a pool of actors, each holding the model once (on a GPU each when ``device`` is CUDA),
   through :class:`model.pipeline.Embedder`, the one embedding loop;
-- write: batches stream back to this process, which upserts them into the Qdrant collection
-  (:func:`index_builder.build.write_qdrant`: dedup, skip report, resumable).
+- write: into a Qdrant server, a pool of writer actors (as many as embedding actors), each
+  with the collection open, adds its batches as a local build does
+  (:func:`index_builder.build.add_embedded`: duplicates skipped and reported, a rerun passing
+  over what it wrote), so that vectors and grids never travel through this process; only a
+  line per image comes back for the report. A ``qdrant-local:`` folder can be opened by one
+  process only: there, batches stream back to this process, which writes them
+  (:func:`index_builder.build.write_qdrant`).
+
+Two writers adding the same bytes at the same moment both write the one point their content
+names (ids come from the bytes); the report then names the key the collection kept and lists
+the other as a duplicate, as a single writer would have.
 
 Ray (``ray[data]``) is in the ``cluster`` extra; without ``address`` a local Ray starts on this
 machine, with ``auto`` or ``ray://HOST:PORT`` an existing cluster is joined.
@@ -17,16 +26,30 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from index_builder.build import Report, Source, decode_source, write_qdrant
+from index_builder.build import (
+    Embedded,
+    Report,
+    Source,
+    add_embedded,
+    create_collection,
+    decode_source,
+    write_qdrant,
+)
 from index_builder.location import QdrantLocation
+from index_builder.qdrant_index import QdrantIndex, item_id
+from model.checkpoint import fingerprint
 from model.config import Preprocessing
 from model.network import EmbeddingNet
+
+log = logging.getLogger(__name__)
 
 
 def _decode(batch: dict[str, np.ndarray], spec: Preprocessing, max_bytes: int) -> dict[str, Any]:
@@ -37,7 +60,7 @@ def _decode(batch: dict[str, np.ndarray], spec: Preprocessing, max_bytes: int) -
         if row["pixels"] is not None:
             pixels[i] = row["pixels"].numpy()
     return {
-        "index": batch["index"],
+        **{k: batch[k] for k in ("index", "path", "key", "label") if k in batch},
         "ok": np.array([r["pixels"] is not None for r in rows]),
         "sha256": np.array([r["sha256"] for r in rows], dtype=object),
         "reason": np.array([r["reason"] for r in rows], dtype=object),
@@ -73,7 +96,63 @@ class _Embed:
         return {**out, "vector": vectors, "grid": grids}
 
 
-def ray_batches(
+class Write:
+    """A Ray actor (the write stage): the collection at ``location`` opened once for writing,
+    each embedded batch added to it; returns, per image, its outcome: ``added``, ``kept`` (a
+    rerun: already there under its own key) or why it was skipped."""
+
+    def __init__(self, location: QdrantLocation, fingerprint: str) -> None:
+        self.index = QdrantIndex.open(location, fingerprint, writable=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        ok = batch["ok"].astype(bool)
+        embedded = [
+            Embedded(Source(Path(str(path)), str(key), str(label) or None), str(sha), int(w),
+                     int(h), vector, grid)
+            for path, key, label, sha, w, h, vector, grid, good in zip(
+                batch["path"], batch["key"], batch["label"], batch["sha256"], batch["width"],
+                batch["height"], batch["vector"], batch["grid"], ok, strict=True)
+            if good
+        ]  # fmt: skip
+        report = add_embedded(self.index, embedded, resume=True)
+        reasons = {s["path"]: s["reason"] for s in report.skipped}
+        added = set(report.ids)
+        outcome = [
+            str(reason) if not good else reasons.get(str(path)) or (
+                "added" if item_id(str(sha)) in added else "kept")
+            for path, sha, reason, good in zip(batch["path"], batch["sha256"], batch["reason"],
+                                               ok, strict=True)
+        ]  # fmt: skip
+        return {"index": batch["index"], "sha256": batch["sha256"],
+                "outcome": np.array(outcome, dtype=object)}  # fmt: skip
+
+
+def settle(
+    sources: Sequence[Source], rows: Iterable[tuple[int, str, str]], index: QdrantIndex
+) -> Report:
+    """The report of a build written by several writers, from each image's (position in
+    ``sources``, sha256, outcome). Bytes that two writers added at once are one point in the
+    collection: the key it kept counts as added, the other is reported as its duplicate."""
+    report = Report()
+    added: dict[str, list[int]] = {}
+    for i, sha, outcome in rows:
+        if outcome == "added":
+            added.setdefault(sha, []).append(i)
+        elif outcome != "kept":
+            report.skipped.append({"path": str(sources[i].path), "reason": outcome})
+    raced = {sha: found for sha, found in added.items() if len(found) > 1}
+    kept = index.items([item_id(sha) for sha in raced])
+    for sha, found in raced.items():
+        key = kept[item_id(sha)].key
+        report.skipped += [{"path": str(sources[i].path), "reason": f"duplicate bytes of {key}"}
+                           for i in found if sources[i].key != key]  # fmt: skip
+    report.indexed = len(added)
+    report.skipped.sort(key=lambda s: s["path"])
+    report.count = index.count
+    return report
+
+
+def _embedded_dataset(
     sources: Sequence[Source],
     model: EmbeddingNet,
     checkpoint: Path | None,
@@ -83,21 +162,24 @@ def ray_batches(
     max_bytes: int = 50 * 1024 * 1024,
     address: str | None = None,
     actors: int = 1,
-) -> Iterator[tuple[list[dict[str, Any]], np.ndarray, np.ndarray]]:
-    """Decode on Ray tasks, embed on ``actors`` Ray actors; yields batches as
-    :func:`index_builder.build.embed_sources` does."""
+) -> Any:
+    """The read, decode and embed stages as a Ray dataset (lazy: nothing runs yet)."""
     import ray
 
+    # The writers run where Ray puts them: they get the collection's API key from this job.
+    key = os.environ.get("DIML_QDRANT_API_KEY")
+    runtime_env = {"env_vars": {"DIML_QDRANT_API_KEY": key}} if key else None
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
-             log_to_driver=False, logging_level=logging.ERROR)  # fmt: skip
+             log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env)  # fmt: skip
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    rows = [{"index": i, "path": str(s.path)} for i, s in enumerate(sources)]
+    rows = [{"index": i, "path": str(s.path), "key": s.key, "label": s.label or ""}
+            for i, s in enumerate(sources)]  # fmt: skip
     decode = functools.partial(_decode, spec=model.config.preprocessing, max_bytes=max_bytes)
     decoded = ray.data.from_items(rows).map_batches(
         decode, batch_size=batch_size, batch_format="numpy"
     )
-    embedded = decoded.map_batches(
+    return decoded.map_batches(
         _Embed,
         fn_constructor_kwargs={"checkpoint": str(checkpoint) if checkpoint else None,
                                "device": device, "inference": inference},
@@ -105,6 +187,15 @@ def ray_batches(
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if device.startswith("cuda") else 0,
     )  # fmt: skip
+
+
+def ray_batches(
+    sources: Sequence[Source], model: EmbeddingNet, checkpoint: Path | None, **options: Any
+) -> Iterator[tuple[list[dict[str, Any]], np.ndarray, np.ndarray]]:
+    """Decode on Ray tasks, embed on Ray actors (options: those of :func:`_embedded_dataset`);
+    yields batches as :func:`index_builder.build.embed_sources` does."""
+    batch_size = options.get("batch_size", 32)
+    embedded = _embedded_dataset(sources, model, checkpoint, **options)
     for batch in embedded.iter_batches(batch_size=batch_size, batch_format="numpy"):
         ok = batch["ok"].astype(bool)
         records = [
@@ -122,13 +213,60 @@ def build_with_ray(
     location: QdrantLocation,
     model: EmbeddingNet,
     checkpoint: Path | None,
+    writers: int | None = None,
     **options: Any,
 ) -> Report:
-    """Index ``sources`` into a Qdrant collection, embedding on Ray (see the module)."""
+    """Index ``sources`` into a Qdrant collection, embedding on Ray (see the module).
+
+    ``writers``: writer actors; 0, this process writes; None (the default), as many as the
+    embedding actors for a server and 0 for a ``qdrant-local:`` folder, which one process at a
+    time may open (1 writer works there too: this process waits for it to let go)."""
     try:
-        import ray  # noqa: F401  (known missing before the collection is made)
+        import ray
     except ImportError as e:
         raise ValueError(f"--ray needs Ray: pip install 'diml-retrieval[cluster]' ({e})") from e
-    return write_qdrant(
-        sources, location, model, ray_batches(sources, model, checkpoint, **options)
-    )
+    if writers is None:
+        writers = 0 if location.path is not None else options.get("actors", 1)
+    if writers < 0:
+        raise ValueError(f"writers: give 0 or more, not {writers}")
+    if location.path is not None and writers > 1:
+        raise ValueError(f"{location} is opened by one process at a time: one writer at most")
+    if writers == 0:
+        return write_qdrant(
+            sources, location, model, ray_batches(sources, model, checkpoint, **options)
+        )
+    started = time.perf_counter()
+    create_collection(location, model).close()  # made (or checked) before any writer opens it
+    batch_size = options.get("batch_size", 32)
+    embedded = _embedded_dataset(sources, model, checkpoint, **options)
+    written = embedded.map_batches(
+        Write, fn_constructor_kwargs={"location": location, "fingerprint": fingerprint(model)},
+        batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=writers),
+    )  # fmt: skip
+    rows = [
+        (int(i), str(sha), str(outcome))
+        for batch in written.iter_batches(batch_size=batch_size, batch_format="numpy")
+        for i, sha, outcome in zip(batch["index"], batch["sha256"], batch["outcome"], strict=True)
+    ]  # fmt: skip
+    index = _reopen(location, fingerprint(model))
+    try:
+        report = settle(sources, rows, index)
+    finally:
+        index.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _reopen(location: QdrantLocation, fp: str, wait_s: float = 30.0) -> QdrantIndex:
+    """Open the collection the writers wrote; a local folder only once the writer actor, which
+    Ray stops when the data set is done, has let go of it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return QdrantIndex.open(location, fp)
+        except RuntimeError as e:  # qdrant-client: "... already accessed by another instance"
+            if location.path is None or time.monotonic() > deadline:
+                raise
+            log.debug("waiting for the writer to close %s: %s", location, e)
+            time.sleep(0.2)

@@ -4,6 +4,7 @@ fingerprint checks, and the service on top of it."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -193,32 +194,111 @@ def test_a_build_on_ray_writes_the_same_collection(
     built: dict[str, object], tmp_path: Path
 ) -> None:
     """Decoding on Ray tasks and embedding on a Ray actor (a local Ray here) gives the points
-    the in-process build gave; a folder --out is refused."""
+    the in-process build gave, whether this process writes them or a writer actor does; a
+    folder --out is refused, and so are two writers on a local folder."""
     pytest.importorskip("ray", reason="pip install 'diml-retrieval[cluster]'")
     root, location = built["root"], built["location"]
     assert isinstance(root, Path)
     assert isinstance(location, QdrantLocation)
-    where = f"qdrant-local:{tmp_path / 'q'}"
     cli = [sys.executable, "-m", "service.cli", "index", "build", "--images", str(root / "gallery"),
            "--checkpoint", str(built["checkpoint"]), "--batch-size", "5", "--quiet"]  # fmt: skip
-    done = subprocess.run([*cli, "--out", where, "--ray"], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "indexed 12 images" in done.stdout
-    ours, theirs = open_index(parse_location(where)), open_index(location)
-    try:
-        ids = theirs.ids
-        np.testing.assert_array_equal(ours.ids, ids)
-        np.testing.assert_allclose(ours.vectors(ids), theirs.vectors(ids), atol=1e-5)
-        np.testing.assert_allclose(ours.grids(ids), theirs.grids(ids), atol=2e-3)
-        mine, reference = ours.items(ids), theirs.items(ids)
-        for i in ids.tolist():  # the same records (only the time added differs)
-            a, b = mine[i], reference[i]
-            assert (a.key, a.label, a.sha256, a.width) == (b.key, b.label, b.sha256, b.width)
-    finally:
-        ours.close()
-        theirs.close()
+    for writers in ("0", "1"):
+        where = f"qdrant-local:{tmp_path / ('q' + writers)}"
+        done = subprocess.run([*cli, "--out", where, "--ray", "--ray-writers", writers],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "indexed 12 images" in done.stdout
+        ours, theirs = open_index(parse_location(where)), open_index(location)
+        try:
+            ids = theirs.ids
+            np.testing.assert_array_equal(ours.ids, ids)
+            np.testing.assert_allclose(ours.vectors(ids), theirs.vectors(ids), atol=1e-5)
+            np.testing.assert_allclose(ours.grids(ids), theirs.grids(ids), atol=2e-3)
+            mine, reference = ours.items(ids), theirs.items(ids)
+            for i in ids.tolist():  # the same records (only the time added differs)
+                a, b = mine[i], reference[i]
+                assert (a.key, a.label, a.sha256, a.width) == (b.key, b.label, b.sha256, b.width)
+        finally:
+            ours.close()
+            theirs.close()
+    args = [*cli, "--out", f"qdrant-local:{tmp_path / 'q2'}", "--ray", "--ray-writers", "2"]
+    two = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
+    assert two.returncode == 2
+    assert "one writer at most" in two.stderr
     folder = subprocess.run([*cli, "--out", str(tmp_path / "folder"), "--ray"],
                             capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert folder.returncode == 2
     assert "--ray writes to a Qdrant collection" in folder.stderr
+
+
+def test_the_write_stage_of_a_ray_build_adds_as_a_local_build_and_settles_races(
+    built: dict[str, object], tmp_path: Path
+) -> None:
+    """The writer actors' work, run in this process: the decode, embed and write stages over
+    batches give the collection the in-process build gave, with the same skip report (a copy
+    of an image, a file that is no image); a rerun adds nothing; two writers that added the
+    same bytes at once are reported as one added and one duplicate of the key kept."""
+    from index_builder.build import create_collection
+    from index_builder.ray_build import Write, _decode, _Embed, settle
+    from model import load_model
+
+    root, reference, checkpoint = built["root"], built["location"], built["checkpoint"]
+    assert isinstance(root, Path)
+    assert isinstance(reference, QdrantLocation)
+    assert isinstance(checkpoint, Path)
+    sources = scan_folder(root / "gallery")
+    first = sources[0]
+    shutil.copy(first.path, tmp_path / "copy.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    sources += [Source(tmp_path / "copy.png", "copy", "x"), Source(tmp_path / "bad.png", "bad")]
+    model = load_model(checkpoint)
+    embed = _Embed(str(checkpoint), "cpu", "torch")
+    location = QdrantLocation("gallery", path=tmp_path / "q")
+    create_collection(location, model).close()
+
+    def write_all() -> list[tuple[int, str, str]]:
+        writer, rows = Write(location, fingerprint(model)), []
+        try:
+            for start in range(0, len(sources), 5):
+                chunk = list(enumerate(sources))[start : start + 5]
+                batch = {
+                    "index": np.array([i for i, _ in chunk]),
+                    "path": np.array([str(s.path) for _, s in chunk], dtype=object),
+                    "key": np.array([s.key for _, s in chunk], dtype=object),
+                    "label": np.array([s.label or "" for _, s in chunk], dtype=object),
+                }
+                out = writer(embed(_decode(batch, model.config.preprocessing, 10**7)))
+                rows += zip(out["index"].tolist(), out["sha256"], out["outcome"], strict=True)
+        finally:
+            writer.index.close()
+        return rows
+
+    rows = write_all()
+    ours, theirs = open_index(location), open_index(reference)
+    try:
+        report = settle(sources, rows, ours)
+        assert report.indexed == report.count == 12
+        assert report.skipped == [
+            {"path": str(tmp_path / "bad.png"), "reason": report.skipped[0]["reason"]},
+            {"path": str(tmp_path / "copy.png"), "reason": f"duplicate bytes of {first.key}"},
+        ]
+        assert "not a readable image" in report.skipped[0]["reason"]
+        ids = theirs.ids
+        np.testing.assert_array_equal(ours.ids, ids)
+        np.testing.assert_allclose(ours.vectors(ids), theirs.vectors(ids), atol=1e-5)
+        mine, reference_items = ours.items(ids), theirs.items(ids)
+        assert {i: (m.key, m.label) for i, m in mine.items()} == {
+            i: (r.key, r.label) for i, r in reference_items.items()
+        }
+        # Two writers both added the original and its copy: the collection kept the original.
+        sha = hashlib.sha256(first.path.read_bytes()).hexdigest()
+        race = settle(sources, [(0, sha, "added"), (len(sources) - 2, sha, "added")], ours)
+        assert race.indexed == 1
+        assert race.skipped == [
+            {"path": str(tmp_path / "copy.png"), "reason": f"duplicate bytes of {first.key}"}
+        ]
+    finally:
+        ours.close()
+        theirs.close()
+    again = write_all()  # a rerun: everything there already under its own key
+    assert sorted(o for _, _, o in again if o in ("added", "kept")) == ["kept"] * 12
