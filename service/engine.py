@@ -70,10 +70,11 @@ from service.search import (
     SearchOptions,
     coarse_search,
     explain_hits,
-    explain_pages,
+    explain_page,
     gather,
     gather_shared,
     needed_positions,
+    pick_pages,
     rank,
     rerank,
 )
@@ -410,8 +411,8 @@ class Engine:
         top ``rerank_k`` by score = global + weight x structural, the rest in global order; a
         page is a slice of that ranking, so pages continue each other exactly. Every hit's
         score is the same formula, re-ranked or not. The match stays on the model's device:
-        only its scores and the pages' pairs leave it. Each request's timer gets the whole time
-        of each stage, all of them shared.
+        only its scores and the pages' pairs leave it. Each request's timer gets the shared
+        stages' time and its own explanations' time.
 
         Only the candidates a ranking needs are matched: the re-ranked head and the page. With
         weight 0 (the training-free default model) re-ranking cannot change the order, so only
@@ -422,7 +423,6 @@ class Engine:
         # One more than the page tells whether a next page exists.
         depth = max(max(o.offset + o.k + 1, o.rerank_k if reorders else 0) for o in options)
         queries = Embedding.cat([j.queries for j in jobs]) if len(jobs) > 1 else jobs[0].queries
-        geometries = [g for j in jobs for g in j.geometries]
         times = [time.perf_counter()]
         with self.lock:
             filters = [o.where for o in options]
@@ -432,25 +432,26 @@ class Engine:
                       for o, n in zip(options, candidates.counts, strict=True)]  # fmt: skip
             gathered = gather(self.index, candidates, needed, self.device_search)
             times.append(time.perf_counter())
-        hits: list[list[Hit]] = [[] for _ in options]
         if gathered is not None:
             match = rerank(queries, gathered, self.config, self.embedder.device)
             ranking = rank(match, gathered, candidates, options, reorders)
-            times.append(time.perf_counter())
-            hits = explain_pages(match, gathered, ranking, options, geometries, self.config)
-        else:
-            times.append(time.perf_counter())
+            pairs = pick_pages(match, gathered, ranking)
         times.append(time.perf_counter())
-        stages = ("coarse_search", "gather", "rerank", "explain")
-        pages, row = [], 0
+        pages, b = [], 0
         for job in jobs:
-            for stage, seconds in zip(stages, np.diff(times), strict=True):
+            for stage, seconds in zip(("coarse_search", "gather", "rerank"), np.diff(times),
+                                      strict=True):  # fmt: skip
                 job.timer.add(stage, float(seconds))
-            o, n, end = job.options, len(job.queries), job.options.offset + job.options.k
-            counts = candidates.counts[row : row + n]
-            pages.append([Page(h, o.offset, end if c > end else None)
-                          for h, c in zip(hits[row : row + n], counts, strict=True)])  # fmt: skip
-            row += n
+            o, end = job.options, job.options.offset + job.options.k
+            answers = []
+            with job.timer.stage("explain"):
+                for geometry in job.geometries:
+                    hits = [] if gathered is None else explain_page(
+                        pairs, b, ranking, gathered.items, geometry, o, self.config)  # fmt: skip
+                    more = end if candidates.counts[b] > end else None
+                    answers.append(Page(hits, o.offset, more))
+                    b += 1
+            pages.append(answers)
         return pages
 
     def _search(

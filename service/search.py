@@ -4,7 +4,8 @@
     gather         -> Gathered         the stored grids and vectors of the positions it needs
     rerank         -> StructuralMatch  one structural match for every query of a batch
     rank           -> Ranking          the two-stage rule: the positions of each query's page
-    explain_hits   -> list[Hit]        the page's hits, explained when asked
+    pick_pages     -> PagePairs        the pages' pairs of the match, on the host
+    explain_page   -> list[Hit]        a page's hits, explained when asked
 
 (decoding and embedding, the first two stages, run on the engine's batchers). The stages are
 plain functions of their inputs: they know no HTTP, no lock and no timer; the engine
@@ -222,28 +223,41 @@ def rank(
     return Ranking(pages, column)
 
 
-def explain_pages(
-    match: StructuralMatch,
-    gathered: Gathered,
-    ranking: Ranking,
-    options: Sequence[SearchOptions],
-    geometries: Sequence[ImageGeometry],
-    config: ModelConfig,
-) -> list[list[Hit]]:
-    """The hits of every query's page, explained where asked. Only the pages' pairs leave the
-    match's device, in one transfer (:meth:`StructuralMatch.pick`)."""
+@dataclass(frozen=True)
+class PagePairs:
+    """The pages' (query, candidate) pairs taken out of a batch's match: ``match`` over
+    (1, H) on the CPU, query b's hits at ``starts[b]:starts[b + 1]``, their item ``ids``."""
+
+    match: StructuralMatch
+    starts: np.ndarray
+    ids: list[np.ndarray]
+
+
+def pick_pages(match: StructuralMatch, gathered: Gathered, ranking: Ranking) -> PagePairs:
+    """Only the pages' pairs leave the match's device, in one transfer
+    (:meth:`StructuralMatch.pick`); the rest of the (B, W) match is never copied."""
     sizes = [len(page) for page in ranking.pages]
     columns = [ranking.column[b, page] for b, page in enumerate(ranking.pages)]
     device = match.score.device
     rows = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)).to(device)
     cols = torch.from_numpy(np.concatenate(columns).astype(np.int64)).to(device)
-    picked = match.pick(rows, cols).to("cpu")
-    starts = np.cumsum([0, *sizes])
-    return [
-        explain_hits(picked, 0, range(starts[b], starts[b + 1]), page, gathered.ids[b, cols_b],
-                     gathered.items, geometries[b], options[b], config)
-        for b, (page, cols_b) in enumerate(zip(ranking.pages, columns, strict=True))
-    ]  # fmt: skip
+    ids = [gathered.ids[b, c] for b, c in enumerate(columns)]
+    return PagePairs(match.pick(rows, cols).to("cpu"), np.cumsum([0, *sizes]), ids)
+
+
+def explain_page(
+    pairs: PagePairs,
+    b: int,
+    ranking: Ranking,
+    items: dict[int, Item],
+    geometry: ImageGeometry,
+    options: SearchOptions,
+    config: ModelConfig,
+) -> list[Hit]:
+    """Query ``b``'s page as hits, explained when its options ask."""
+    columns = range(int(pairs.starts[b]), int(pairs.starts[b + 1]))
+    return explain_hits(pairs.match, 0, columns, ranking.pages[b], pairs.ids[b], items, geometry,
+                        options, config)  # fmt: skip
 
 
 def explain_hits(
