@@ -255,8 +255,8 @@ class Engine:
             if folder is not None:
                 self._sweep_uploads()
         use_device = settings.device_search
-        if use_device is None:
-            use_device = device.type == "cuda"
+        if use_device is None:  # grids kept on the device come with device search
+            use_device = device.type == "cuda" or bool(settings.device_grids)
         self.device_search = None
         if use_device:
             self.device_search = DeviceSearch(self.index, device, self._keep_grids(device))

@@ -133,7 +133,7 @@ def test_device_search_gives_the_same_answers(served: dict[str, Path]) -> None:
     image = png()
     answers = []
     ways = [(False, False, "faiss", "index"), (True, False, "torch", "index"),
-            (True, True, "torch", "device")]  # fmt: skip
+            (None, True, "torch", "device")]  # fmt: skip
     for device_search, device_grids, coarse, grids in ways:
         settings = settings_for(served, device_search=device_search, device_grids=device_grids)
         with TestClient(create_app(settings, False)) as c:
