@@ -15,7 +15,10 @@ Sections (each one's failure is recorded in the JSON and the others still run):
   1,000,000 on a GPU; generated vectors and part grids, no images) with a D = 128 model;
   ``/search`` (k = 10, rerank_k = 100, explanations on) at 1 and 16 clients: client p50/p95 and
   the server-side time without decoding (the sum of the ``Server-Timing`` stages but
-  ``decode``), p50/p95, with each stage's median; decode apart.
+  ``decode``), p50/p95, with each stage's median; decode apart. Then, as
+  ``grids_other_way``, the same at 1 client with the part grids read the other way
+  (``DIML_DEVICE_GRIDS``: from the host's index on CUDA, where they stay on the device by
+  default; kept on the device on the CPU), to show what keeping them there is worth.
 - ``index_build`` and ``search_cub`` (with ``--cub``): ``build_index`` images/s over the
   photos against the backbone's forward-only images/s on the same photos decoded beforehand,
   then the same ``/search`` measurement over that index with the default model.
@@ -225,11 +228,13 @@ def serve_and_measure(
     device: torch.device,
     inference: str,
     queries: list[bytes],
-    requests: tuple[int, int],
+    requests: tuple[int, ...],
+    clients: tuple[int, ...] = (1, 16),
+    extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    settings = {"DIML_DEVICE": str(device)}
+    settings = {"DIML_DEVICE": str(device), **(extra or {})}
     if checkpoint is not None:
         settings["DIML_CHECKPOINT"] = str(checkpoint)
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
@@ -243,8 +248,8 @@ def serve_and_measure(
         }
         result["readyz"] = httpx.get(f"{url}/readyz").json()
         _load(url, queries, 1, 10)  # warm-up: kernels compiled, caches filled
-        for clients, count in zip((1, 16), requests, strict=True):
-            result[f"clients_{clients}"] = _load(url, queries, clients, count)
+        for n, count in zip(clients, requests, strict=True):
+            result[f"clients_{n}"] = _load(url, queries, n, count)
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             result["device_memory_in_use_gib"] = round((total - free) / 2**30, 2)
@@ -389,8 +394,15 @@ def main() -> None:
             start = time.perf_counter()
             checkpoint = synthetic_gallery(root / "synthetic", items, device)
             made = round(time.perf_counter() - start, 1)
-            result = serve_and_measure(root / "synthetic" / "index", checkpoint, device,
-                                       args.inference, query_images(None), requests)  # fmt: skip
+            index, queries = root / "synthetic" / "index", query_images(None)
+            result = serve_and_measure(index, checkpoint, device, args.inference, queries,
+                                       requests)  # fmt: skip
+            # The part grids read the other way (on CUDA they stay on the device by default:
+            # read from the host's index instead; on the CPU the reverse), one client.
+            other = {"DIML_DEVICE_GRIDS": "0" if device.type == "cuda" else "1"}
+            result["grids_other_way"] = serve_and_measure(
+                index, checkpoint, device, args.inference, queries, requests[:1], (1,), other
+            )
             return {"gallery_made_s": made, **result}
 
         todo.append(("search_synthetic", search_synthetic))

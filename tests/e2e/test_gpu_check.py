@@ -32,6 +32,11 @@ def test_the_device_check_runs_on_the_cpu(tmp_path: Path) -> None:
         assert search[clients]["errors"] == []
         assert search[clients]["requests"] > 0
         assert search[clients]["server_ms_without_decode"]["p50"] > 0
+    assert search["readyz"]["grids"] == "index"  # on the CPU by default; then the other way:
+    other = search["grids_other_way"]
+    assert (other["readyz"]["coarse_search"], other["readyz"]["grids"]) == ("torch", "device")
+    assert other["clients_1"]["errors"] == []
+    assert "gather" in other["clients_1"]["stage_median_ms"]
     assert set(result["targets"]) == {
         "rerank_one_query_ms",
         "rerank_pairs_per_s",
