@@ -4,6 +4,7 @@
 # training, selection or calibration).
 #   bash scripts/cub_results.sh [CUB_DIR] [OUT]          (default ../shared/data/cub-dev, out/cub)
 #   GRID7=1 ...            also trains the default recipe at 7 x 7 (slower: 49 parts)
+#   SEEDS="1 2" ...        also trains the default recipe with these seeds (how much a run varies)
 #   FINETUNE_EPOCHS=N ...  also fine-tunes the whole network (--train all), e.g. on one GPU:
 #       DEVICE=cuda WORKERS=8 FINETUNE_EPOCHS=40 bash scripts/cub_results.sh
 # A finished run is reused (--resume); delete OUT to start again. Prints the Markdown tables.
@@ -46,6 +47,9 @@ train head-random --train head --head-init random --head-lr 1e-3
 if [ -n "${GRID7:-}" ]; then
     train default-g7 --grid 7
 fi
+for seed in ${SEEDS:-}; do
+    train "default-seed$seed" --seed "$seed"
+done
 if [ -n "${FINETUNE_EPOCHS:-}" ]; then
     train finetune --train all --epochs "$FINETUNE_EPOCHS" --lr "${FINETUNE_LR:-1e-5}"
 fi

@@ -71,8 +71,33 @@ def main(folder: Path) -> None:
             f"{pck['n_keypoints']} | "
             f"{drop['top_parts_drop']:.2f}% / {drop['random_parts_drop']:.2f}% |"
         )
+    seeds(folder)
     queries = next(iter(reports.values()))["n_queries"]
     print(f"\n{queries} test queries")
+
+
+def seeds(folder: Path) -> None:
+    """The default recipe run with other seeds (``SEEDS=...``), beside seed 0: how much one run
+    of the same recipe varies on the test classes."""
+    runs = {0: folder / "default.json"} | {
+        int(p.stem.removeprefix("default-seed")): p for p in folder.glob("default-seed*.json")
+    }
+    if len(runs) < 2 or not runs[0].is_file():
+        return
+    rows = {seed: json.loads(path.read_text()) for seed, path in sorted(runs.items())}
+    print()
+    print("| `diml train` default, seed | global R@1 / MAP@R | model's w | re-ranked R@1 / MAP@R |")
+    print("| --- | --- | --- | --- |")
+    for seed, r in rows.items():
+        g, rr = r["global"], r["reranked"]
+        print(f"| {seed} | {g['recall@1']:.2f} / {g['map@r']:.2f} | {r['structural_weight']:g} | "
+              f"{rr['recall@1']:.2f} / {rr['map@r']:.2f} |")  # fmt: skip
+    for section in ("global", "reranked"):
+        for metric in ("recall@1", "map@r"):
+            values = [r[section][metric] for r in rows.values()]
+            mean = sum(values) / len(values)
+            sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            print(f"{section} {metric}: mean {mean:.2f}, sd {sd:.2f} over {len(values)} seeds")
 
 
 if __name__ == "__main__":
