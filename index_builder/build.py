@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,7 +324,7 @@ def write_qdrant(
     report = Report()
     try:
         for records, vectors, grids in batches:
-            embedded, failed = _embedded(sources, records, vectors, grids)
+            embedded, failed = embedded_batch(sources, records, vectors, grids)
             report.skipped += failed
             part = add_embedded(index, embedded, resume=True)
             report.indexed += part.indexed
@@ -441,7 +441,7 @@ def add_images(
     skipped: list[dict[str, str]] = []
     embedded: list[Embedded] = []
     for records, vecs, grds in embed_sources(sources, embedder, batch_size, workers, max_bytes):
-        good, failed = _embedded(sources, records, vecs, grds)
+        good, failed = embedded_batch(sources, records, vecs, grds)
         embedded += good
         skipped += failed
     report = add_embedded(index, embedded)
@@ -450,8 +450,8 @@ def add_images(
     return report
 
 
-def _embedded(
-    sources: Sequence[Source],
+def embedded_batch(
+    sources: Sequence[Source] | Mapping[int, Source],
     records: list[dict[str, Any]],
     vectors: np.ndarray,
     grids: np.ndarray,

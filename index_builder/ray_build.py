@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 
 from index_builder.build import (
-    Embedded,
     Report,
     Source,
     add_embedded,
     create_collection,
     decode_source,
+    embedded_batch,
     write_qdrant,
 )
 from index_builder.location import QdrantLocation
@@ -105,24 +105,18 @@ class Write:
         self.index = QdrantIndex.open(location, fingerprint, writable=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        ok = batch["ok"].astype(bool)
-        embedded = [
-            Embedded(Source(Path(str(path)), str(key), str(label) or None), str(sha), int(w),
-                     int(h), vector, grid)
-            for path, key, label, sha, w, h, vector, grid, good in zip(
-                batch["path"], batch["key"], batch["label"], batch["sha256"], batch["width"],
-                batch["height"], batch["vector"], batch["grid"], ok, strict=True)
-            if good
-        ]  # fmt: skip
+        sources = {int(i): Source(Path(str(path)), str(key), str(label) or None)
+                   for i, path, key, label in zip(batch["index"], batch["path"], batch["key"],
+                                                  batch["label"], strict=True)}  # fmt: skip
+        records, vectors, grids = _records(batch)
+        embedded, failed = embedded_batch(sources, records, vectors, grids)
         report = add_embedded(self.index, embedded, resume=True)
-        reasons = {s["path"]: s["reason"] for s in report.skipped}
+        reasons = {s["path"]: s["reason"] for s in failed + report.skipped}
         added = set(report.ids)
         outcome = [
-            str(reason) if not good else reasons.get(str(path)) or (
-                "added" if item_id(str(sha)) in added else "kept")
-            for path, sha, reason, good in zip(batch["path"], batch["sha256"], batch["reason"],
-                                               ok, strict=True)
-        ]  # fmt: skip
+            reasons.get(str(path)) or ("added" if item_id(str(sha)) in added else "kept")
+            for path, sha in zip(batch["path"], batch["sha256"], strict=True)
+        ]
         return {"index": batch["index"], "sha256": batch["sha256"],
                 "outcome": np.array(outcome, dtype=object)}  # fmt: skip
 
@@ -197,15 +191,21 @@ def ray_batches(
     batch_size = options.get("batch_size", 32)
     embedded = _embedded_dataset(sources, model, checkpoint, **options)
     for batch in embedded.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        ok = batch["ok"].astype(bool)
-        records = [
-            {"index": int(i), "pixels": True if good else None, "sha256": str(sha),
-             "reason": str(reason), "size": (int(w), int(h))}
-            for i, good, sha, reason, w, h in zip(batch["index"], ok, batch["sha256"],
-                                                  batch["reason"], batch["width"],
-                                                  batch["height"], strict=True)
-        ]  # fmt: skip
-        yield records, batch["vector"][ok], batch["grid"][ok]
+        yield _records(batch)
+
+
+def _records(batch: dict[str, np.ndarray]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """An embedded batch as :func:`index_builder.build.embed_sources` yields one: a record per
+    image (``pixels`` None where it failed), the vectors and grids of those that did not."""
+    ok = batch["ok"].astype(bool)
+    records = [
+        {"index": int(i), "pixels": True if good else None, "sha256": str(sha),
+         "reason": str(reason), "size": (int(w), int(h))}
+        for i, good, sha, reason, w, h in zip(batch["index"], ok, batch["sha256"],
+                                              batch["reason"], batch["width"], batch["height"],
+                                              strict=True)
+    ]  # fmt: skip
+    return records, batch["vector"][ok], batch["grid"][ok]
 
 
 def build_with_ray(
@@ -237,10 +237,10 @@ def build_with_ray(
         )
     started = time.perf_counter()
     create_collection(location, model).close()  # made (or checked) before any writer opens it
-    batch_size = options.get("batch_size", 32)
+    batch_size, fp = options.get("batch_size", 32), fingerprint(model)
     embedded = _embedded_dataset(sources, model, checkpoint, **options)
     written = embedded.map_batches(
-        Write, fn_constructor_kwargs={"location": location, "fingerprint": fingerprint(model)},
+        Write, fn_constructor_kwargs={"location": location, "fingerprint": fp},
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=writers),
     )  # fmt: skip
@@ -249,7 +249,7 @@ def build_with_ray(
         for batch in written.iter_batches(batch_size=batch_size, batch_format="numpy")
         for i, sha, outcome in zip(batch["index"], batch["sha256"], batch["outcome"], strict=True)
     ]  # fmt: skip
-    index = _reopen(location, fingerprint(model))
+    index = _reopen(location, fp)
     try:
         report = settle(sources, rows, index)
     finally:

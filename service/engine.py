@@ -580,8 +580,8 @@ class Engine:
         score = liked - disliked
         order = torch.sort(score, descending=True, stable=True).indices  # ids ascend: ties by id
         closeness = torch.argsort(match.global_similarity[:n_pos].mean(dim=0), descending=True)
-        rank = torch.empty_like(closeness)
-        rank[closeness] = torch.arange(len(closeness))
+        global_rank = torch.empty_like(closeness)
+        global_rank[closeness] = torch.arange(len(closeness))
         timer.add("rerank", time.perf_counter() - start)
         hits = []
         with timer.stage("explain"):
@@ -599,7 +599,7 @@ class Engine:
                 hits.append(Hit(items[int(ids[c])], float(score[c]),
                                 float(match.global_similarity[p, c]),
                                 float(match.structural_similarity[p, c]), True,
-                                int(rank[c]) + 1, explanation, positive=p))  # fmt: skip
+                                int(global_rank[c]) + 1, explanation, positive=p))  # fmt: skip
         end = options.offset + options.k
         return Page(hits, options.offset, end if len(ids) > end else None)
 
