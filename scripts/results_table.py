@@ -13,10 +13,11 @@ from typing import Any
 ROWS = {
     "imagenet": "ImageNet MobileNetV2, head-less (no training)",
     "imagenet-g7": "ImageNet MobileNetV2, head-less (no training)",
-    "default": "`diml train` default: last stage + PCA-initialised head, DIML multi-similarity",
-    "default-g7": "`diml train --grid 7`",
-    "head-pca": "`--train head`: PCA-initialised head alone",
-    "head-random": "`--train head --head-init random --head-lr 1e-3`: the earlier recipe",
+    "default": "`diml train` default: last stage + PCA-initialised 512-d head, DIML MS loss",
+    "compact": "`diml train --dim 128`: the compact model",
+    "compact-g7": "`diml train --dim 128 --grid 7`",
+    "head-pca": "`--train head --dim 128`: PCA-initialised head alone",
+    "head-random": "`--train head --head-init random --head-lr 1e-3 --dim 128`: the earlier recipe",
     "finetune": "`--train all`: the whole network fine-tuned",
 }
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "r_precision", "map@r")
@@ -71,22 +72,23 @@ def main(folder: Path) -> None:
             f"{pck['n_keypoints']} | "
             f"{drop['top_parts_drop']:.2f}% / {drop['random_parts_drop']:.2f}% |"
         )
-    seeds(folder)
+    seeds(folder, "default", "`diml train` default")
+    seeds(folder, "compact", "`diml train --dim 128`")
     queries = next(iter(reports.values()))["n_queries"]
     print(f"\n{queries} test queries")
 
 
-def seeds(folder: Path) -> None:
-    """The default recipe run with other seeds (``SEEDS=...``), beside seed 0: how much one run
-    of the same recipe varies on the test classes."""
-    runs = {0: folder / "default.json"} | {
-        int(p.stem.removeprefix("default-seed")): p for p in folder.glob("default-seed*.json")
+def seeds(folder: Path, name: str, title: str) -> None:
+    """A recipe run with other seeds (``SEEDS=...``), beside seed 0: how much one run of the
+    same recipe varies on the test classes."""
+    runs = {0: folder / f"{name}.json"} | {
+        int(p.stem.removeprefix(f"{name}-seed")): p for p in folder.glob(f"{name}-seed*.json")
     }
     if len(runs) < 2 or not runs[0].is_file():
         return
     rows = {seed: json.loads(path.read_text()) for seed, path in sorted(runs.items())}
     print()
-    print("| `diml train` default, seed | global R@1 / MAP@R | model's w | re-ranked R@1 / MAP@R |")
+    print(f"| {title}, seed | global R@1 / MAP@R | model's w | re-ranked R@1 / MAP@R |")
     print("| --- | --- | --- | --- |")
     for seed, r in rows.items():
         g, rr = r["global"], r["reranked"]
@@ -97,7 +99,8 @@ def seeds(folder: Path) -> None:
             values = [r[section][metric] for r in rows.values()]
             mean = sum(values) / len(values)
             sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-            print(f"{section} {metric}: mean {mean:.2f}, sd {sd:.2f} over {len(values)} seeds")
+            n = len(values)
+            print(f"{name} {section} {metric}: mean {mean:.2f}, sd {sd:.2f} over {n} seeds")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from model.datasets import read_dataset
 from model.loading import embed_records
 from model.sampling import ClassBalancedBatches, SamplingError
 from model.training import TrainConfig, Trainer, TrainingError
-from service.cli import main
+from service.cli import build_parser, main
 
 SMALL = Preprocessing(resize=128, crop=112)
 CONFIG = ModelConfig(backbone="mobilenet_v2", dim=32, grid=2, preprocessing=SMALL)
@@ -143,6 +143,16 @@ def test_fine_tuning_the_whole_network_with_augmentations(cub_dev: Path, tmp_pat
     entry = trainer.fit()
     assert entry["epoch"] == 1
     assert not torch.equal(next(trainer.model.backbone.parameters()), before)
+
+
+def test_the_default_recipe_trains_a_512_d_head_and_128_d_is_the_compact_choice() -> None:
+    # The dimension chosen on the validation classes (README, Measured); the rest of the
+    # default recipe is TrainConfig's.
+    base = ["train", "--data", "d", "--classes", "1-15", "--val-classes", "16-20", "--out", "o"]
+    args = build_parser().parse_args(base)
+    assert args.dim == 512
+    assert (args.train, args.head_init, args.loss) == ("tail", "pca", "ms-diml")
+    assert build_parser().parse_args([*base, "--dim", "128"]).dim == 128
 
 
 def test_cli_refuses_overlapping_classes_and_names_bad_files(
