@@ -3,7 +3,7 @@
 # the structural weight on classes 16-20 (validation), test on classes 21-30 (never seen in
 # training, selection or calibration).
 #   bash scripts/cub_results.sh [CUB_DIR] [OUT]          (default ../shared/data/cub-dev, out/cub)
-#   GRID7=1 ...            also trains the default recipe at 7 x 7 (slower: 49 parts)
+#   GRID7=1 ...            also trains the compact recipe at 7 x 7 (slower: 49 parts)
 #   SEEDS="1 2" ...        also trains the default and the compact recipe with these seeds (how
 #                          much a run varies)
 #   FINETUNE_EPOCHS=N ...  also fine-tunes the whole network (--train all), e.g. on one GPU:

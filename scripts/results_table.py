@@ -21,6 +21,7 @@ ROWS = {
     "finetune": "`--train all`: the whole network fine-tuned",
 }
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "r_precision", "map@r")
+MAIN = ("recall@1", "map@r")  # the seed tables' two
 
 
 def bytes_per_item(report: dict[str, Any]) -> int:
@@ -94,13 +95,18 @@ def seeds(folder: Path, name: str, title: str) -> None:
         g, rr = r["global"], r["reranked"]
         print(f"| {seed} | {g['recall@1']:.2f} / {g['map@r']:.2f} | {r['structural_weight']:g} | "
               f"{rr['recall@1']:.2f} / {rr['map@r']:.2f} |")  # fmt: skip
-    for section in ("global", "reranked"):
-        for metric in ("recall@1", "map@r"):
-            values = [r[section][metric] for r in rows.values()]
-            mean = sum(values) / len(values)
-            sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-            n = len(values)
-            print(f"{name} {section} {metric}: mean {mean:.2f}, sd {sd:.2f} over {n} seeds")
+    spread = {
+        section: " / ".join(mean_sd([r[section][m] for r in rows.values()]) for m in MAIN)
+        for section in ("global", "reranked")
+    }
+    print(f"| mean (sd) | {spread['global']} | | {spread['reranked']} |")
+
+
+def mean_sd(values: list[float]) -> str:
+    """``mean (sample standard deviation)``."""
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.2f} ({sd:.2f})"
 
 
 if __name__ == "__main__":
