@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.JpegImagePlugin import JpegImageFile
 
 from model.config import Preprocessing
 
@@ -164,10 +165,12 @@ def _decode(
             image = Image.open(io.BytesIO(data), formats=_openers(formats))
         _check_header(image, name, file_bytes, max_pixels, formats, max_aspect)
         width, height = image.size
-        if reduce_to is not None and image.format == "JPEG":
+        coefficients = jpeg_coefficient_bytes(image, None if file_bytes is None else data)
+        if reduce_to is not None and isinstance(image, JpegImageFile):  # JPEG and MPO
             scale = reduce_to / min(width, height)
             image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
-        with reserve(decoded_bytes(image)) if reserve else contextlib.nullcontext():
+        cost = decoded_bytes(image) + coefficients
+        with reserve(cost) if reserve else contextlib.nullcontext():
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image.load()
@@ -241,7 +244,8 @@ def _check_header(
     # end-of-block code per block, several blocks per 8 x 8 pixels in colour): a file with fewer
     # bytes than one bit per 64 pixels declares pixels it does not carry. libjpeg would fill them
     # with grey and call the image good.
-    if file_bytes is not None and image.format == "JPEG" and file_bytes * 512 < width * height:
+    jpeg = isinstance(image, JpegImageFile)  # JPEG and MPO
+    if file_bytes is not None and jpeg and file_bytes * 512 < width * height:
         raise ImageLoadError(
             name,
             f"truncated: {file_bytes:,} bytes cannot hold the {width}x{height} pixels the "
@@ -251,12 +255,54 @@ def _check_header(
 
 
 def decoded_bytes(image: Image.Image) -> int:
-    """The memory that decoding ``image`` (opened, not yet loaded) takes, from its header: Pillow
-    keeps 1 byte per pixel for 1/L/P, 2 for 16-bit, 4 for every other mode."""
+    """The memory that decoding ``image`` (opened, not yet loaded, after any ``draft``) holds,
+    from its header: Pillow keeps 1 byte per pixel for 1/L/P, 2 for 16-bit, 4 for every other
+    mode. WebP holds four times that (measured with Pillow 13): it goes through libwebp's
+    animation decoder, whose two canvases, the frame it hands over and Pillow's copy are 4 bytes
+    per pixel each. A JPEG sent in several scans holds more: :func:`jpeg_coefficient_bytes`."""
     width, height = image.size
+    if image.format == "WEBP":
+        return width * height * 16
     mode = image.mode
     per_pixel = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
     return width * height * per_pixel
+
+
+def jpeg_coefficient_bytes(image: Image.Image, data: bytes | None) -> int:
+    """What libjpeg holds beside the picture when a JPEG (opened, before any ``draft``) arrives
+    in several scans, progressive or one component at a time: every DCT coefficient of the
+    full-size image, however small the scale it is decoded at. Per component, its 8 x 8 blocks
+    at its sampling, rounded up to whole sampling units, 64 coefficients of 2 bytes. 0 for
+    other files and for a JPEG whose first scan holds every component (``data`` None: its
+    scans are unknown, so assume several)."""
+    if not isinstance(image, JpegImageFile) or not _jpeg_scans_separately(image, data):
+        return 0
+    h_max = max(layer[1] for layer in image.layer)
+    v_max = max(layer[2] for layer in image.layer)
+    total = 0
+    for _, h, v, _ in image.layer:
+        columns = math.ceil(math.ceil(image.width * h / h_max) / 8)
+        rows = math.ceil(math.ceil(image.height * v / v_max) / 8)
+        total += math.ceil(columns / h) * h * math.ceil(rows / v) * v * 128
+    return total
+
+
+def _jpeg_scans_separately(image: JpegImageFile, data: bytes | None) -> bool:
+    """Whether the JPEG is progressive or its first scan leaves out some of its components."""
+    if image.info.get("progressive") or image.info.get("progression") or data is None:
+        return True
+    position = 2  # past the start-of-image marker
+    while position + 4 < len(data):
+        if data[position] != 0xFF:
+            return True  # no marker where one belongs: the decoder will refuse the file
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte
+            position += 1
+        elif marker == 0xDA:  # start of scan: its length (2 bytes), then its component count
+            return data[position + 4] < len(image.layer)
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return True
 
 
 def _reduce(image: Image.Image, short_side: int) -> Image.Image:

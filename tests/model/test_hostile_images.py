@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from model.config import Preprocessing
-from model.images import ImageLoadError, load_for_model, load_image, preprocess
+from model.images import (
+    ImageLoadError,
+    jpeg_coefficient_bytes,
+    load_for_model,
+    load_image,
+    preprocess,
+)
 from tests.hostile import (
     encode,
     header_bombs,
@@ -100,27 +106,34 @@ def test_a_real_long_image_is_refused_quickly() -> None:
     assert time.perf_counter() - start < 0.5
 
 
-def _peak_growth_mb(data: bytes, tmp_path: Path) -> float:
-    """Peak resident memory that loading ``data`` adds, in a fresh interpreter (MB)."""
+def _peak_growth_mb(data: bytes, tmp_path: Path) -> tuple[float, float]:
+    """Peak resident memory that loading ``data`` adds, in a fresh interpreter, and the memory
+    the loader reserved for it (MB)."""
     path = tmp_path / "image"
     path.write_bytes(data)
     code = f"""
+import contextlib
 from pathlib import Path
 from model.config import Preprocessing
 from model.images import load_for_model
 def kb(field):
     status = Path("/proc/self/status").read_text().splitlines()
     return int(next(line.split()[1] for line in status if line.startswith(field)))
+reserved = []
+def reserve(size):
+    reserved.append(size)
+    return contextlib.nullcontext()
 data, spec = Path({str(path)!r}).read_bytes(), Preprocessing()
 Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
 before = kb("VmRSS")
-load_for_model(data, spec, 40_000_000, None, 20.0)
-print((kb("VmHWM") - before) / 1024)
+load_for_model(data, spec, 40_000_000, None, 20.0, reserve)
+print((kb("VmHWM") - before) / 1024, sum(reserved) / 2**20)
 """
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
-    return float(out.stdout.strip().splitlines()[-1])
+    peak, reserved = out.stdout.strip().splitlines()[-1].split()
+    return float(peak), float(reserved)
 
 
 # Each: the bytes Pillow holds decoded, plus room for the reduced copies; the issue measured
@@ -138,7 +151,47 @@ MEMORY_CASES = {
 @pytest.mark.parametrize("case", list(MEMORY_CASES))
 def test_decoding_memory_follows_what_the_model_needs(case: str, tmp_path: Path) -> None:
     make, bound_mb = MEMORY_CASES[case]
-    assert _peak_growth_mb(make(), tmp_path) < bound_mb
+    assert _peak_growth_mb(make(), tmp_path)[0] < bound_mb
+
+
+# Small files whose decoders hold far more than the picture they return: a progressive JPEG
+# keeps every coefficient of the full-size image (a 0.5 MB file held 209 MB at 6000 x 6000 while
+# 2 MB were reserved), WebP four copies of it (552 MB held, 144 MB reserved).
+RESERVED_CASES = {
+    "JPEG": {},
+    "JPEG progressive 4:4:4": {"progressive": True, "subsampling": 0},
+    "JPEG progressive 4:2:0": {"progressive": True, "subsampling": 2},
+    "WEBP": {"quality": 30, "method": 0},
+    "WEBP lossless": {"lossless": True, "method": 0},
+    "PNG": {"compress_level": 1},
+    "GIF": {},
+    "TIFF": {"compression": "tiff_lzw"},
+}
+
+
+@pytest.mark.parametrize("case", list(RESERVED_CASES))
+def test_the_memory_reserved_for_a_decode_covers_what_it_holds(case: str, tmp_path: Path) -> None:
+    """The service admits concurrent decodes by what they reserve: it must not undercount."""
+    photo = _photo(3000, 3000)
+    data = encode(
+        photo.convert("P") if case == "GIF" else photo, case.split()[0], **RESERVED_CASES[case]
+    )
+    peak, reserved = _peak_growth_mb(data, tmp_path)
+    assert peak <= 1.1 * reserved + 12, (
+        f"{len(data):,} bytes held {peak:.0f} MB, reserved {reserved:.0f}"
+    )
+
+
+def test_a_jpeg_sent_one_component_at_a_time_reserves_its_coefficients() -> None:
+    # libjpeg buffers every coefficient when the first scan leaves out a component, as it does
+    # for a progressive file; Pillow cannot write such a file, so the scan header is edited.
+    data = bytearray(encode(_photo(800, 600), "JPEG"))  # 4:2:0, one interleaved scan
+    assert jpeg_coefficient_bytes(Image.open(io.BytesIO(data)), bytes(data)) == 0
+    data[data.index(b"\xff\xda") + 4] = 1  # the first scan's component count
+    held = jpeg_coefficient_bytes(Image.open(io.BytesIO(data)), bytes(data))
+    assert held == pytest.approx(2 * 800 * 600 * 1.5, rel=0.05)  # 2 bytes a sample
+    # Without the bytes (a Pillow image opened elsewhere) the worst is assumed.
+    assert jpeg_coefficient_bytes(Image.open(io.BytesIO(data)), None) == held
 
 
 def test_reduced_decoding_gives_the_model_the_same_picture() -> None:
