@@ -59,6 +59,7 @@ IMAGE_ERRORS = {
     "format": (415, "unsupported_media_type"),
     "too_many_pixels": (413, "too_many_pixels"),
     "aspect_ratio": (422, "unsupported_aspect_ratio"),
+    "too_many_scans": (422, "too_many_scans"),
     "corrupt": (422, "corrupt_image"),
     "unreadable": (422, "corrupt_image"),
 }

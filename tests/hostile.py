@@ -105,6 +105,15 @@ def jpeg_without_scan(width: int, height: int) -> bytes:
     return jpeg[: sos + 2 + length] + b"\xff\xd9"
 
 
+def jpeg_with_scans(side: int, scans: int) -> bytes:
+    """A valid progressive JPEG of ``side`` x ``side`` whose last scan is sent again until the
+    file holds ``scans`` scans (31 bytes each): libjpeg decodes every one over the whole image."""
+    jpeg = encode(Image.new("RGB", (side, side), (90, 140, 60)), "JPEG", progressive=True)
+    last = jpeg.rindex(b"\xff\xda")
+    extra = scans - jpeg.count(b"\xff\xda")
+    return jpeg[:-2] + jpeg[last:-2] * extra + b"\xff\xd9"
+
+
 def corpus() -> dict[str, bytes]:
     """A hostile-upload corpus made here: header bombs of every accepted format, formats that
     are not accepted, every Pillow mode, multi-frame files, truncations and byte flips."""
@@ -137,6 +146,7 @@ def corpus() -> dict[str, bytes]:
     files["1:19 PNG"] = long_png(1_400, 26_600)
     files["1:2500 PNG"] = long_png(126, 316_000)
     files["JPEG with no scan"] = jpeg_without_scan(6_300, 6_300)
+    files["JPEG in 2,000 scans"] = jpeg_with_scans(4_000, 2_000)
     for fmt in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"):
         data = encode(photo if fmt != "GIF" else photo.convert("P"), fmt)
         for cut in (0.05, 0.5, 0.95):

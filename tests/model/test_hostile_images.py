@@ -21,6 +21,7 @@ from PIL import Image
 
 from model.config import Preprocessing
 from model.images import (
+    MAX_JPEG_SCANS,
     ImageLoadError,
     jpeg_coefficient_bytes,
     load_for_model,
@@ -30,6 +31,7 @@ from model.images import (
 from tests.hostile import (
     encode,
     header_bombs,
+    jpeg_with_scans,
     jpeg_without_scan,
     long_png,
     sixteen_bit_png,
@@ -82,6 +84,18 @@ def test_a_jpeg_cut_after_its_scan_header_is_truncated_not_grey() -> None:
     assert "truncated" in info.value.reason
     # A small, complete JPEG of one flat colour is above the bound and loads.
     _load(encode(Image.new("L", (640, 480), 128), "JPEG", quality=5))
+
+
+def test_a_jpeg_in_too_many_scans_is_refused_before_decoding() -> None:
+    # 156 KB that took 17 s to decode: every scan passes over the whole image's coefficients.
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError) as info:
+        _load(jpeg_with_scans(4_000, 2_000))
+    assert info.value.kind == "too_many_scans"
+    assert "baseline" in info.value.reason
+    assert time.perf_counter() - start < 0.5
+    # At the limit it decodes (scans of a flat picture are quick at this size).
+    assert _load(jpeg_with_scans(1_000, MAX_JPEG_SCANS)).pixels.shape == (3, 224, 224)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("size", [(20, 2_000_000), (5_000, 240), (300, 6_100)])
@@ -283,7 +297,15 @@ def test_truncated_and_flipped_files_load_or_are_refused(
         kind = e.kind
     else:
         assert loaded.pixels.shape == (3, SPEC.crop, SPEC.crop)  # type: ignore[attr-defined]
-    assert kind in (None, "corrupt", "not_image", "format", "too_many_pixels", "aspect_ratio")
+    refusals = (
+        "corrupt",
+        "not_image",
+        "format",
+        "too_many_pixels",
+        "aspect_ratio",
+        "too_many_scans",
+    )
+    assert kind in (None, *refusals)
     assert time.perf_counter() - start < 2.0
 
 

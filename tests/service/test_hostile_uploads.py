@@ -15,13 +15,20 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.engine import DeadlineExceededError
 from service.limits import BudgetExhaustedError, MemoryBudget, deadline
-from tests.hostile import header_bombs, jpeg_without_scan, long_png, sixteen_bit_png
+from tests.hostile import (
+    header_bombs,
+    jpeg_with_scans,
+    jpeg_without_scan,
+    long_png,
+    sixteen_bit_png,
+)
 from tests.service.conftest import png, settings_for
 
 EXPECTED = {
     "too_many_pixels": 413,
     "unsupported_aspect_ratio": 422,
     "corrupt_image": 422,
+    "too_many_scans": 422,
 }
 
 
@@ -41,6 +48,7 @@ def test_every_class_of_hostile_file_gets_its_4xx(client: TestClient) -> None:
         cases[f"{fmt} 1:30"] = (data, "unsupported_aspect_ratio")
     cases["long PNG"] = (long_png(126, 316_000), "unsupported_aspect_ratio")
     cases["JPEG with no scan data"] = (jpeg_without_scan(6_300, 6_300), "corrupt_image")
+    cases["JPEG in 2,000 scans"] = (jpeg_with_scans(4_000, 2_000), "too_many_scans")
     for name, (data, code) in cases.items():
         status, answered = _search(client, data)
         assert (status, answered) == (EXPECTED[code], code), name
