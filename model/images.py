@@ -257,7 +257,9 @@ def _check_header(
             "header declares",
             "corrupt",
         )
-    scans = data.count(b"\xff\xda")
+    # A JPEG in one scan holding every component is decoded in that one scan (libjpeg stops at
+    # a second); only the others are counted.
+    scans = data.count(b"\xff\xda") if _jpeg_scans_separately(image, data) else 1
     if scans > MAX_JPEG_SCANS:
         raise ImageLoadError(
             name,

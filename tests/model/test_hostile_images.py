@@ -94,6 +94,14 @@ def test_a_jpeg_in_too_many_scans_is_refused_before_decoding() -> None:
     assert info.value.kind == "too_many_scans"
     assert "baseline" in info.value.reason
     assert time.perf_counter() - start < 0.5
+    # A JPEG whose first scan holds every component is not counted: libjpeg stops at a second.
+    jpeg = encode(Image.new("RGB", (2_000, 2_000), (90, 140, 60)), "JPEG")
+    repeated = jpeg[:-2] + jpeg[jpeg.index(b"\xff\xda") : -2] * 200 + b"\xff\xd9"
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError) as info:
+        _load(repeated)
+    assert info.value.kind == "corrupt"
+    assert time.perf_counter() - start < 0.5
     # At the limit it decodes (scans of a flat picture are quick at this size).
     assert _load(jpeg_with_scans(1_000, MAX_JPEG_SCANS)).pixels.shape == (3, 224, 224)  # type: ignore[attr-defined]
 
