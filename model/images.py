@@ -219,7 +219,7 @@ def _check_header(
     formats: Collection[str] | None,
     max_aspect: float | None,
 ) -> None:
-    """What the header and the file's size tell before decoding: format, pixel count, aspect
+    """What the header and the file's bytes tell before decoding: format, pixel count, aspect
     ratio, data too short to hold the pixels it declares, a JPEG's number of scans."""
     if formats is not None and image.format not in formats:
         raise ImageLoadError(
