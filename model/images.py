@@ -167,9 +167,12 @@ def _decode(
             # Only the accepted formats' decoders are tried: Pillow's other plugins (DDS, EPS,
             # JPEG 2000, FITS...) never see untrusted bytes.
             image = Image.open(io.BytesIO(data), formats=_openers(formats))
-        _check_header(image, name, data, max_pixels, formats, max_aspect)
+        several_scans = jpeg_scans_separately(image, data)
+        _check_header(image, name, data, several_scans, max_pixels, formats, max_aspect)
         width, height = image.size
-        coefficients = jpeg_coefficient_bytes(image, data)
+        coefficients = 0
+        if several_scans and isinstance(image, JpegImageFile):
+            coefficients = jpeg_coefficient_bytes(image)
         if reduce_to is not None and isinstance(image, JpegImageFile):  # JPEG and MPO
             scale = reduce_to / min(width, height)
             image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
@@ -215,6 +218,7 @@ def _check_header(
     image: Image.Image,
     name: str,
     data: bytes | None,
+    several_scans: bool,
     max_pixels: int,
     formats: Collection[str] | None,
     max_aspect: float | None,
@@ -259,7 +263,7 @@ def _check_header(
         )
     # A JPEG in one scan holding every component is decoded in that one scan (libjpeg stops at
     # a second); only the others are counted.
-    scans = data.count(b"\xff\xda") if _jpeg_scans_separately(image, data) else 1
+    scans = data.count(b"\xff\xda") if several_scans else 1
     if scans > MAX_JPEG_SCANS:
         raise ImageLoadError(
             name,
@@ -274,7 +278,8 @@ def decoded_bytes(image: Image.Image) -> int:
     from its header: Pillow keeps 1 byte per pixel for 1/L/P, 2 for 16-bit, 4 for every other
     mode. WebP holds four times that (measured with Pillow 13): it goes through libwebp's
     animation decoder, whose two canvases, the frame it hands over and Pillow's copy are 4 bytes
-    per pixel each. A JPEG sent in several scans holds more: :func:`jpeg_coefficient_bytes`."""
+    per pixel each. A JPEG sent in several scans (:func:`jpeg_scans_separately`) holds more:
+    :func:`jpeg_coefficient_bytes`."""
     width, height = image.size
     if image.format == "WEBP":
         return width * height * 16
@@ -283,15 +288,11 @@ def decoded_bytes(image: Image.Image) -> int:
     return width * height * per_pixel
 
 
-def jpeg_coefficient_bytes(image: Image.Image, data: bytes | None) -> int:
+def jpeg_coefficient_bytes(image: JpegImageFile) -> int:
     """What libjpeg holds beside the picture when a JPEG (opened, before any ``draft``) arrives
-    in several scans, progressive or one component at a time: every DCT coefficient of the
-    full-size image, however small the scale it is decoded at. Per component, its 8 x 8 blocks
-    at its sampling, rounded up to whole sampling units, 64 coefficients of 2 bytes. 0 for
-    other files and for a JPEG whose first scan holds every component (``data`` None: its
-    scans are unknown, so assume several)."""
-    if not isinstance(image, JpegImageFile) or not _jpeg_scans_separately(image, data):
-        return 0
+    in several scans: every DCT coefficient of the full-size image, however small the scale it
+    is decoded at. Per component, its 8 x 8 blocks at its sampling, rounded up to whole
+    sampling units, 64 coefficients of 2 bytes."""
     h_max = max(layer[1] for layer in image.layer)
     v_max = max(layer[2] for layer in image.layer)
     total = 0
@@ -302,8 +303,12 @@ def jpeg_coefficient_bytes(image: Image.Image, data: bytes | None) -> int:
     return total
 
 
-def _jpeg_scans_separately(image: JpegImageFile, data: bytes | None) -> bool:
-    """Whether the JPEG is progressive or its first scan leaves out some of its components."""
+def jpeg_scans_separately(image: Image.Image, data: bytes | None) -> bool:
+    """Whether ``image`` is a JPEG that libjpeg decodes in several scans, buffering every
+    coefficient: progressive, or its first scan leaves out some of its components (``data``,
+    the file's bytes, None: unknown, so assume so). False for other formats."""
+    if not isinstance(image, JpegImageFile):
+        return False
     if image.info.get("progressive") or image.info.get("progression") or data is None:
         return True
     position = 2  # past the start-of-image marker
