@@ -178,9 +178,7 @@ def _decode(
             image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
         cost = decoded_bytes(image) + coefficients
         with reserve(cost) if reserve else contextlib.nullcontext():
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image.load()
+            image.load()
             if reduce_to is not None:
                 image = _reduce(image, reduce_to)
             upright = ImageOps.exif_transpose(image)
@@ -212,6 +210,25 @@ def _decode(
         Image.DecompressionBombWarning,
     ) as e:
         raise ImageLoadError(name, f"corrupt or truncated image data ({e})", "corrupt") from e
+
+
+def quiet_decoder_warnings() -> None:
+    """Keep Pillow's warnings about malformed files out of the process's output.
+
+    Pillow warns once per damaged metadata entry ("Tag data larger than file. Skipping tag
+    N"), and the entry numbers make each text new, so Python prints every one: a 48 KB JPEG
+    whose EXIF lists 4,000 such tags wrote 790 KB to the log and took twice as long to decode.
+    They describe the uploader's file, not a fault here (the decode goes on without the tag;
+    an unreadable image is refused as ``corrupt``). Pillow's decompression-bomb warning is
+    silenced too: what refuses a large image is the ``max_pixels`` limit of
+    :func:`load_for_model`, checked from the header.
+
+    Python's warning filters are process-wide (and ``warnings.catch_warnings`` around each
+    decode would race between decoding threads), so the entry points that decode untrusted
+    files call this once: the service at start-up and the ``diml`` command line.
+    """
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.")
 
 
 def _check_header(

@@ -114,6 +114,15 @@ def jpeg_with_scans(side: int, scans: int) -> bytes:
     return jpeg[:-2] + jpeg[last:-2] * extra + b"\xff\xd9"
 
 
+def exif_flood(tags: int) -> bytes:
+    """A small, valid JPEG whose EXIF block lists ``tags`` entries, each pointing at more data
+    than the file holds: Pillow skips each one with a warning whose text names the tag."""
+    entries = b"".join(struct.pack("<HHII", 1 + i, 7, 70_000 + i, 8) for i in range(tags))
+    ifd = struct.pack("<H", tags) + entries + struct.pack("<I", 0)
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd
+    return encode(Image.new("RGB", (64, 64), (90, 140, 60)), "JPEG", exif=exif)
+
+
 def corpus() -> dict[str, bytes]:
     """A hostile-upload corpus made here: header bombs of every accepted format, formats that
     are not accepted, every Pillow mode, multi-frame files, truncations and byte flips."""
@@ -147,6 +156,7 @@ def corpus() -> dict[str, bytes]:
     files["1:2500 PNG"] = long_png(126, 316_000)
     files["JPEG with no scan"] = jpeg_without_scan(6_300, 6_300)
     files["JPEG in 2,000 scans"] = jpeg_with_scans(4_000, 2_000)
+    files["JPEG with 4,000 broken EXIF tags"] = exif_flood(4_000)
     for fmt in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"):
         data = encode(photo if fmt != "GIF" else photo.convert("P"), fmt)
         for cut in (0.05, 0.5, 0.95):

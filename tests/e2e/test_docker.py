@@ -63,6 +63,7 @@ def test_compose_file_is_valid_and_complete() -> None:
     assert "args" not in api["build"]  # the published defaults: PyTorch's CPU build
     assert any(p["target"] == 8000 and p["published"] == "8000" for p in api["ports"])
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert api["logging"]["options"]["max-size"] == "20m"  # a busy service's log is rotated
     mounts = {v["target"]: v for v in api["volumes"]}
     assert mounts["/data"]["type"] == "volume"
     assert mounts["/gallery"]["read_only"] is True

@@ -11,6 +11,7 @@ import io
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,11 @@ from model.images import (
     load_for_model,
     load_image,
     preprocess,
+    quiet_decoder_warnings,
 )
 from tests.hostile import (
     encode,
+    exif_flood,
     header_bombs,
     jpeg_with_scans,
     jpeg_without_scan,
@@ -105,6 +108,27 @@ def test_a_jpeg_in_too_many_scans_is_refused_before_decoding() -> None:
     assert time.perf_counter() - start < 0.5
     # At the limit it decodes (scans of a flat picture are quick at this size).
     assert _load(jpeg_with_scans(1_000, MAX_JPEG_SCANS)).pixels.shape == (3, 224, 224)  # type: ignore[attr-defined]
+
+
+def test_broken_metadata_does_not_flood_the_log() -> None:
+    # 48 KB of EXIF naming 4,000 tags that point past the end of the file: one warning each,
+    # every text new, so Python printed all of them (790 KB of log for one upload).
+    flood = exif_flood(4_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        _load(flood)
+        assert len(caught) >= 4_000  # what the filters below have to stop
+        caught.clear()
+        quiet_decoder_warnings()
+        picture = _load(flood)
+    assert caught == []
+    assert picture.pixels.shape == (3, 224, 224)  # type: ignore[attr-defined]
+    # Warnings from elsewhere still show.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_decoder_warnings()
+        warnings.warn("not Pillow's", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["not Pillow's"]
 
 
 @pytest.mark.parametrize("size", [(20, 2_000_000), (5_000, 240), (300, 6_100)])
