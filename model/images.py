@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from model.config import Preprocessing
@@ -38,6 +38,9 @@ DEFAULT_MAX_ASPECT = 20.0
 # Encoders write about 10 (libjpeg's and mozjpeg's progressive scripts); nvImageCodec refuses
 # more than 256 by default for the same reason. Counted as start-of-scan markers in the file.
 MAX_JPEG_SCANS = 100
+# The text a PNG may carry (tEXt, zTXt, iTXt chunks, inflated), once :func:`configure_decoders`
+# ran: XMP from editing tools is tens of kilobytes, rarely a few megabytes.
+MAX_PNG_TEXT_BYTES = 4 << 20
 
 ImageSource = str | os.PathLike[str] | bytes | Image.Image
 Reserve = Callable[[int], AbstractContextManager[object]]
@@ -49,7 +52,8 @@ class ImageLoadError(ValueError):
     ``reason`` is the message without the input's name; ``kind`` one of ``unreadable`` (no such
     file, a folder, no permission), ``not_image``, ``format`` (an image, but not of an allowed
     format), ``too_many_pixels``, ``aspect_ratio``, ``too_many_scans`` (a JPEG in more scans than
-    :data:`MAX_JPEG_SCANS`) and ``corrupt`` (truncated or damaged data).
+    :data:`MAX_JPEG_SCANS`), ``metadata`` (more PNG text than :func:`configure_decoders`
+    allows) and ``corrupt`` (truncated or damaged data).
     """
 
     def __init__(self, name: str, reason: str, kind: str) -> None:
@@ -176,7 +180,7 @@ def _decode(
         if reduce_to is not None and isinstance(image, JpegImageFile):  # JPEG and MPO
             scale = reduce_to / min(width, height)
             image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
-        cost = decoded_bytes(image) + coefficients
+        cost = decoded_bytes(image) + coefficients + metadata_bytes(image)
         with reserve(cost) if reserve else contextlib.nullcontext():
             image.load()
             if reduce_to is not None:
@@ -209,24 +213,37 @@ def _decode(
         NotImplementedError,
         Image.DecompressionBombWarning,
     ) as e:
+        if "MAX_TEXT" in str(e):  # PngImagePlugin's limits on text chunks
+            raise ImageLoadError(
+                name,
+                f"holds more text metadata than the limit of {PngImagePlugin.MAX_TEXT_MEMORY:,} "
+                "bytes; save the image without its metadata",
+                "metadata",
+            ) from e
         raise ImageLoadError(name, f"corrupt or truncated image data ({e})", "corrupt") from e
 
 
-def quiet_decoder_warnings() -> None:
-    """Keep Pillow's warnings about malformed files out of the process's output.
+def configure_decoders() -> None:
+    """Pillow's process-wide settings for untrusted files; the entry points that decode them
+    call this once (the service at start-up, the ``diml`` command line).
 
-    Pillow warns once per damaged metadata entry ("Tag data larger than file. Skipping tag
-    N"), and the entry numbers make each text new, so Python prints every one: a 48 KB JPEG
-    whose EXIF lists 4,000 such tags wrote 790 KB to the log and took twice as long to decode.
-    They describe the uploader's file, not a fault here (the decode goes on without the tag;
-    an unreadable image is refused as ``corrupt``). Pillow's decompression-bomb warning is
-    silenced too: what refuses a large image is the ``max_pixels`` limit of
-    :func:`load_for_model`, checked from the header.
+    - PNG text chunks may hold :data:`MAX_PNG_TEXT_BYTES` in all (Pillow's default is 64 MB).
+      They are zlib-compressed and Pillow inflates them while it opens the file, before any
+      decoding budget can count them: a 200 KB PNG held 67 MB from its text alone. More is
+      refused (``metadata``).
+    - Pillow's warnings about malformed files stay out of the output. It warns once per damaged
+      metadata entry ("Tag data larger than file. Skipping tag N"), and the entry numbers make
+      each text new, so Python prints every one: a 48 KB JPEG whose EXIF lists 4,000 such tags
+      wrote 790 KB to the log and took twice as long to decode. They describe the uploader's
+      file, not a fault here (the decode goes on without the entry; an unreadable image is
+      refused as ``corrupt``). The decompression-bomb warning is silenced too: what refuses a
+      large image is the ``max_pixels`` limit of :func:`load_for_model`, read from the header.
 
-    Python's warning filters are process-wide (and ``warnings.catch_warnings`` around each
-    decode would race between decoding threads), so the entry points that decode untrusted
-    files call this once: the service at start-up and the ``diml`` command line.
+    Process-wide because Pillow's limits are module globals and Python's warning filters are
+    global (``warnings.catch_warnings`` around each decode would race between threads).
     """
+    PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES
+    PngImagePlugin.MAX_TEXT_CHUNK = min(PngImagePlugin.MAX_TEXT_CHUNK, MAX_PNG_TEXT_BYTES)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.")
 
@@ -303,6 +320,12 @@ def decoded_bytes(image: Image.Image) -> int:
     mode = image.mode
     per_pixel = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
     return width * height * per_pixel
+
+
+def metadata_bytes(image: Image.Image) -> int:
+    """The metadata an opened image already holds (inflated PNG text, EXIF, ICC profile...):
+    it stays in memory for as long as the decode does."""
+    return sum(len(v) for v in image.info.values() if isinstance(v, str | bytes))
 
 
 def jpeg_coefficient_bytes(image: JpegImageFile) -> int:

@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from index_builder import build_index, index_exists, scan_folder
 from model import Embedder, EmbeddingNet, load_model
-from model.images import quiet_decoder_warnings
+from model.images import configure_decoders
 from service import errors
 from service.auth import AuthBeforeBody
 from service.engine import Engine
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         return_freed_images_to_the_system()
-        quiet_decoder_warnings()
+        configure_decoders()
         loader = threading.Thread(target=_load, args=(app, settings), daemon=True)
         loader.start()
         if not load_in_background:

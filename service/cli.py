@@ -10,7 +10,7 @@ from pathlib import Path
 
 from index_builder.cli import add_index
 from model.cli import add_explain
-from model.images import quiet_decoder_warnings
+from model.images import configure_decoders
 from model.train_cli import add_training
 
 
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    quiet_decoder_warnings()
+    configure_decoders()
     try:
         code: int = args.run(args)
     except KeyboardInterrupt:

@@ -60,6 +60,7 @@ IMAGE_ERRORS = {
     "too_many_pixels": (413, "too_many_pixels"),
     "aspect_ratio": (422, "unsupported_aspect_ratio"),
     "too_many_scans": (422, "too_many_scans"),
+    "metadata": (422, "too_much_metadata"),
     "corrupt": (422, "corrupt_image"),
     "unreadable": (422, "corrupt_image"),
 }

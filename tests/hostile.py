@@ -123,6 +123,20 @@ def exif_flood(tags: int) -> bytes:
     return encode(Image.new("RGB", (64, 64), (90, 140, 60)), "JPEG", exif=exif)
 
 
+def png_with_text(megabytes: int) -> bytes:
+    """A 64 x 64 PNG carrying ``megabytes`` zTXt chunks of 1 MB each (about 1 KB compressed)."""
+    png = encode(Image.new("RGB", (64, 64), (90, 140, 60)), "PNG")
+    text = zlib.compress(b"a" * 2**20, 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    chunks = b"".join(chunk(b"zTXt", b"k%d\x00\x00" % i + text) for i in range(megabytes))
+    return png[:33] + chunks + png[33:]  # after the signature and IHDR
+
+
 def corpus() -> dict[str, bytes]:
     """A hostile-upload corpus made here: header bombs of every accepted format, formats that
     are not accepted, every Pillow mode, multi-frame files, truncations and byte flips."""
@@ -157,6 +171,7 @@ def corpus() -> dict[str, bytes]:
     files["JPEG with no scan"] = jpeg_without_scan(6_300, 6_300)
     files["JPEG in 2,000 scans"] = jpeg_with_scans(4_000, 2_000)
     files["JPEG with 4,000 broken EXIF tags"] = exif_flood(4_000)
+    files["PNG with 64 MB of compressed text"] = png_with_text(64)
     for fmt in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"):
         data = encode(photo if fmt != "GIF" else photo.convert("P"), fmt)
         for cut in (0.05, 0.5, 0.95):

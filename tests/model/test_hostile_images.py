@@ -7,6 +7,7 @@ are not in the repository, so each test covers a class of file, not one example.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import subprocess
 import sys
@@ -23,13 +24,14 @@ from PIL import Image
 from model.config import Preprocessing
 from model.images import (
     MAX_JPEG_SCANS,
+    MAX_PNG_TEXT_BYTES,
     ImageLoadError,
+    configure_decoders,
     jpeg_coefficient_bytes,
     jpeg_scans_separately,
     load_for_model,
     load_image,
     preprocess,
-    quiet_decoder_warnings,
 )
 from tests.hostile import (
     encode,
@@ -38,6 +40,7 @@ from tests.hostile import (
     jpeg_with_scans,
     jpeg_without_scan,
     long_png,
+    png_with_text,
     sixteen_bit_png,
 )
 from tests.model.test_images import _modes
@@ -110,6 +113,40 @@ def test_a_jpeg_in_too_many_scans_is_refused_before_decoding() -> None:
     assert _load(jpeg_with_scans(1_000, MAX_JPEG_SCANS)).pixels.shape == (3, 224, 224)  # type: ignore[attr-defined]
 
 
+@pytest.fixture
+def configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configure_decoders() for one test: Pillow's limits restored after it."""
+    from PIL import PngImagePlugin
+
+    for name in ("MAX_TEXT_MEMORY", "MAX_TEXT_CHUNK"):
+        monkeypatch.setattr(PngImagePlugin, name, getattr(PngImagePlugin, name))
+    with warnings.catch_warnings():
+        configure_decoders()
+        yield
+
+
+@pytest.mark.usefixtures("configured")
+def test_a_png_with_too_much_text_is_refused_before_it_is_inflated() -> None:
+    # 200 KB of zTXt chunks inflating to 64 MB: Pillow's own limit let 63 MB through, held
+    # while the file was opened, before any decoding budget saw it.
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError) as info:
+        _load(png_with_text(64))
+    assert info.value.kind == "metadata"
+    assert "without its metadata" in info.value.reason
+    assert time.perf_counter() - start < 0.5
+    # Under the limit it loads, and the reservation counts the text it holds.
+    reserved: list[int] = []
+
+    def reserve(size: int) -> contextlib.AbstractContextManager[object]:
+        reserved.append(size)
+        return contextlib.nullcontext()
+
+    allowed = MAX_PNG_TEXT_BYTES >> 20
+    assert _load(png_with_text(allowed - 1), reserve=reserve).pixels.shape == (3, 224, 224)  # type: ignore[attr-defined]
+    assert reserved[0] > (allowed - 1) << 20
+
+
 def test_broken_metadata_does_not_flood_the_log() -> None:
     # 48 KB of EXIF naming 4,000 tags that point past the end of the file: one warning each,
     # every text new, so Python printed all of them (790 KB of log for one upload).
@@ -119,14 +156,14 @@ def test_broken_metadata_does_not_flood_the_log() -> None:
         _load(flood)
         assert len(caught) >= 4_000  # what the filters below have to stop
         caught.clear()
-        quiet_decoder_warnings()
+        configure_decoders()
         picture = _load(flood)
     assert caught == []
     assert picture.pixels.shape == (3, 224, 224)  # type: ignore[attr-defined]
     # Warnings from elsewhere still show.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        quiet_decoder_warnings()
+        configure_decoders()
         warnings.warn("not Pillow's", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["not Pillow's"]
 

@@ -20,6 +20,7 @@ from tests.hostile import (
     jpeg_with_scans,
     jpeg_without_scan,
     long_png,
+    png_with_text,
     sixteen_bit_png,
 )
 from tests.service.conftest import png, settings_for
@@ -29,6 +30,7 @@ EXPECTED = {
     "unsupported_aspect_ratio": 422,
     "corrupt_image": 422,
     "too_many_scans": 422,
+    "too_much_metadata": 422,
 }
 
 
@@ -49,6 +51,7 @@ def test_every_class_of_hostile_file_gets_its_4xx(client: TestClient) -> None:
     cases["long PNG"] = (long_png(126, 316_000), "unsupported_aspect_ratio")
     cases["JPEG with no scan data"] = (jpeg_without_scan(6_300, 6_300), "corrupt_image")
     cases["JPEG in 2,000 scans"] = (jpeg_with_scans(4_000, 2_000), "too_many_scans")
+    cases["PNG with 64 MB of text"] = (png_with_text(64), "too_much_metadata")
     for name, (data, code) in cases.items():
         status, answered = _search(client, data)
         assert (status, answered) == (EXPECTED[code], code), name
