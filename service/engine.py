@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -50,7 +51,7 @@ from model import (
     load_model,
     preprocess,
 )
-from model.images import geometry_of
+from model.images import DEFAULT_MAX_PIXELS, geometry_of
 from model.matching import StructuralMatch, rerank_positions
 from model.network import EmbeddingNet
 from model.pipeline import explain_embeddings
@@ -307,19 +308,40 @@ class Engine:
         DeadlineExceededError when the request's deadline passes before decoding could start."""
         if not data:
             raise EmptyUploadError(f"{name}: the upload is empty; send an image file")
+        try:
+            return self._decode_within_budget(
+                data, self.settings.max_pixels, ALLOWED_FORMATS, self.settings.max_aspect_ratio
+            )
+        except ImageLoadError as e:
+            raise UnusableImageError(e.kind, f"{name}: {e.reason}") from e
+
+    def stored_picture(self, item: Item) -> Image.Image:
+        """A gallery item's picture as the model saw it (to draw an explanation), decoded
+        within the same budget as uploads: readers may ask for it many times at once.
+        NotFoundError when its file is gone or no longer decodes; OverloadedError and
+        DeadlineExceededError as :meth:`decode`. The limits are the index builder's, which
+        accepted the file."""
+        gone = NotFoundError(f"the image of gallery item {item.id} is no longer available")
+        try:
+            data = Path(item.path or "").read_bytes()
+            return self._decode_within_budget(data, DEFAULT_MAX_PIXELS, None, None).picture
+        except (OSError, ImageLoadError):
+            raise gone from None
+
+    def _decode_within_budget(
+        self, data: bytes, max_pixels: int, formats: frozenset[str] | None, max_aspect: float | None
+    ) -> ModelInput:
         left = _check_deadline()
         wait = self.settings.request_timeout_s if left is None else left
         try:
             return load_for_model(
                 data,
                 self.config.preprocessing,
-                self.settings.max_pixels,
-                ALLOWED_FORMATS,
-                self.settings.max_aspect_ratio,
+                max_pixels,
+                formats,
+                max_aspect,
                 reserve=functools.partial(self.decode_budget.reserve, timeout=wait),
             )
-        except ImageLoadError as e:
-            raise UnusableImageError(e.kind, f"{name}: {e.reason}") from e
         except BudgetExhaustedError:
             _check_deadline()
             raise OverloadedError("too many large images are being decoded") from None

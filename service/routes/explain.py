@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
-from model import Embedding, ImageGeometry, ImageLoadError, load_for_model, render_explanation
+from model import Embedding, ImageGeometry, render_explanation
 from service.deps import DIGITS, MAX_ID, EngineDep, Read, single_parts, within_deadline
 from service.engine import Engine
 from service.errors import ApiError
@@ -35,15 +35,7 @@ async def _side(
         return (await engine.embed([query])), query.geometry, query.picture
     assert item_id is not None
     embedding, geometry, item = await in_thread(engine.stored, item_id)
-    image = None
-    if picture:
-        try:
-            spec = engine.config.preprocessing
-            stored = await in_thread(load_for_model, item.path or "", spec, max_aspect=None)
-            image = stored.picture
-        except ImageLoadError as e:
-            raise ApiError(404, "not_found", f"the image of gallery item {item_id} is no longer "
-                           "available") from e  # fmt: skip
+    image = await in_thread(engine.stored_picture, item) if picture else None
     return embedding, geometry, image
 
 

@@ -5,6 +5,7 @@ deadline starts no more work."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.engine import DeadlineExceededError
+from service.failures import NotFoundError
 from service.limits import BudgetExhaustedError, MemoryBudget, deadline
 from tests.hostile import (
     header_bombs,
@@ -96,6 +98,32 @@ def test_a_full_decoding_budget_answers_503_not_out_of_memory(served: dict[str, 
         assert response.status_code == 503
         assert response.json()["error"]["code"] in ("overloaded", "deadline_exceeded")
         assert client.post("/search", files={"image": ("q.png", png())}).status_code == 200
+
+
+def test_the_pictures_of_stored_images_are_decoded_within_the_budget(
+    served: dict[str, Path], tmp_path: Path
+) -> None:
+    # GET /explain?format=png decodes both gallery images again to draw them: a reader asking
+    # for it many times at once must not hold more than the decoding budget.
+    app = create_app(settings_for(served, decode_memory_mb=8, request_timeout_s=0.5),
+                     load_in_background=False)  # fmt: skip
+    pair = {"a_id": 0, "b_id": 1, "format": "png"}
+    with TestClient(app) as client:
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        with engine.decode_budget.reserve(8 * 2**20, timeout=1):  # another decode holds it all
+            response = client.get("/explain", params=pair)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] in ("overloaded", "deadline_exceeded")
+        assert engine.decode_budget.used == 0
+        drawn = client.get("/explain", params=pair)
+        assert drawn.status_code == 200
+        assert drawn.headers["content-type"] == "image/png"
+        _, _, item = engine.stored(0)
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(png()[:100])
+        for path in (str(tmp_path / "gone.png"), str(broken), None):
+            with pytest.raises(NotFoundError, match="no longer available"):
+                engine.stored_picture(dataclasses.replace(item, path=path))
 
 
 def test_past_the_deadline_no_decode_or_embed_is_started(client: TestClient) -> None:
