@@ -216,8 +216,9 @@ def _decode(
         if "MAX_TEXT" in str(e):  # PngImagePlugin's limits on text chunks
             raise ImageLoadError(
                 name,
-                f"holds more text metadata than the limit of {PngImagePlugin.MAX_TEXT_MEMORY:,} "
-                "bytes; save the image without its metadata",
+                "holds more text metadata than accepted (at most "
+                f"{PngImagePlugin.MAX_TEXT_CHUNK:,} bytes a chunk and "
+                f"{PngImagePlugin.MAX_TEXT_MEMORY:,} in all); save the image without its metadata",
                 "metadata",
             ) from e
         raise ImageLoadError(name, f"corrupt or truncated image data ({e})", "corrupt") from e

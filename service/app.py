@@ -15,8 +15,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from index_builder import build_index, index_exists, scan_folder
-from model import Embedder, EmbeddingNet, load_model
-from model.images import configure_decoders
+from model import Embedder, EmbeddingNet, configure_decoders, load_model
 from service import errors
 from service.auth import AuthBeforeBody
 from service.engine import Engine

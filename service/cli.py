@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from index_builder.cli import add_index
+from model import configure_decoders
 from model.cli import add_explain
-from model.images import configure_decoders
 from model.train_cli import add_training
 
 
