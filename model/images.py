@@ -30,6 +30,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from model.config import Preprocessing
+from model.file_structure import MAX_PARSER_STEPS, parser_steps
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_ASPECT = 20.0
@@ -52,8 +53,9 @@ class ImageLoadError(ValueError):
     ``reason`` is the message without the input's name; ``kind`` one of ``unreadable`` (no such
     file, a folder, no permission), ``not_image``, ``format`` (an image, but not of an allowed
     format), ``too_many_pixels``, ``aspect_ratio``, ``too_many_scans`` (a JPEG in more scans than
-    :data:`MAX_JPEG_SCANS`), ``metadata`` (more PNG text than :func:`configure_decoders`
-    allows) and ``corrupt`` (truncated or damaged data).
+    :data:`MAX_JPEG_SCANS`), ``too_many_elements`` (a file of more parts than
+    :data:`~model.file_structure.MAX_PARSER_STEPS`), ``metadata`` (more PNG text than
+    :func:`configure_decoders` allows) and ``corrupt`` (truncated or damaged data).
     """
 
     def __init__(self, name: str, reason: str, kind: str) -> None:
@@ -168,6 +170,7 @@ def _decode(
             image = source
         else:
             data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            _check_structure(data, name)
             # Only the accepted formats' decoders are tried: Pillow's other plugins (DDS, EPS,
             # JPEG 2000, FITS...) never see untrusted bytes.
             image = Image.open(io.BytesIO(data), formats=_openers(formats))
@@ -247,6 +250,19 @@ def configure_decoders() -> None:
     PngImagePlugin.MAX_TEXT_CHUNK = min(PngImagePlugin.MAX_TEXT_CHUNK, MAX_PNG_TEXT_BYTES)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.")
+
+
+def _check_structure(data: bytes, name: str) -> None:
+    """Refuse a file made of more elements than Pillow's opener should walk
+    (:mod:`model.file_structure`), before it is opened."""
+    fmt, what, steps = parser_steps(data)
+    if steps > MAX_PARSER_STEPS:
+        raise ImageLoadError(
+            name,
+            f"a {fmt} of more than {MAX_PARSER_STEPS:,} {what} (each is parsed on its own; "
+            "encoders write a few hundred); save it again with a common encoder",
+            "too_many_elements",
+        )
 
 
 def _check_header(

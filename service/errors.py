@@ -61,6 +61,7 @@ IMAGE_ERRORS = {
     "aspect_ratio": (422, "unsupported_aspect_ratio"),
     "too_many_scans": (422, "too_many_scans"),
     "metadata": (422, "too_much_metadata"),
+    "too_many_elements": (422, "too_many_elements"),
     "corrupt": (422, "corrupt_image"),
     "unreadable": (422, "corrupt_image"),
 }

@@ -4,21 +4,22 @@ formats Pillow knows but the service does not accept."""
 from __future__ import annotations
 
 import io
+import math
 import struct
 import zlib
 
 from PIL import Image
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    """A PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares ``width`` x ``height`` 8-bit RGB pixels and holds no pixel data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IEND", b"")
 
 
 def dds_header() -> bytes:
@@ -137,6 +138,43 @@ def png_with_text(megabytes: int) -> bytes:
     return png[:33] + chunks + png[33:]  # after the signature and IHDR
 
 
+def tiled_tiff(side: int, tile: int) -> bytes:
+    """An uncompressed grey TIFF of ``side`` x ``side`` in ``tile`` x ``tile`` tiles, every tile
+    entry pointing at the same data: a small file listing many tiles."""
+    n = (-(-side // tile)) ** 2
+    tags = [(256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 1), (262, 3, 1), (277, 3, 1),
+            (322, 4, tile), (323, 4, tile)]  # fmt: skip
+    offsets = 8 + 2 + 12 * (len(tags) + 2) + 4
+    counts, pixels = offsets + 4 * n, offsets + 8 * n
+    ifd = struct.pack("<H", len(tags) + 2)
+    for tag, kind, value in tags:
+        ifd += struct.pack("<HHI" + ("H2x" if kind == 3 else "I"), tag, kind, 1, value)
+    ifd += struct.pack("<HHII", 324, 4, n, offsets) + struct.pack("<HHII", 325, 4, n, counts)
+    ifd += struct.pack("<I", 0)
+    body = struct.pack(f"<{n}I", *[pixels] * n) + struct.pack(f"<{n}I", *[tile * tile] * n)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + body + bytes(tile * tile)
+
+
+def element_bombs(elements: int) -> dict[str, bytes]:
+    """Valid small files of ``elements`` tiny parts that Pillow's opener walks one by one."""
+    jpeg = encode(Image.new("RGB", (64, 64), (90, 140, 60)), "JPEG")
+    png = encode(Image.new("RGB", (64, 64), (90, 140, 60)), "PNG")
+    gif = encode(Image.new("P", (64, 64)), "GIF")
+    image = gif.index(b",")  # the first image descriptor
+    side = math.isqrt(elements) + 1
+    return {
+        "JPEG fill bytes": jpeg[:2] + b"\xff" * elements + jpeg[2:],
+        "JPEG empty APP1 segments": jpeg[:2] + b"\xff\xe1\x00\x02" * elements + jpeg[2:],
+        "PNG empty chunks": png[:33] + _chunk(b"abCd", b"") * elements + png[33:],
+        "GIF one-byte comment sub-blocks": gif[:image]
+        + b"\x21\xfe"
+        + b"\x01c" * elements
+        + b"\x00"
+        + gif[image:],
+        "TIFF 1 x 1 tiles": tiled_tiff(side, 1),
+    }
+
+
 def corpus() -> dict[str, bytes]:
     """A hostile-upload corpus made here: header bombs of every accepted format, formats that
     are not accepted, every Pillow mode, multi-frame files, truncations and byte flips."""
@@ -172,6 +210,8 @@ def corpus() -> dict[str, bytes]:
     files["JPEG in 2,000 scans"] = jpeg_with_scans(4_000, 2_000)
     files["JPEG with 4,000 broken EXIF tags"] = exif_flood(4_000)
     files["PNG with 64 MB of compressed text"] = png_with_text(64)
+    for name, data in element_bombs(70_000).items():
+        files[f"{name}, 70,000"] = data
     for fmt in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"):
         data = encode(photo if fmt != "GIF" else photo.convert("P"), fmt)
         for cut in (0.05, 0.5, 0.95):

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from model.config import Preprocessing
+from model.file_structure import MAX_PARSER_STEPS
 from model.images import (
     MAX_JPEG_SCANS,
     MAX_PNG_TEXT_BYTES,
@@ -34,6 +35,7 @@ from model.images import (
     preprocess,
 )
 from tests.hostile import (
+    element_bombs,
     encode,
     exif_flood,
     header_bombs,
@@ -145,6 +147,21 @@ def test_a_png_with_too_much_text_is_refused_before_it_is_inflated() -> None:
     allowed = MAX_PNG_TEXT_BYTES >> 20
     assert _load(png_with_text(allowed - 1), reserve=reserve).pixels.shape == (3, 224, 224)  # type: ignore[attr-defined]
     assert reserved[0] > (allowed - 1) << 20
+
+
+@pytest.mark.parametrize("name", list(element_bombs(1)))
+def test_files_of_too_many_tiny_parts_are_refused_before_they_are_opened(name: str) -> None:
+    # Valid files: with half the limit's parts Pillow opens and decodes them.
+    assert _load(element_bombs(MAX_PARSER_STEPS // 2)[name]).pixels.shape == (3, 224, 224)  # type: ignore[attr-defined]
+    # A million parts cost Pillow's opener seconds (and, for JPEG segments and TIFF tiles,
+    # hundreds of MB) while the file is only 1-12 MB.
+    bomb = element_bombs(1_000_000)[name]
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError) as info:
+        _load(bomb)
+    assert info.value.kind == "too_many_elements"
+    assert f"more than {MAX_PARSER_STEPS:,}" in info.value.reason
+    assert time.perf_counter() - start < 0.5
 
 
 def test_broken_metadata_does_not_flood_the_log() -> None:

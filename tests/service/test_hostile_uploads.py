@@ -18,6 +18,7 @@ from service.engine import DeadlineExceededError
 from service.failures import NotFoundError
 from service.limits import BudgetExhaustedError, MemoryBudget, deadline
 from tests.hostile import (
+    element_bombs,
     header_bombs,
     jpeg_with_scans,
     jpeg_without_scan,
@@ -33,6 +34,7 @@ EXPECTED = {
     "corrupt_image": 422,
     "too_many_scans": 422,
     "too_much_metadata": 422,
+    "too_many_elements": 422,
 }
 
 
@@ -54,6 +56,8 @@ def test_every_class_of_hostile_file_gets_its_4xx(client: TestClient) -> None:
     cases["JPEG with no scan data"] = (jpeg_without_scan(6_300, 6_300), "corrupt_image")
     cases["JPEG in 2,000 scans"] = (jpeg_with_scans(4_000, 2_000), "too_many_scans")
     cases["PNG with 64 MB of text"] = (png_with_text(64), "too_much_metadata")
+    for name, data in element_bombs(1_000_000).items():
+        cases[f"{name}, a million"] = (data, "too_many_elements")
     for name, (data, code) in cases.items():
         status, answered = _search(client, data)
         assert (status, answered) == (EXPECTED[code], code), name
