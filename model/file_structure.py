@@ -31,7 +31,8 @@ def parser_steps(data: bytes, limit: int = MAX_PARSER_STEPS) -> tuple[str, str, 
     """``(format, what, count)``: the elements Pillow's opener would walk in ``data`` and how
     many, or ``("", "", 0)`` for other formats. The count stops at ``limit + 1``."""
     if data[:2] == b"\xff\xd8":
-        return "JPEG", "marker segments and fill bytes before its first scan", _jpeg(data, limit)
+        steps, _ = jpeg_first_scan(data, limit)
+        return "JPEG", "marker segments and fill bytes before its first scan", steps
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "PNG", "chunks", _png(data, limit)
     if data[:6] in (b"GIF87a", b"GIF89a"):
@@ -41,20 +42,25 @@ def parser_steps(data: bytes, limit: int = MAX_PARSER_STEPS) -> tuple[str, str, 
     return "", "", 0
 
 
-def _jpeg(data: bytes, limit: int) -> int:
+def jpeg_first_scan(data: bytes, limit: int = MAX_PARSER_STEPS) -> tuple[int, int | None]:
+    """Walk a JPEG's markers as Pillow's opener does, up to its first scan: ``(steps, where)``,
+    the steps taken (stopping at ``limit + 1``) and the position of the first start-of-scan
+    marker, None when there is none within them."""
     i, steps, n = 2, 0, len(data)
     while i + 1 < n and steps <= limit:
         steps += 1
         marker = data[i + 1]
         if data[i] != 0xFF or marker == 0xFF:  # junk or a fill byte: Pillow reads one byte
             i += 1
-        elif marker in (0xDA, 0xD9):  # the first scan (libjpeg decodes from here) or the end
+        elif marker == 0xDA:  # the first scan: libjpeg decodes from here
+            return steps, i
+        elif marker == 0xD9:  # the end, without a scan
             break
         elif 0xD0 <= marker <= 0xD8 or marker in (0x00, 0x01):  # markers without a length
             i += 2
         else:
             i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return steps
+    return steps, None
 
 
 def _png(data: bytes, limit: int) -> int:

@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from model.config import Preprocessing
-from model.file_structure import MAX_PARSER_STEPS, parser_steps
+from model.file_structure import MAX_PARSER_STEPS, jpeg_first_scan, parser_steps
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_ASPECT = 20.0
@@ -368,18 +368,10 @@ def jpeg_scans_separately(image: Image.Image, data: bytes | None) -> bool:
         return False
     if image.info.get("progressive") or image.info.get("progression") or data is None:
         return True
-    position = 2  # past the start-of-image marker
-    while position + 4 < len(data):
-        if data[position] != 0xFF:
-            return True  # no marker where one belongs: the decoder will refuse the file
-        marker = data[position + 1]
-        if marker == 0xFF:  # a fill byte
-            position += 1
-        elif marker == 0xDA:  # start of scan: its length (2 bytes), then its component count
-            return data[position + 4] < len(image.layer)
-        else:
-            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return True
+    _, scan = jpeg_first_scan(data)
+    if scan is None or scan + 4 >= len(data):
+        return True
+    return data[scan + 4] < len(image.layer)  # after the marker and its length: the components
 
 
 def _reduce(image: Image.Image, short_side: int) -> Image.Image:
