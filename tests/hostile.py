@@ -7,6 +7,7 @@ import io
 import math
 import struct
 import zlib
+from collections.abc import Callable
 
 from PIL import Image
 
@@ -129,12 +130,7 @@ def png_with_text(megabytes: int) -> bytes:
     png = encode(Image.new("RGB", (64, 64), (90, 140, 60)), "PNG")
     text = zlib.compress(b"a" * 2**20, 9)
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    chunks = b"".join(chunk(b"zTXt", b"k%d\x00\x00" % i + text) for i in range(megabytes))
+    chunks = b"".join(_chunk(b"zTXt", b"k%d\x00\x00" % i + text) for i in range(megabytes))
     return png[:33] + chunks + png[33:]  # after the signature and IHDR
 
 
@@ -155,24 +151,30 @@ def tiled_tiff(side: int, tile: int) -> bytes:
     return b"II*\x00" + struct.pack("<I", 8) + ifd + body + bytes(tile * tile)
 
 
+def _inserted(fmt: str, at: int | None, middle: bytes) -> bytes:
+    """A small valid ``fmt`` file with ``middle`` inserted at byte ``at`` (None: before a GIF's
+    first image descriptor)."""
+    image = Image.new("P", (64, 64)) if fmt == "GIF" else Image.new("RGB", (64, 64), (90, 140, 60))
+    data = encode(image, fmt)
+    at = data.index(b",") if at is None else at
+    return data[:at] + middle + data[at:]
+
+
+# Valid small files of n tiny parts that Pillow's opener walks one by one, by name.
+ELEMENT_BOMBS: dict[str, Callable[[int], bytes]] = {
+    "JPEG fill bytes": lambda n: _inserted("JPEG", 2, b"\xff" * n),
+    "JPEG empty APP1 segments": lambda n: _inserted("JPEG", 2, b"\xff\xe1\x00\x02" * n),
+    "PNG empty chunks": lambda n: _inserted("PNG", 33, _chunk(b"abCd", b"") * n),
+    "GIF one-byte comment sub-blocks": lambda n: _inserted(
+        "GIF", None, b"\x21\xfe" + b"\x01c" * n + b"\x00"
+    ),
+    "TIFF 1 x 1 tiles": lambda n: tiled_tiff(math.isqrt(n) + 1, 1),
+}
+
+
 def element_bombs(elements: int) -> dict[str, bytes]:
-    """Valid small files of ``elements`` tiny parts that Pillow's opener walks one by one."""
-    jpeg = encode(Image.new("RGB", (64, 64), (90, 140, 60)), "JPEG")
-    png = encode(Image.new("RGB", (64, 64), (90, 140, 60)), "PNG")
-    gif = encode(Image.new("P", (64, 64)), "GIF")
-    image = gif.index(b",")  # the first image descriptor
-    side = math.isqrt(elements) + 1
-    return {
-        "JPEG fill bytes": jpeg[:2] + b"\xff" * elements + jpeg[2:],
-        "JPEG empty APP1 segments": jpeg[:2] + b"\xff\xe1\x00\x02" * elements + jpeg[2:],
-        "PNG empty chunks": png[:33] + _chunk(b"abCd", b"") * elements + png[33:],
-        "GIF one-byte comment sub-blocks": gif[:image]
-        + b"\x21\xfe"
-        + b"\x01c" * elements
-        + b"\x00"
-        + gif[image:],
-        "TIFF 1 x 1 tiles": tiled_tiff(side, 1),
-    }
+    """Every one of :data:`ELEMENT_BOMBS` with ``elements`` parts."""
+    return {name: make(elements) for name, make in ELEMENT_BOMBS.items()}
 
 
 def corpus() -> dict[str, bytes]:
