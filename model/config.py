@@ -79,11 +79,12 @@ class ModelConfig:
     """Everything needed to rebuild the network and use it the way it was trained.
 
     ``dim=None`` is the head-less mode: no projection, the part vectors are the backbone's own
-    channels (training-free use with ImageNet weights).
+    channels (training-free use with ImageNet weights). The default width, 512, is what
+    ``diml train`` trains unless told otherwise (128 makes the compact model).
     """
 
     backbone: str = "mobilenet_v2"
-    dim: int | None = 128
+    dim: int | None = 512
     grid: int = 4
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     matching: MatchingConfig = field(default_factory=MatchingConfig)

@@ -289,11 +289,13 @@ def add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument(
         "--dim",
         type=int,
-        default=512,
-        help="part and global vector dimension (default 512: 18 KB stored per image at 4 x 4; "
-        "128 for a compact model, 4.5 KB)",
+        default=ModelConfig.dim,
+        help="part and global vector dimension (default %(default)s: 18 KB stored per image at "
+        "4 x 4; 128 for a compact model, 4.5 KB)",
     )
-    p.add_argument("--grid", type=int, default=4, help="parts per side (default 4: 16 parts)")
+    p.add_argument(
+        "--grid", type=int, default=ModelConfig.grid, help="parts per side (default %(default)s)"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_train)

@@ -68,7 +68,7 @@ def test_config_round_trips_and_validates() -> None:
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert config.differences(ModelConfig()) == [
         "backbone: 'resnet50' != 'mobilenet_v2'",
-        "dim: None != 128",
+        "dim: None != 512",
         "grid: 7 != 4",
     ]
     with pytest.raises(ValueError, match="not a model configuration"):
