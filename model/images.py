@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from model.config import Preprocessing
@@ -42,6 +42,16 @@ MAX_JPEG_SCANS = 100
 # The text a PNG may carry (tEXt, zTXt, iTXt chunks, inflated), once :func:`configure_decoders`
 # ran: XMP from editing tools is tens of kilobytes, rarely a few megabytes.
 MAX_PNG_TEXT_BYTES = 4 << 20
+# Images that one of Pillow's decoders written in Python decodes (those registered in
+# ``Image.DECODERS``; among the service's formats only BMP's RLE4 and RLE8). They loop in Python
+# once per run-length command, and for RLE4 runs and the padding to the end of a row once per
+# pixel, holding the interpreter lock; measured here, a 25 KB RLE8 BMP of 6000 x 6000 pixels
+# (one pixel and an end-of-row each row) took 4.7 s, a 20 MB one of one-pixel runs 5.5 s. RLE
+# bitmaps are icons, logos and screenshots: at most 2048 x 2048 pixels in 4 MB of file decode
+# in under a second whatever they hold (0.8 s for 4 MB of one-pixel runs, 0.5 s to pad 2048
+# rows).
+MAX_PYTHON_DECODED_PIXELS = 2048 * 2048
+MAX_PYTHON_DECODED_BYTES = 4 << 20
 
 ImageSource = str | os.PathLike[str] | bytes | Image.Image
 Reserve = Callable[[int], AbstractContextManager[object]]
@@ -265,6 +275,28 @@ def _check_structure(data: bytes, name: str) -> None:
         )
 
 
+def _check_python_decoded(image: Image.Image, name: str, data: bytes | None, codecs: str) -> None:
+    """Refuse an image that a decoder written in Python would take seconds over
+    (:data:`MAX_PYTHON_DECODED_PIXELS`, :data:`MAX_PYTHON_DECODED_BYTES`)."""
+    width, height = image.size
+    why = f"Pillow decodes this {image.format} ({codecs}) step by step in Python"
+    if width * height > MAX_PYTHON_DECODED_PIXELS:
+        raise ImageLoadError(
+            name,
+            f"{width}x{height} is {width * height:,} pixels, over the limit of "
+            f"{MAX_PYTHON_DECODED_PIXELS:,} for this file: {why}; save it as PNG or "
+            "uncompressed, or downscale it",
+            "too_many_pixels",
+        )
+    if data is not None and len(data) > MAX_PYTHON_DECODED_BYTES:
+        raise ImageLoadError(
+            name,
+            f"{len(data):,} bytes, over the limit of {MAX_PYTHON_DECODED_BYTES:,} for this "
+            f"file: {why}, one command at a time; save it as PNG or uncompressed",
+            "too_many_elements",
+        )
+
+
 def _check_header(
     image: Image.Image,
     name: str,
@@ -292,6 +324,10 @@ def _check_header(
             f"{max_pixels:,}; downscale the image first",
             "too_many_pixels",
         )
+    tiles = image.tile if isinstance(image, ImageFile.ImageFile) else []
+    in_python = sorted({tile[0] for tile in tiles if tile[0] in Image.DECODERS})
+    if in_python:
+        _check_python_decoded(image, name, data, ", ".join(in_python))
     if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
         raise ImageLoadError(
             name,

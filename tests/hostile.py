@@ -151,6 +151,27 @@ def tiled_tiff(side: int, tile: int) -> bytes:
     return b"II*\x00" + struct.pack("<I", 8) + ifd + body + bytes(tile * tile)
 
 
+def rle_bmp(width: int, height: int, commands: bytes, rle4: bool = False) -> bytes:
+    """A BMP of ``width`` x ``height`` grey palette pixels (16 with ``rle4``, else 256), its
+    pixel data the run-length ``commands`` as given (rows bottom up; ``count, value`` runs,
+    ``0 0`` ends a row, ``0 1`` the bitmap)."""
+    bits, colours = (4, 16) if rle4 else (8, 256)
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(colours))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack(
+        "<IiiHHIIiiII", 40, width, height, 1, bits, 2 if rle4 else 1, len(commands), 2835, 2835,
+        colours, 0,
+    )  # fmt: skip
+    header = b"BM" + struct.pack("<IHHI", offset + len(commands), 0, 0, offset)
+    return header + info + palette + commands
+
+
+def rle_row_padding(side: int) -> bytes:
+    """A valid RLE8 BMP of ``side`` x ``side``: each row one pixel, then an end-of-row, which
+    Pillow pads to the row's end one pixel at a time (4 bytes a row: 24 KB for 6000 x 6000)."""
+    return rle_bmp(side, side, b"\x01\x07\x00\x00" * side + b"\x00\x01")
+
+
 def _inserted(fmt: str, at: int | None, middle: bytes) -> bytes:
     """A small valid ``fmt`` file with ``middle`` inserted at byte ``at`` (None: before a GIF's
     first image descriptor)."""
@@ -212,6 +233,8 @@ def corpus() -> dict[str, bytes]:
     files["JPEG in 2,000 scans"] = jpeg_with_scans(4_000, 2_000)
     files["JPEG with 4,000 broken EXIF tags"] = exif_flood(4_000)
     files["PNG with 64 MB of compressed text"] = png_with_text(64)
+    files["RLE8 BMP of 6000 x 6000 padded row by row"] = rle_row_padding(6_000)
+    files["RLE8 BMP of 200,000 one-pixel runs"] = rle_bmp(1_000, 1_000, b"\x01\x07" * 200_000)
     for name, data in element_bombs(70_000).items():
         files[f"{name}, 70,000"] = data
     for fmt in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ from model.file_structure import MAX_PARSER_STEPS
 from model.images import (
     MAX_JPEG_SCANS,
     MAX_PNG_TEXT_BYTES,
+    MAX_PYTHON_DECODED_BYTES,
+    MAX_PYTHON_DECODED_PIXELS,
     ImageLoadError,
     configure_decoders,
     jpeg_coefficient_bytes,
@@ -43,6 +46,8 @@ from tests.hostile import (
     jpeg_without_scan,
     long_png,
     png_with_text,
+    rle_bmp,
+    rle_row_padding,
     sixteen_bit_png,
 )
 from tests.model.test_images import _modes
@@ -163,6 +168,35 @@ def test_files_of_too_many_tiny_parts_are_refused_before_they_are_opened(name: s
     assert info.value.kind == "too_many_elements"
     assert f"more than {MAX_PARSER_STEPS:,}" in info.value.reason
     assert time.perf_counter() - start < 0.5
+
+
+def test_images_that_pillow_decodes_in_python_are_bounded() -> None:
+    # An RLE8 bitmap as encoders write it: every row eight runs of 64 pixels, then an end-of-row.
+    side = 512
+    row = b"".join(bytes((64, 30 * k)) for k in range(side // 64)) + b"\x00\x00"
+    picture = load_image(rle_bmp(side, side, row * side + b"\x00\x01"), LIMIT, ACCEPTED)
+    expected = np.repeat(30 * np.arange(side // 64, dtype=np.uint8), 64)
+    assert (np.asarray(picture)[:, :, 0] == expected).all()
+    # At the limit, the worst such file still decodes (Pillow pads each of its rows in Python).
+    side = math.isqrt(MAX_PYTHON_DECODED_PIXELS)
+    assert load_image(rle_row_padding(side), LIMIT, ACCEPTED).size == (side, side)
+    # 24 KB declaring 6000 x 6000, padded row by row: 4.7 s of Python decoding, refused at once.
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError, match="step by step in Python") as info:
+        _load(rle_row_padding(6_000))
+    assert info.value.kind == "too_many_pixels"
+    assert time.perf_counter() - start < 0.5
+    # Within the pixels, more run-length commands than decode in a second.
+    runs = rle_bmp(side, side, b"\x01\x07" * (MAX_PYTHON_DECODED_BYTES // 2 + 1))
+    with pytest.raises(ImageLoadError, match="one command at a time") as info:
+        _load(runs)
+    assert info.value.kind == "too_many_elements"
+    # Every decoder written in Python, not only BMP's: QOI, which the service does not accept
+    # and an index build does.
+    assert load_image(encode(Image.new("RGB", (64, 64)), "QOI")).size == (64, 64)
+    with pytest.raises(ImageLoadError, match=r"\(qoi\) step by step") as info:
+        load_image(encode(Image.new("RGB", (side + 1, side)), "QOI"))
+    assert info.value.kind == "too_many_pixels"
 
 
 def test_broken_metadata_does_not_flood_the_log() -> None:
