@@ -19,7 +19,7 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +174,7 @@ def _decode(
     """The upright RGB picture (reduced so its shorter side stays >= ``reduce_to`` when given)
     and the original's upright size."""
     name = _describe(source)
-    try:
+    with _load_errors(name, max_pixels, formats):
         data: bytes | None = None
         if isinstance(source, Image.Image):
             image = source
@@ -194,14 +194,29 @@ def _decode(
             scale = reduce_to / min(width, height)
             image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
         cost = decoded_bytes(image) + coefficients + metadata_bytes(image)
-        with reserve(cost) if reserve else contextlib.nullcontext():
-            image.load()
-            if reduce_to is not None:
-                image = _reduce(image, reduce_to)
-            upright = ImageOps.exif_transpose(image)
-            if upright.size != image.size:  # turned by 90 degrees
-                width, height = height, width
-            return to_rgb(upright), (width, height)
+    # The reservation's own errors (a budget exhausted, a deadline passed) are the caller's:
+    # they pass through unmapped.
+    held = reserve(cost) if reserve else contextlib.nullcontext()
+    with held, _load_errors(name, max_pixels, formats):  # entered in this order, left reversed
+        image.load()
+        if reduce_to is not None:
+            image = _reduce(image, reduce_to)
+        upright = ImageOps.exif_transpose(image)
+        if upright.size != image.size:  # turned by 90 degrees
+            width, height = height, width
+        return to_rgb(upright), (width, height)
+
+
+@contextlib.contextmanager
+def _load_errors(name: str, max_pixels: int, formats: Collection[str] | None) -> Iterator[None]:
+    """Whatever reading or decoding ``name`` raises, as an :class:`ImageLoadError` of its kind.
+
+    Pillow's plugins parse untrusted bytes in Python, and a malformed file can make them fail in
+    any way (a TIFF whose XMP tag holds numbers instead of bytes raised a TypeError from a regular
+    expression); any exception but running out of memory is the file's fault, ``corrupt``.
+    """
+    try:
+        yield
     except ImageLoadError:
         raise
     except FileNotFoundError as e:
@@ -219,6 +234,8 @@ def _decode(
     except UnidentifiedImageError as e:
         accepted = ", ".join(sorted(formats)) if formats else "JPEG, PNG, WebP, GIF, BMP or TIFF"
         raise ImageLoadError(name, f"not a readable image; use {accepted}", "not_image") from e
+    except MemoryError:
+        raise
     except (
         OSError,
         SyntaxError,
@@ -235,6 +252,10 @@ def _decode(
                 "metadata",
             ) from e
         raise ImageLoadError(name, f"corrupt or truncated image data ({e})", "corrupt") from e
+    except Exception as e:  # a malformed file can break a plugin anywhere
+        raise ImageLoadError(
+            name, f"corrupt image data (the decoder failed: {type(e).__name__})", "corrupt"
+        ) from e
 
 
 def configure_decoders() -> None:

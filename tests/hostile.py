@@ -151,6 +151,40 @@ def tiled_tiff(side: int, tile: int) -> bytes:
     return b"II*\x00" + struct.pack("<I", 8) + ifd + body + bytes(tile * tile)
 
 
+# Bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, SBYTE, UNDEFINED,
+# SSHORT, SLONG, SRATIONAL, FLOAT, DOUBLE, IFD, LONG8, SLONG8, IFD8).
+TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8,
+                   13: 4, 16: 8, 17: 8, 18: 8}  # fmt: skip
+
+
+def tiff_with_entries(entries: dict[int, tuple[int, list[int]]], side: int = 32) -> bytes:
+    """An uncompressed grey ``side`` x ``side`` TIFF whose first directory holds its own entries
+    with ``entries`` (tag -> (field type, values), each value an integer written in the type's
+    width) added or put in their place."""
+    base = {256: (4, [side]), 257: (4, [side]), 258: (3, [8]), 259: (3, [1]), 262: (3, [1]),
+            273: (4, [0]), 277: (3, [1]), 278: (4, [side]), 279: (4, [side * side])}  # fmt: skip
+    tags = sorted({**base, **entries}.items())
+    values_at = 8 + 2 + 12 * len(tags) + 4
+    raws = []
+    for _, (kind, values) in tags:
+        size = TIFF_TYPE_SIZES[kind]
+        raws.append(b"".join((v % (1 << (8 * size))).to_bytes(size, "little") for v in values))
+    pixels_at = values_at + sum(len(r) for r in raws if len(r) > 4)
+    ifd, blobs = struct.pack("<H", len(tags)), b""
+    for (tag, (kind, values)), raw in zip(tags, raws, strict=True):
+        if tag == 273 and 273 not in entries:
+            raw = struct.pack("<I", pixels_at)
+        if len(raw) <= 4:
+            ifd += struct.pack("<HHI", tag, kind, len(values)) + raw.ljust(4, b"\0")
+        else:
+            ifd += struct.pack("<HHII", tag, kind, len(values), values_at + len(blobs))
+            blobs += raw
+    ifd += struct.pack("<I", 0)
+    return (
+        b"II*\x00" + struct.pack("<I", 8) + ifd + blobs + bytes(range(256)) * (side * side // 256)
+    )
+
+
 def rle_bmp(width: int, height: int, commands: bytes, rle4: bool = False) -> bytes:
     """A BMP of ``width`` x ``height`` grey palette pixels (16 with ``rle4``, else 256), its
     pixel data the run-length ``commands`` as given (rows bottom up; ``count, value`` runs,
@@ -233,6 +267,7 @@ def corpus() -> dict[str, bytes]:
     files["JPEG in 2,000 scans"] = jpeg_with_scans(4_000, 2_000)
     files["JPEG with 4,000 broken EXIF tags"] = exif_flood(4_000)
     files["PNG with 64 MB of compressed text"] = png_with_text(64)
+    files["TIFF whose XMP tag holds numbers"] = tiff_with_entries({700: (3, [1, 2, 3])})
     files["RLE8 BMP of 6000 x 6000 padded row by row"] = rle_row_padding(6_000)
     files["RLE8 BMP of 200,000 one-pixel runs"] = rle_bmp(1_000, 1_000, b"\x01\x07" * 200_000)
     for name, data in element_bombs(70_000).items():

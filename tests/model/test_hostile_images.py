@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, TiffTags
 
 from model.config import Preprocessing
 from model.file_structure import MAX_PARSER_STEPS
@@ -39,6 +40,7 @@ from model.images import (
 )
 from tests.hostile import (
     ELEMENT_BOMBS,
+    TIFF_TYPE_SIZES,
     encode,
     exif_flood,
     header_bombs,
@@ -49,6 +51,7 @@ from tests.hostile import (
     rle_bmp,
     rle_row_padding,
     sixteen_bit_png,
+    tiff_with_entries,
 )
 from tests.model.test_images import _modes
 
@@ -197,6 +200,55 @@ def test_images_that_pillow_decodes_in_python_are_bounded() -> None:
     with pytest.raises(ImageLoadError, match=r"\(qoi\) step by step") as info:
         load_image(encode(Image.new("RGB", (side + 1, side)), "QOI"))
     assert info.value.kind == "too_many_pixels"
+
+
+def test_a_decoder_failing_in_any_way_is_a_corrupt_file() -> None:
+    # Pillow reads a TIFF's XMP tag with a regular expression; holding numbers instead of bytes,
+    # it raised a TypeError, which the service answered with a 500.
+    with pytest.raises(ImageLoadError, match=r"decoder failed: TypeError") as info:
+        _load(tiff_with_entries({700: (3, [1, 2, 3])}))
+    assert info.value.kind == "corrupt"
+
+    # What the caller's reservation raises is not the file's fault: it passes through as it is.
+    @contextlib.contextmanager
+    def refused(_: int) -> Iterator[None]:
+        raise RuntimeError("no budget left")
+        yield
+
+    with pytest.raises(RuntimeError, match="no budget left"):
+        _load(encode(_photo(64, 64), "PNG"), reserve=refused)
+
+
+TIFF_VALUES = [0, 1, 2, 3, 8, 16, 255, 65_535, 2**31, 2**32 - 1]
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(
+    entries=st.dictionaries(
+        st.sampled_from(sorted(TiffTags.TAGS_V2)),
+        st.tuples(
+            st.sampled_from(sorted(TIFF_TYPE_SIZES)),
+            st.lists(
+                st.sampled_from([0, 1, 2, 3, 8, 16, 255, 65_535, 2**31, 2**32 - 1]), max_size=40
+            ),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_tiff_directories_of_any_entries_load_or_are_refused(
+    entries: dict[int, tuple[int, list[int]]],
+) -> None:
+    # Pillow parses a TIFF's directory in Python: any known tag, of any type, with any values.
+    kind = None
+    try:
+        loaded = _load(tiff_with_entries(entries))
+    except ImageLoadError as e:
+        kind = e.kind
+    else:
+        assert loaded.pixels.shape == (3, SPEC.crop, SPEC.crop)  # type: ignore[attr-defined]
+    assert kind in (None, "corrupt", "not_image", "too_many_pixels", "aspect_ratio")
 
 
 def test_broken_metadata_does_not_flood_the_log() -> None:

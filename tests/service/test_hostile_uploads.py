@@ -27,6 +27,7 @@ from tests.hostile import (
     rle_bmp,
     rle_row_padding,
     sixteen_bit_png,
+    tiff_with_entries,
 )
 from tests.service.conftest import png, settings_for
 
@@ -60,6 +61,8 @@ def test_every_class_of_hostile_file_gets_its_4xx(client: TestClient) -> None:
     cases["PNG with 64 MB of text"] = (png_with_text(64), "too_much_metadata")
     for name, data in element_bombs(1_000_000).items():
         cases[f"{name}, a million"] = (data, "too_many_elements")
+    xmp_of_numbers = tiff_with_entries({700: (3, [1])})
+    cases["TIFF whose XMP tag holds numbers"] = (xmp_of_numbers, "corrupt_image")
     cases["RLE8 BMP padded row by row"] = (rle_row_padding(6_000), "too_many_pixels")
     runs = rle_bmp(2_000, 2_000, b"\x01\x07" * 2_500_000)
     cases["RLE8 BMP of 2.5 million one-pixel runs"] = (runs, "too_many_elements")
