@@ -3,14 +3,16 @@ is opened.
 
 Pillow opens JPEG, PNG, GIF and TIFF files in Python, one loop step per element of the file:
 JPEG marker segments and fill bytes up to the first scan, PNG chunks (the image data chunks
-again while decoding), GIF extension sub-blocks up to the first image, a TIFF's first
-directory and the strips or tiles it lists (one tile entry each, at about 330 bytes). Encoders
-write a few to a few thousand; a file made of millions of tiny elements is valid and costs
-what its size does not say, before any pixel limit or decoding budget can see it (measured with
-Pillow 13 on this 2-core machine: 16 MB of JPEG fill bytes, 10 s; 16 MB of empty JPEG APP1
-segments, 7.5 s and 521 MB; an 18 MB TIFF of 2.25 million 1 x 1 tiles, 10 s and 744 MB while
-opening; 4 MB of one-byte GIF comment sub-blocks, 175 MB). :func:`parser_steps` counts them,
-stopping just past a limit, so the count itself is cheap whatever the file holds.
+again while decoding), GIF extension sub-blocks up to the first image, a TIFF's first directory,
+the strips or tiles it lists (one tile entry each, at about 330 bytes) and the numbers its
+entries hold (each one read becomes a Python object). Encoders write a few to a few thousand; a
+file made of millions of tiny elements is valid and costs what its size does not say, before any
+pixel limit or decoding budget can see it (measured with Pillow 13 on this 2-core machine: 16 MB
+of JPEG fill bytes, 10 s; 16 MB of empty JPEG APP1 segments, 7.5 s and 521 MB; an 18 MB TIFF of
+2.25 million 1 x 1 tiles, 10 s and 744 MB while opening; 4 MB of one-byte GIF comment
+sub-blocks, 175 MB; a 10 MB TIFF whose BitsPerSample listed 5 million numbers, 98 MB).
+:func:`parser_steps` counts them, stopping just past a limit, so the count itself is cheap
+whatever the file holds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ MAX_PARSER_STEPS = 65_536
 # TIFF tags that list a file's strips or tiles: StripOffsets, StripByteCounts, TileOffsets,
 # TileByteCounts.
 _CHUNK_TAGS = frozenset({273, 279, 324, 325})
+# TIFF field types whose values Pillow unpacks into one Python object each when it reads the tag
+# (all but BYTE, ASCII, SBYTE and UNDEFINED, which stay bytes): SHORT, LONG, RATIONAL, SSHORT,
+# SLONG, SRATIONAL, FLOAT, DOUBLE, IFD, LONG8, SLONG8, IFD8.
+_NUMBER_TYPES = frozenset({3, 4, 5, 8, 9, 10, 11, 12, 13, 16, 17, 18})
 
 
 def parser_steps(data: bytes, limit: int = MAX_PARSER_STEPS) -> tuple[str, str, int]:
@@ -38,7 +44,7 @@ def parser_steps(data: bytes, limit: int = MAX_PARSER_STEPS) -> tuple[str, str, 
     if data[:6] in (b"GIF87a", b"GIF89a"):
         return "GIF", "extension sub-blocks before its first image", _gif(data, limit)
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "TIFF", "directory entries, strips and tiles", _tiff(data, limit)
+        return "TIFF", "directory entries, numbers in them, strips and tiles", _tiff(data, limit)
     return "", "", 0
 
 
@@ -105,9 +111,11 @@ def _tiff(data: bytes, limit: int) -> int:
     except struct.error:  # too short: Pillow refuses it
         return 0
     walked = min(entries, limit + 1, max(0, (len(data) - start) // size))
-    chunks = 0
+    chunks = numbers = 0
     for k in range(walked):
-        tag, _, count = struct.unpack_from(layout, data, start + k * size)
-        if tag in _CHUNK_TAGS:
+        tag, kind, count = struct.unpack_from(layout, data, start + k * size)
+        if tag in _CHUNK_TAGS:  # the offsets and the byte counts: one step per strip or tile
             chunks = max(chunks, count)
-    return min(walked + chunks, limit + 1)
+        elif kind in _NUMBER_TYPES:
+            numbers += count
+    return min(walked + chunks + numbers, limit + 1)

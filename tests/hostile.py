@@ -224,6 +224,7 @@ ELEMENT_BOMBS: dict[str, Callable[[int], bytes]] = {
         "GIF", None, b"\x21\xfe" + b"\x01c" * n + b"\x00"
     ),
     "TIFF 1 x 1 tiles": lambda n: tiled_tiff(math.isqrt(n) + 1, 1),
+    "TIFF numbers in one entry": lambda n: tiff_with_entries({258: (3, [8] * n)}),
 }
 
 
