@@ -185,6 +185,14 @@ def tiff_with_entries(entries: dict[int, tuple[int, list[int]]], side: int = 32)
     )
 
 
+def png_with_chunks(chunks: list[tuple[bytes, bytes]], after_pixels: bool = False) -> bytes:
+    """A valid 8 x 8 RGB PNG with ``chunks`` (type, data) inserted after its header, or after its
+    pixels (just before IEND), CRCs correct."""
+    data = encode(Image.new("RGB", (8, 8), (200, 30, 90)), "PNG")
+    at = data.index(b"IEND") - 4 if after_pixels else 33
+    return data[:at] + b"".join(_chunk(kind, body) for kind, body in chunks) + data[at:]
+
+
 def rle_bmp(width: int, height: int, commands: bytes, rle4: bool = False) -> bytes:
     """A BMP of ``width`` x ``height`` grey palette pixels (16 with ``rle4``, else 256), its
     pixel data the run-length ``commands`` as given (rows bottom up; ``count, value`` runs,
@@ -269,6 +277,7 @@ def corpus() -> dict[str, bytes]:
     files["JPEG with 4,000 broken EXIF tags"] = exif_flood(4_000)
     files["PNG with 64 MB of compressed text"] = png_with_text(64)
     files["TIFF whose XMP tag holds numbers"] = tiff_with_entries({700: (3, [1, 2, 3])})
+    files["PNG with an empty iCCP chunk after its pixels"] = png_with_chunks([(b"iCCP", b"")], True)
     files["RLE8 BMP of 6000 x 6000 padded row by row"] = rle_row_padding(6_000)
     files["RLE8 BMP of 200,000 one-pixel runs"] = rle_bmp(1_000, 1_000, b"\x01\x07" * 200_000)
     for name, data in element_bombs(70_000).items():

@@ -47,6 +47,7 @@ from tests.hostile import (
     jpeg_with_scans,
     jpeg_without_scan,
     long_png,
+    png_with_chunks,
     png_with_text,
     rle_bmp,
     rle_row_padding,
@@ -208,6 +209,10 @@ def test_a_decoder_failing_in_any_way_is_a_corrupt_file() -> None:
     with pytest.raises(ImageLoadError, match=r"decoder failed: TypeError") as info:
         _load(tiff_with_entries({700: (3, [1, 2, 3])}))
     assert info.value.kind == "corrupt"
+    # An empty ICC profile chunk after the pixels: an IndexError while Pillow finishes the load.
+    with pytest.raises(ImageLoadError, match=r"decoder failed: IndexError") as info:
+        _load(png_with_chunks([(b"iCCP", b"")], after_pixels=True))
+    assert info.value.kind == "corrupt"
 
     # What the caller's reservation raises is not the file's fault: it passes through as it is.
     @contextlib.contextmanager
@@ -249,6 +254,34 @@ def test_tiff_directories_of_any_entries_load_or_are_refused(
     else:
         assert loaded.pixels.shape == (3, SPEC.crop, SPEC.crop)  # type: ignore[attr-defined]
     assert kind in (None, "corrupt", "not_image", "too_many_pixels", "aspect_ratio")
+
+
+# The chunks that Pillow's PNG plugin reads (besides IHDR, IDAT and IEND).
+PNG_CHUNKS = [b"tRNS", b"PLTE", b"gAMA", b"cHRM", b"iCCP", b"sRGB", b"pHYs", b"eXIf", b"acTL",
+              b"fcTL", b"fdAT", b"tEXt", b"zTXt", b"iTXt", b"sBIT", b"bKGD", b"tIME",
+              b"cICP"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(
+    chunks=st.lists(
+        st.tuples(st.sampled_from(PNG_CHUNKS), st.binary(max_size=48)), min_size=1, max_size=4
+    ),
+    after_pixels=st.booleans(),
+)
+def test_pngs_with_any_known_chunks_load_or_are_refused(
+    chunks: list[tuple[bytes, bytes]], after_pixels: bool
+) -> None:
+    # Pillow reads each known chunk in Python, before or after the pixels.
+    kind = None
+    try:
+        loaded = _load(png_with_chunks(chunks, after_pixels))
+    except ImageLoadError as e:
+        kind = e.kind
+    else:
+        assert loaded.pixels.shape == (3, SPEC.crop, SPEC.crop)  # type: ignore[attr-defined]
+    assert kind in (None, "corrupt", "not_image", "too_many_pixels", "aspect_ratio", "metadata")
 
 
 def test_broken_metadata_does_not_flood_the_log() -> None:

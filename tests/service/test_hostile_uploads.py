@@ -23,6 +23,7 @@ from tests.hostile import (
     jpeg_with_scans,
     jpeg_without_scan,
     long_png,
+    png_with_chunks,
     png_with_text,
     rle_bmp,
     rle_row_padding,
@@ -63,6 +64,8 @@ def test_every_class_of_hostile_file_gets_its_4xx(client: TestClient) -> None:
         cases[f"{name}, a million"] = (data, "too_many_elements")
     xmp_of_numbers = tiff_with_entries({700: (3, [1])})
     cases["TIFF whose XMP tag holds numbers"] = (xmp_of_numbers, "corrupt_image")
+    empty_icc = png_with_chunks([(b"iCCP", b"")], after_pixels=True)
+    cases["PNG with an empty iCCP chunk after its pixels"] = (empty_icc, "corrupt_image")
     cases["RLE8 BMP padded row by row"] = (rle_row_padding(6_000), "too_many_pixels")
     runs = rle_bmp(2_000, 2_000, b"\x01\x07" * 2_500_000)
     cases["RLE8 BMP of 2.5 million one-pixel runs"] = (runs, "too_many_elements")
