@@ -210,7 +210,7 @@ def rle_bmp(width: int, height: int, commands: bytes, rle4: bool = False) -> byt
 
 def rle_row_padding(side: int) -> bytes:
     """A valid RLE8 BMP of ``side`` x ``side``: each row one pixel, then an end-of-row, which
-    Pillow pads to the row's end one pixel at a time (4 bytes a row: 24 KB for 6000 x 6000)."""
+    Pillow pads to the row's end one pixel at a time (4 bytes a row: 25 KB for 6000 x 6000)."""
     return rle_bmp(side, side, b"\x01\x07\x00\x00" * side + b"\x00\x01")
 
 

@@ -184,7 +184,7 @@ def test_images_that_pillow_decodes_in_python_are_bounded() -> None:
     # At the limit, the worst such file still decodes (Pillow pads each of its rows in Python).
     side = math.isqrt(MAX_PYTHON_DECODED_PIXELS)
     assert load_image(rle_row_padding(side), LIMIT, ACCEPTED).size == (side, side)
-    # 24 KB declaring 6000 x 6000, padded row by row: 4.7 s of Python decoding, refused at once.
+    # 25 KB declaring 6000 x 6000, padded row by row: 4.7 s of Python decoding, refused at once.
     start = time.perf_counter()
     with pytest.raises(ImageLoadError, match="step by step in Python") as info:
         _load(rle_row_padding(6_000))
