@@ -14,6 +14,7 @@ import pytest
 from index_builder import build_index, scan_folder
 from model import Embedder, load_model, save_checkpoint
 from model.datasets import read_dataset
+from service.cli import main
 from tests.conftest import REPO
 
 
@@ -88,3 +89,27 @@ def test_the_evaluation_example_reports_what_it_prints(
     assert 0 < report["global"]["map@r"] <= 100
     assert report["reranked"] == report["global"]  # the default model's structural weight is 0
     assert [0 < pck < 100 for pck in report["pck"]["flow"]] == [True, True]  # alpha 0.1, 0.2
+
+
+def _numbers(line: str) -> list[float]:
+    return [float(x) for x in re.findall(r"[-+]?\d+\.\d+|\d+", line)]
+
+
+def test_the_explain_example_is_what_the_command_prints(
+    cub_dev: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (REPO / "README.md").read_text()
+    shown = re.search(r"\$ \.venv/bin/diml explain (\S+) (\S+)\n(.*?)```", readme, re.S)
+    assert shown is not None, "the README's diml explain example is gone"
+    first, second, printed = shown.groups()
+    folder = next(cub_dev.glob(f"images/*/{first}")).parent
+    monkeypatch.chdir(folder)
+    assert main(["explain", first, second]) == 0
+    got = capsys.readouterr().out.strip().splitlines()
+    want = printed.strip().splitlines()
+    assert len(got) == len(want)
+    for got_line, want_line in zip(got, want, strict=True):
+        # The same words and parts; values to within the last digit or two shown (ONNX Runtime
+        # and PyTorch, or two CPUs, may differ there).
+        assert re.sub(r"[-+]?[\d.]+", "#", got_line) == re.sub(r"[-+]?[\d.]+", "#", want_line)
+        np.testing.assert_allclose(_numbers(got_line), _numbers(want_line), atol=2e-3)

@@ -4,6 +4,7 @@ crop, rescale) indexed with the default model, and against CUB photos where pres
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -201,3 +203,27 @@ def test_group_by_label_on_the_embedded_gallery(client: TestClient) -> None:
     assert len({g["label"] for g in groups}) == 4
     assert all(len(g["results"]) == 2 for g in groups)
     assert all(h["label"] == g["label"] for g in groups for h in g["results"])
+
+
+def test_the_readme_search_example_is_what_the_service_answers(client: TestClient) -> None:
+    readme = (REPO / "README.md").read_text()
+    start = readme.index(
+        "$ curl -s -F image=@gallery/cat/cat-mirror.jpg 'http://127.0.0.1:8000/search?k=5"
+    )
+    shown = readme[start : readme.index("```", start)]
+    hits = re.findall(
+        r'"id": (\d+), "key": "([^"]+)",(?: "label": "[^"]+",)? "score": ([\d.]+)', shown
+    )
+    pairs = re.findall(r'"query_region": (\d+), "result_region": (\d+)', shown)
+    assert (len(hits), len(pairs)) == (5, 3), "the README's /search example changed its form"
+    with (GALLERY / "cat" / "cat-mirror.jpg").open("rb") as f:
+        answer = client.post("/search", files={"image": f}, params={"k": 5, "matches": 3}).json()
+    results = answer["results"]
+    assert [(r["id"], r["key"]) for r in results] == [(int(i), key) for i, key, _ in hits]
+    np.testing.assert_allclose(
+        [r["score"] for r in results], [float(s) for *_, s in hits], atol=2e-3
+    )
+    matches = results[1]["explanation"]["matches"]
+    assert [(m["query_region"], m["result_region"]) for m in matches] == [
+        (int(a), int(b)) for a, b in pairs
+    ]
