@@ -1,5 +1,7 @@
-"""The README's Python examples run as written, on the embedded gallery's photos (and, for the
-evaluation example, on the CUB development subset with its names swapped for what exists here)."""
+"""The README's examples hold: its Python examples run as written, on the embedded gallery's
+photos (the evaluation example on the CUB development subset, its names swapped for what exists
+here), and its `diml explain` table is what the command prints. The `/search` example is checked
+against the service in tests/service/test_embedded_gallery.py."""
 
 from __future__ import annotations
 
