@@ -7,10 +7,10 @@ again while decoding), GIF extension sub-blocks up to the first image, a TIFF's 
 the strips or tiles it lists (one tile entry each, at about 330 bytes) and the numbers its
 entries hold (each one read becomes a Python object). Encoders write a few to a few thousand; a
 file made of millions of tiny elements is valid and costs what its size does not say, before any
-pixel limit or decoding budget can see it (measured with Pillow 13 on this 2-core machine: 16 MB
-of JPEG fill bytes, 10 s; 16 MB of empty JPEG APP1 segments, 7.5 s and 521 MB; an 18 MB TIFF of
-2.25 million 1 x 1 tiles, 10 s and 744 MB while opening; 4 MB of one-byte GIF comment
-sub-blocks, 175 MB; a 10 MB TIFF whose BitsPerSample listed 5 million numbers, 98 MB).
+pixel limit or decoding budget can see it (``bench/bench_hostile.py``, Pillow 13 on a 2-core
+machine: 16 MB of JPEG fill bytes, 8.6 s; 16 MB of empty JPEG APP1 segments, 5.7 s and 524 MB;
+an 18 MB TIFF of 2.25 million 1 x 1 tiles, 9.5 s and 824 MB; 4 MB of one-byte GIF comment
+sub-blocks, 172 MB; a 10 MB TIFF whose BitsPerSample listed 5 million numbers, 103 MB).
 :func:`parser_steps` counts them, stopping just past a limit, so the count itself is cheap
 whatever the file holds.
 """

@@ -45,13 +45,12 @@ MAX_PNG_TEXT_BYTES = 4 << 20
 # Images that one of Pillow's decoders written in Python decodes (those registered in
 # ``Image.DECODERS``; among the service's formats only BMP's RLE4 and RLE8). They loop in Python
 # once per run-length command, and for RLE4 runs and the padding to the end of a row once per
-# pixel, holding the interpreter lock; measured here, a 25 KB RLE8 BMP of 6000 x 6000 pixels
-# (one pixel and an end-of-row each row) took 4.7 s, a 20 MB one of one-pixel runs 5.5 s. RLE
-# bitmaps are icons, logos and screenshots: at most 2048 x 2048 pixels in 4 MB of file decode
-# in under a second whatever they hold (0.8 s for 4 MB of one-pixel runs, 0.5 s to pad 2048
-# rows).
+# pixel, holding the interpreter lock: a 25 KB RLE8 BMP of 6000 x 6000 pixels (one pixel and an
+# end-of-row each row) took 4.7 s, a 20 MB one of one-pixel runs 5.5 s, and 4 MB of runs 1.2 s
+# (``bench/bench_hostile.py``). RLE bitmaps are icons, logos and screenshots: at most
+# 2048 x 2048 pixels in 2 MB of file decode in about half a second whatever they hold.
 MAX_PYTHON_DECODED_PIXELS = 2048 * 2048
-MAX_PYTHON_DECODED_BYTES = 4 << 20
+MAX_PYTHON_DECODED_BYTES = 2 << 20
 
 ImageSource = str | os.PathLike[str] | bytes | Image.Image
 Reserve = Callable[[int], AbstractContextManager[object]]
@@ -264,7 +263,7 @@ def configure_decoders() -> None:
 
     - PNG text chunks may hold :data:`MAX_PNG_TEXT_BYTES` in all (Pillow's default is 64 MB).
       They are zlib-compressed and Pillow inflates them while it opens the file, before any
-      decoding budget can count them: a 200 KB PNG held 67 MB from its text alone. More is
+      decoding budget can count them: a 67 KB PNG held 67 MB from its text alone. More is
       refused (``metadata``).
     - Pillow's warnings about malformed files stay out of the output. It warns once per damaged
       metadata entry ("Tag data larger than file. Skipping tag N"), and the entry numbers make

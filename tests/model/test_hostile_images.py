@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import subprocess
 import sys
@@ -529,3 +530,16 @@ def test_a_truncated_file_is_refused_not_padded() -> None:
 def test_pillow_images_in_memory_still_load() -> None:
     image = io.BytesIO(encode(_photo(500, 300), "PNG"))
     assert load_for_model(Image.open(image), SPEC).geometry.width == 500
+
+
+def test_the_hostile_file_bench_runs(tmp_path: Path) -> None:
+    # bench/bench_hostile.py, on its two quick files: the numbers the README quotes come from it.
+    out = tmp_path / "rows.json"
+    command = [sys.executable, "bench/bench_hostile.py", "--only", "2048 x 2048, one pixel",
+               "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert row["pillow"]["outcome"] == "decoded"
+    assert row["pillow"]["peak_mb"] > 0  # its own peak, not the parent's
+    assert row["loader"]["kind"] == "loaded"
