@@ -180,9 +180,8 @@ def tiff_with_entries(entries: dict[int, tuple[int, list[int]]], side: int = 32)
             ifd += struct.pack("<HHII", tag, kind, len(values), values_at + len(blobs))
             blobs += raw
     ifd += struct.pack("<I", 0)
-    return (
-        b"II*\x00" + struct.pack("<I", 8) + ifd + blobs + bytes(range(256)) * (side * side // 256)
-    )
+    pixels = bytes(i % 256 for i in range(side * side))
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + blobs + pixels
 
 
 def png_with_chunks(chunks: list[tuple[bytes, bytes]], after_pixels: bool = False) -> bytes:
