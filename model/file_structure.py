@@ -31,6 +31,11 @@ _CHUNK_TAGS = frozenset({273, 279, 324, 325})
 # (all but BYTE, ASCII, SBYTE and UNDEFINED, which stay bytes): SHORT, LONG, RATIONAL, SSHORT,
 # SLONG, SRATIONAL, FLOAT, DOUBLE, IFD, LONG8, SLONG8, IFD8.
 _NUMBER_TYPES = frozenset({3, 4, 5, 8, 9, 10, 11, 12, 13, 16, 17, 18})
+# Numbers are unpacked in C and held at about 21 bytes each (``bench/bench_hostile.py``: 5 million
+# held 103 MB), where one walked element holds 90 to 370 (a GIF sub-block, a JPEG segment, a TIFF
+# tile entry): four numbers count as one step, so a directory may list 262,144 of them (the
+# 196,608 of a 16-bit TransferFunction, say) and hold about 5 MB.
+NUMBERS_PER_STEP = 4
 
 
 def parser_steps(data: bytes, limit: int = MAX_PARSER_STEPS) -> tuple[str, str, int]:
@@ -118,4 +123,4 @@ def _tiff(data: bytes, limit: int) -> int:
             chunks = max(chunks, count)
         elif kind in _NUMBER_TYPES:
             numbers += count
-    return min(walked + chunks + numbers, limit + 1)
+    return min(walked + chunks + numbers // NUMBERS_PER_STEP, limit + 1)

@@ -9,7 +9,10 @@ import struct
 import zlib
 from collections.abc import Callable
 
+import numpy as np
 from PIL import Image
+
+from model.file_structure import NUMBERS_PER_STEP
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -166,9 +169,10 @@ def tiff_with_entries(entries: dict[int, tuple[int, list[int]]], side: int = 32)
     tags = sorted({**base, **entries}.items())
     values_at = 8 + 2 + 12 * len(tags) + 4
     raws = []
-    for _, (kind, values) in tags:
+    for _, (kind, values) in tags:  # each value modulo its type's width, little-endian
         size = TIFF_TYPE_SIZES[kind]
-        raws.append(b"".join((v % (1 << (8 * size))).to_bytes(size, "little") for v in values))
+        wide = np.asarray(values, dtype=np.uint64) & np.uint64((1 << (8 * size)) - 1)
+        raws.append(wide.astype(f"<u{size}").tobytes())
     pixels_at = values_at + sum(len(r) for r in raws if len(r) > 4)
     ifd, blobs = struct.pack("<H", len(tags)), b""
     for (tag, (kind, values)), raw in zip(tags, raws, strict=True):
@@ -231,7 +235,9 @@ ELEMENT_BOMBS: dict[str, Callable[[int], bytes]] = {
         "GIF", None, b"\x21\xfe" + b"\x01c" * n + b"\x00"
     ),
     "TIFF 1 x 1 tiles": lambda n: tiled_tiff(math.isqrt(n) + 1, 1),
-    "TIFF numbers in one entry": lambda n: tiff_with_entries({258: (3, [8] * n)}),
+    "TIFF numbers in one entry": lambda n: tiff_with_entries(
+        {258: (3, [8] * (NUMBERS_PER_STEP * n))}
+    ),
 }
 
 
@@ -243,8 +249,6 @@ def element_bombs(elements: int) -> dict[str, bytes]:
 def corpus() -> dict[str, bytes]:
     """A hostile-upload corpus made here: header bombs of every accepted format, formats that
     are not accepted, every Pillow mode, multi-frame files, truncations and byte flips."""
-    import numpy as np
-
     rng = np.random.default_rng(11)
     photo = Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
     files: dict[str, bytes] = {}

@@ -285,6 +285,13 @@ def test_pngs_with_any_known_chunks_load_or_are_refused(
     assert kind in (None, "corrupt", "not_image", "too_many_pixels", "aspect_ratio", "metadata")
 
 
+def test_a_tiff_may_list_the_numbers_of_a_16_bit_transfer_function() -> None:
+    # 3 x 65,536 numbers, a valid tag of 16-bit images: within the parts limit (four numbers a
+    # part), where 5 million are not.
+    transfer = tiff_with_entries({301: (3, list(range(65_536)) * 3)})
+    assert _load(transfer).pixels.shape == (3, SPEC.crop, SPEC.crop)  # type: ignore[attr-defined]
+
+
 def test_broken_metadata_does_not_flood_the_log() -> None:
     # 48 KB of EXIF naming 4,000 tags that point past the end of the file: one warning each,
     # every text new, so Python printed all of them (790 KB of log for one upload).
