@@ -319,12 +319,14 @@ class Engine:
         """A gallery item's picture as the model saw it (to draw an explanation), decoded
         within the same budget as uploads: readers may ask for it many times at once.
         NotFoundError when its file is gone or no longer decodes; OverloadedError and
-        DeadlineExceededError as :meth:`decode`. The limits are the index builder's, which
-        accepted the file."""
+        DeadlineExceededError as :meth:`decode`. The file was accepted once, by the index
+        builder or by an add through this service: the limits are the looser of both's, and
+        any format and aspect ratio."""
         gone = NotFoundError(f"the image of gallery item {item.id} is no longer available")
+        max_pixels = max(DEFAULT_MAX_PIXELS, self.settings.max_pixels)
         try:
             data = Path(item.path or "").read_bytes()
-            return self._decode_within_budget(data, DEFAULT_MAX_PIXELS, None, None).picture
+            return self._decode_within_budget(data, max_pixels, None, None).picture
         except (OSError, ImageLoadError):
             raise gone from None
 
