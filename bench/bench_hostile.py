@@ -5,8 +5,8 @@
 For each file of ``tests/hostile.py`` quoted in the README's Limits, in a fresh process each:
 Pillow's own ``Image.open``, ``load`` and ``ImageOps.exif_transpose`` (which reads the metadata)
 with its default settings, no pixel limit: what an unguarded decoder pays in seconds and peak
-resident growth, and whether it succeeded; then
-``model.images.load_for_model`` with ``configure_decoders()`` as the service runs it (the kind
+resident growth, and whether it succeeded; then ``model.images.load_for_model`` with
+``configure_decoders()`` and the service's default pixel limit, as the service runs it (the kind
 of refusal, or "loaded", and its seconds). Fresh processes keep one file's memory out of the
 next one's figure. About two minutes on a 2-core machine, most of it the unguarded decodes.
 """
@@ -60,7 +60,7 @@ CASES: dict[str, Callable[[], bytes]] = {
     # The worst that the limits on Python-decoded images let through: the loader decodes them.
     "RLE8 BMP 2048 x 2048, one pixel and an end-of-row a row": lambda: rle_row_padding(2_048),
     "RLE8 BMP 2048 x 2048, 2 MB of one-pixel runs": lambda: rle_bmp(
-        2_048, 2_048, b"\x01\x07" * ((MAX_PYTHON_DECODED_BYTES - 1_100) // 2)
+        2_048, 2_048, b"\x01\x07" * ((MAX_PYTHON_DECODED_BYTES - len(rle_bmp(1, 1, b""))) // 2)
     ),
 }
 
@@ -94,11 +94,12 @@ LOADER = """
 import json, sys, time
 from model.config import Preprocessing
 from model.images import ImageLoadError, configure_decoders, load_for_model
+from service.settings import Settings
 configure_decoders()
 data = open(sys.argv[1], "rb").read()
 start = time.perf_counter()
 try:
-    load_for_model(data, Preprocessing(), 40_000_000)
+    load_for_model(data, Preprocessing(), Settings().max_pixels)
     kind = "loaded"
 except ImageLoadError as e:
     kind = e.kind
