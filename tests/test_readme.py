@@ -56,7 +56,7 @@ def test_the_explanation_example_writes_its_picture(
     assert (tmp_path / "pair.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_the_index_example_ranks_as_the_service_does(
+def test_the_index_example_ranks_by_the_models_rule(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     build_index(scan_folder(REPO / "gallery"), tmp_path / "gallery.index", Embedder(load_model()))
