@@ -8,6 +8,10 @@ term can undo it (the ImageNet head-less model's MAP@R falls with any ``w > 0`` 
 maximises ``Recall@1 + MAP@R`` of the re-ranked ranking, ties going to the smaller weight.
 ``w = 0`` is among them, so on the validation classes the chosen rule is never worse than the
 global ranking by that measure.
+
+The same ranking calibrates the verdict on each hit (:func:`score_bands`): ``close`` where the
+validation hits scoring as high are mostly of the query's class, ``related`` where at least half
+are, ``unrelated`` below. :func:`verdict_rates` measures those bands on any labelled set.
 """
 
 from __future__ import annotations
@@ -17,11 +21,19 @@ from dataclasses import dataclass
 import torch
 
 from model.config import MatchingConfig
-from model.evaluation import head_scores, ranking_depth
+from model.evaluation import HeadScores, head_scores, ranking_depth
+from model.matching import ranking_score, rerank_positions
 from model.metrics import relevant_counts, retrieval_metrics
 from model.network import Embedding
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+# A hit is ``close`` when, on the validation classes, the hits scoring at least as much are of the
+# query's class this often; ``related`` at half. Measured over each query's first VERDICT_TOP hits
+# (what a search shows), from at least MIN_HITS of them (one lucky pair chooses nothing).
+CLOSE_PRECISION = 0.9
+RELATED_PRECISION = 0.5
+VERDICT_TOP = 10
+MIN_HITS = 20
 
 
 def objective(metrics: dict[str, float]) -> float:
@@ -36,6 +48,7 @@ class Calibration:
     weight: float
     global_metrics: dict[str, float]
     reranked: dict[float, dict[str, float]]
+    bands: tuple[float, float]  # (related, close) score bands at the chosen weight
 
     @property
     def best(self) -> dict[str, float]:
@@ -60,4 +73,61 @@ def calibrate(
     r = relevant_counts(labels)
     rows = {w: retrieval_metrics(labels[scores.reranked(w)], labels, r) for w in weights}
     best = max(sorted(weights), key=lambda w: objective(rows[w]))  # first maximum: smallest w
-    return Calibration(best, retrieval_metrics(labels[scores.order], labels, r), rows)
+    global_metrics = retrieval_metrics(labels[scores.order], labels, r)
+    return Calibration(best, global_metrics, rows, score_bands(scores, labels, best))
+
+
+def shown_hits(
+    scores: HeadScores, labels: torch.Tensor, weight: float, top: int = VERDICT_TOP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's first ``top`` hits under the rule with ``weight``: their scores and whether
+    each is of the query's class, both (N * top,), flattened."""
+    score = ranking_score(scores.global_similarity, scores.structural_similarity, weight)
+    top = min(top, scores.k)
+    positions = rerank_positions(score, scores.k)[:, :top]  # (N, top) into the head
+    items = torch.gather(scores.order[:, : scores.k], 1, positions)
+    relevant = labels[items] == labels[:, None]
+    return torch.gather(score, 1, positions).flatten(), relevant.flatten()
+
+
+def score_bands(
+    scores: HeadScores, labels: torch.Tensor, weight: float, top: int = VERDICT_TOP
+) -> tuple[float, float]:
+    """(related, close): the lowest scores down to which the shown hits (:func:`shown_hits`),
+    taken best first, are still of the query's class ``RELATED_PRECISION`` and
+    ``CLOSE_PRECISION`` of the time. Where no such run of MIN_HITS exists the band is the
+    highest score possible, ``1 + weight``: nothing is called close on such evidence."""
+    score, relevant = shown_hits(scores, labels, weight, top)
+    order = torch.argsort(score, descending=True, stable=True)
+    score, relevant = score[order].double(), relevant[order].double()
+    precision = relevant.cumsum(0) / torch.arange(1, len(score) + 1, dtype=torch.float64)
+
+    def band(target: float) -> float:
+        ok = (precision >= target) & (torch.arange(len(score)) >= MIN_HITS - 1)
+        if not bool(ok.any()):
+            return 1.0 + weight
+        return float(score[int(ok.nonzero().max())])
+
+    close = band(CLOSE_PRECISION)
+    return min(band(RELATED_PRECISION), close), close
+
+
+def verdict_rates(
+    scores: HeadScores, labels: torch.Tensor, matching: MatchingConfig, top: int = VERDICT_TOP
+) -> dict[str, dict[str, float]]:
+    """How the model's bands sort each query's first ``top`` hits on a labelled set: per verdict,
+    the share of hits given it and the share of those of the query's class (percent)."""
+    if matching.close_score is None or matching.related_score is None:
+        return {}
+    score, relevant = shown_hits(scores, labels, matching.structural_weight, top)
+    close = score >= matching.close_score
+    related = (score >= matching.related_score) & ~close
+    out = {}
+    for name, chosen in (("close", close), ("related", related), ("unrelated", ~close & ~related)):
+        n = int(chosen.sum())
+        right = float(relevant[chosen].double().mean()) if n else 0.0
+        out[name] = {
+            "hits": round(100.0 * n / max(len(score), 1), 2),
+            "of_query_class": round(100.0 * right, 2),
+        }
+    return out

@@ -1,8 +1,9 @@
 """Checkpoints: one ``.safetensors`` file holding the weights, the frozen config and a fingerprint.
 
-The fingerprint is the sha256 of the canonical config JSON and every tensor's name, dtype, shape
-and bytes, so it identifies the model itself, not the file it came in: the same weights saved
-twice, or the default model built from the ImageNet file, give the same fingerprint. Index
+The fingerprint is the sha256 of the canonical config JSON (less the fields that only present a
+score: the verdict's bands) and every tensor's name, dtype, shape and bytes, so it identifies the
+model itself, not the file it came in: the same weights saved twice, or the default model built
+from the ImageNet file, give the same fingerprint. Index
 manifests store it; the service refuses an index whose fingerprint differs from its model's.
 """
 
@@ -19,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model.backbones import WeightsArg
-from model.config import ModelConfig
+from model.config import ModelConfig, identity_json
 from model.files import replacing
 from model.network import EmbeddingNet, create_model, default_config
 
@@ -37,7 +38,7 @@ def fingerprint(model: EmbeddingNet) -> str:
 
 
 def _fingerprint(config_json: str, state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256(config_json.encode())
+    digest = hashlib.sha256(identity_json(config_json).encode())
     for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

@@ -26,9 +26,10 @@ EXIT_USAGE = 2
 def add_explain(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
         "explain",
-        help="explain how image B matches image A, part by part",
+        help="explain how image B matches image A, region by region",
         description="Embed two images, match their part grids by optimal transport and print how "
-        "each pair of parts contributes to the score (score = global + structural similarity).",
+        "each region of A contributes to the whole ranking score (score = global + w x "
+        "structural similarity, w the model's weight), and the strongest part matches.",
     )
     p.add_argument("query", type=Path, help="the query image (A)")
     p.add_argument("result", type=Path, help="the image to compare with it (B)")
@@ -70,22 +71,44 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def format_table(e: Explanation, query_name: str, result_name: str) -> str:
-    """A short human-readable decomposition of ``e``."""
+    """The whole score of ``e`` and where it comes from, in words and numbers."""
+    w = e.structural_weight
+    verdict = f"  verdict: {e.verdict}" if e.verdict else ""
     lines = [
-        f"{query_name} vs {result_name}  (grid {e.grid}x{e.grid}, epsilon {e.epsilon:g})",
-        f"  score                 {e.score:+.4f}",
+        f"{query_name} vs {result_name}  (grid {e.grid}x{e.grid}, epsilon {e.epsilon:g}; "
+        f"{e.ranked_by})",
+        f"  score                 {e.score:+.4f}{verdict}",
         f"  = global similarity   {e.global_similarity:+.4f}",
-        f"  + {f'{e.structural_weight:g} x structural':<20}"
-        f"{e.structural_weight * e.structural_similarity:+.4f}  (structural "
-        f"{e.structural_similarity:+.4f}: the sum of all part contributions)",
-        "",
-        "  query part  result part    flow   similarity  contribution  share of structural",
+        f"  + {f'{w:g} x structural':<20}{w * e.structural_similarity:+.4f}  (structural "
+        f"{e.structural_similarity:+.4f})",
     ]
-    total = e.structural_similarity or 1.0
+    if w == 0:
+        lines.append("  structural matching does not rank here (weight 0): the flow below shows "
+                     "which parts correspond")  # fmt: skip
+    lines += ["", "  query region    global  + w x structural  =   total   share of score"]
+    score = e.score or 1.0
+    q = e.query
+    for r in sorted(range(len(q.total)), key=lambda r: -q.total[r])[:8]:
+        g = q.global_[r] if q.global_ is not None else float("nan")
+        lines.append(f"  {r:>12}  {g:+8.4f}  {w * q.structural[r]:+16.4f}  {q.total[r]:+8.4f}"
+                     f"  {100 * q.total[r] / score:14.1f}%")  # fmt: skip
+    if len(q.total) > 8:
+        rest = sum(sorted(q.total, reverse=True)[8:])
+        lines.append(f"  {f'{len(q.total) - 8} others':>12}  {'':8}  {'':16}  {rest:+8.4f}"
+                     f"  {100 * rest / score:14.1f}%")  # fmt: skip
+    lines.append(f"  {'sum':>12}  {'':8}  {'':16}  {sum(q.total):+8.4f}  (= score)")
+    if not e.exact:
+        lines.append(f"  note: {max(abs(q.residual), abs(e.result.residual)):.4f} of the score "
+                     "is not split: an image's feature map was not at hand")  # fmt: skip
+    lines += [
+        "",
+        "  strongest part matches (structural term)",
+        "  query part  result part    flow   similarity  contribution",
+    ]
     for m in e.matches:
         lines.append(
             f"  {m.query_region:>10}  {m.result_region:>11}  {m.flow:6.4f}  {m.similarity:+10.4f}"
-            f"  {m.contribution:+12.5f}  {100 * m.contribution / total:18.1f}%"
+            f"  {m.contribution:+12.5f}"
         )
     if not e.converged:
         lines.append(

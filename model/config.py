@@ -55,6 +55,12 @@ class MatchingConfig:
     The ranking score of a pair is ``global + structural_weight * structural``: the published
     rule has weight 1; a model stores the weight chosen on its validation classes
     (``model.calibration``), so that re-ranking does not undo a better global ranking.
+
+    ``close_score`` and ``related_score`` are the score bands of a verdict on each hit
+    (``close`` at or above the first, ``related`` at or above the second, else ``unrelated``),
+    calibrated on the data the model was selected on (:func:`model.calibration.score_bands`);
+    None for a model calibrated before bands existed. They change no vector, so they are not
+    part of the model's fingerprint (:data:`PRESENTATION_FIELDS`).
     """
 
     epsilon: float = 0.05
@@ -62,6 +68,8 @@ class MatchingConfig:
     tol: float = 1e-4
     check_every: int = 10
     structural_weight: float = 1.0
+    close_score: float | None = None
+    related_score: float | None = None
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0:
@@ -72,6 +80,20 @@ class MatchingConfig:
             raise ValueError(f"tol must be >= 0, got {self.tol}")
         if not 0 <= self.structural_weight < float("inf"):
             raise ValueError(f"structural_weight must be >= 0, got {self.structural_weight}")
+        bands = (self.related_score, self.close_score)
+        if (bands[0] is None) != (bands[1] is None):
+            raise ValueError("close_score and related_score are given together, or neither")
+        if bands[0] is not None and bands[1] is not None and not bands[0] <= bands[1]:
+            raise ValueError(f"related_score {bands[0]} must be <= close_score {bands[1]}")
+
+    def with_bands(self, related: float, close: float) -> MatchingConfig:
+        """The same settings with the verdict's score bands."""
+        return dataclasses.replace(self, related_score=related, close_score=close)
+
+
+# Matching fields that only say how to present a score, never how it is computed: left out of the
+# text a model's fingerprint covers, so that calibrating them keeps every index built with it.
+PRESENTATION_FIELDS = ("close_score", "related_score")
 
 
 @dataclass(frozen=True)
@@ -100,11 +122,15 @@ class ModelConfig:
         """R, the number of parts per image (grid x grid)."""
         return self.grid * self.grid
 
-    def with_structural_weight(self, weight: float) -> ModelConfig:
-        """The same model with ``weight`` as the structural weight of its ranking score."""
-        return dataclasses.replace(
-            self, matching=dataclasses.replace(self.matching, structural_weight=weight)
-        )
+    def with_structural_weight(
+        self, weight: float, bands: tuple[float, float] | None = None
+    ) -> ModelConfig:
+        """The same model with ``weight`` as the structural weight of its ranking score, and
+        the verdict's ``bands`` (related, close) when given."""
+        matching = dataclasses.replace(self.matching, structural_weight=weight)
+        if bands is not None:
+            matching = matching.with_bands(*bands)
+        return dataclasses.replace(self, matching=matching)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +158,15 @@ class ModelConfig:
             for key in sorted(mine.keys() | theirs.keys())
             if mine.get(key) != theirs.get(key)
         ]
+
+
+def identity_json(config_json: str) -> str:
+    """The canonical text of a config's JSON without its :data:`PRESENTATION_FIELDS`: what a
+    fingerprint covers (a config saved before those fields existed gives its own text back)."""
+    data = json.loads(config_json)
+    for name in PRESENTATION_FIELDS:
+        data.get("matching", {}).pop(name, None)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def _tuples(data: dict[str, Any]) -> dict[str, Any]:

@@ -1,19 +1,28 @@
-"""Explanations: the exact decomposition of one pair's score into part-to-part contributions.
+"""Explanations: the exact decomposition of one pair's ranking score over regions of both images.
 
-``score = global_similarity + structural_weight * structural_similarity`` and
-``structural_similarity = sum_ij C_ij`` with ``C = plan * similarity`` (the weight is the
-model's ``MatchingConfig.structural_weight``); row sums of ``C`` are the query parts'
-contributions, column sums the result parts'. Everything a user needs to see why two images
-match, in plain Python types.
+``score = global_similarity + w * structural_similarity`` (``w``: the model's
+``MatchingConfig.structural_weight``), and each term splits over regions:
+
+- structural: ``C = plan * similarity`` sums to ``structural_similarity``; its row sums are the
+  query parts' contributions, its column sums the result parts';
+- global: the cosine of two mean-pooled maps splits over map positions, shared out among the
+  same grid cells (:mod:`model.attribution`); this needs each image's projected map
+  (``Embedding.maps``): a side without one (a stored item whose picture is gone) has no global
+  split, and the part of the score left unexplained is reported as that side's ``residual``;
+- total: ``global + w * structural`` per region, summing to ``score`` (less the residual).
+
+Everything a user needs to see why two images match, in plain Python types.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from model.attribution import global_contributions
 from model.config import MatchingConfig
 from model.images import ImageGeometry
 from model.matching import StructuralMatch, ranking_score
@@ -32,12 +41,44 @@ class PartMatch:
     contribution: float
 
 
+VERDICTS = ("close", "related", "unrelated")
+
+
+def verdict_of(score: float, matching: MatchingConfig) -> str | None:
+    """``close``, ``related`` or ``unrelated`` by the model's calibrated score bands
+    (``MatchingConfig.close_score`` and ``related_score``); None for a model without them."""
+    if matching.close_score is None or matching.related_score is None:
+        return None
+    if score >= matching.close_score:
+        return "close"
+    return "related" if score >= matching.related_score else "unrelated"
+
+
+def ranking_rule(weight: float) -> str:
+    """What orders the hits, in words, for headings and captions."""
+    if weight == 0:
+        return "ranked by global similarity"
+    return f"re-ranked by structural matching (weight {weight:g})"
+
+
+@dataclass(frozen=True)
+class Side:
+    """One image's regions' contributions, per term: ``global_`` (None where the image's map
+    was not at hand), ``structural`` and ``total`` (= global + w * structural), and the
+    ``residual``, ``score - sum(total)``: float rounding when the global split is exact."""
+
+    global_: list[float] | None
+    structural: list[float]
+    total: list[float]
+    residual: float
+
+
 @dataclass(frozen=True)
 class Explanation:
     """Why a result matches a query. Matrices are R x P with rows = query regions.
 
     Region boxes are ``(x0, y0, x1, y1)`` in each image's own pixel coordinates, row-major over
-    the ``grid x grid`` cells.
+    the ``grid x grid`` cells; every contribution list follows that order.
     """
 
     epsilon: float
@@ -48,19 +89,40 @@ class Explanation:
     result_weights: list[float]
     query_regions: list[Box]
     result_regions: list[Box]
-    query_contributions: list[float]
-    result_contributions: list[float]
+    query: Side
+    result: Side
     matches: list[PartMatch]
     global_similarity: float
     structural_similarity: float
     structural_weight: float
     score: float
+    verdict: str | None
     converged: bool
     marginal_error: float
     iterations: int
 
+    @property
+    def query_contributions(self) -> list[float]:
+        """The query parts' contributions to the structural similarity."""
+        return self.query.structural
+
+    @property
+    def result_contributions(self) -> list[float]:
+        """The result parts' contributions to the structural similarity."""
+        return self.result.structural
+
+    @property
+    def ranked_by(self) -> str:
+        return ranking_rule(self.structural_weight)
+
+    @property
+    def exact(self) -> bool:
+        """Whether both sides' global term is split (the totals then add up to the score)."""
+        return self.query.global_ is not None and self.result.global_ is not None
+
     def to_dict(self, matrices: bool = True) -> dict[str, Any]:
         """The JSON form (``diml explain --json``); ``matrices=False`` leaves out the R x R ones."""
+        sides = {"query": self.query, "result": self.result}
         out: dict[str, Any] = {
             "epsilon": self.epsilon,
             "grid": self.grid,
@@ -69,14 +131,19 @@ class Explanation:
             "query_regions": [list(box) for box in self.query_regions],
             "result_regions": [list(box) for box in self.result_regions],
             "contributions": {
-                "query": self.query_contributions,
-                "result": self.result_contributions,
+                "global": {name: side.global_ for name, side in sides.items()},
+                "structural": {name: side.structural for name, side in sides.items()},
+                "total": {name: side.total for name, side in sides.items()},
+                "residual": {name: side.residual for name, side in sides.items()},
+                "exact": self.exact,
             },
             "matches": [vars(m) for m in self.matches],
             "global_similarity": self.global_similarity,
             "structural_similarity": self.structural_similarity,
             "structural_weight": self.structural_weight,
             "score": self.score,
+            "verdict": self.verdict,
+            "ranked_by": self.ranked_by,
             "sinkhorn": {
                 "converged": self.converged,
                 "marginal_error": self.marginal_error,
@@ -97,11 +164,16 @@ def explain(
     matching: MatchingConfig,
     index: tuple[int, int] = (0, 0),
     top: int = 5,
+    maps: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Explanation:
     """The explanation of pair ``index = (b, k)`` of ``match``, with its ``top`` strongest matches.
 
     ``matching`` is the configuration ``match`` was computed with (epsilon and the weight of the
-    structural term in the score).
+    structural term in the score). ``maps``: the query's and the result's projected maps
+    (D, h, w) (``Embedding.maps``), and ``vectors`` their unit global vectors (D,) each, to
+    split the global term; a side without a map is not split (its residual says how much of the
+    score its regions leave unexplained).
 
     The strongest matches are the plan entries with the largest contributions ``T_ij * S_ij``.
     """
@@ -126,7 +198,8 @@ def explain(
     structural = float(contributions.sum())
     global_sim = float(match.global_similarity[b, k])
     weight = matching.structural_weight
-    return Explanation(
+    score = ranking_score(global_sim, structural, weight)
+    explanation = Explanation(
         epsilon=matching.epsilon,
         grid=grid,
         plan=plan.tolist(),
@@ -135,14 +208,57 @@ def explain(
         result_weights=match.candidate_weights[b, k].double().cpu().tolist(),
         query_regions=query_geometry.cell_boxes(grid),
         result_regions=result_geometry.cell_boxes(grid),
-        query_contributions=contributions.sum(dim=1).tolist(),
-        result_contributions=contributions.sum(dim=0).tolist(),
+        query=_side(None, contributions.sum(dim=1).tolist(), weight, score),
+        result=_side(None, contributions.sum(dim=0).tolist(), weight, score),
         matches=matches,
         global_similarity=global_sim,
         structural_similarity=structural,
         structural_weight=weight,
-        score=ranking_score(global_sim, structural, weight),
+        score=score,
+        verdict=verdict_of(score, matching),
         converged=bool(match.converged[b, k]),
         marginal_error=float(match.marginal_error[b, k]),
         iterations=match.iterations,
     )
+    if maps == (None, None):
+        return explanation
+    if vectors is None:
+        raise ValueError("explain: splitting the global term needs both global vectors")
+    return with_global_split(explanation, maps, vectors)
+
+
+def with_global_split(
+    e: Explanation,
+    maps: tuple[torch.Tensor | None, torch.Tensor | None],
+    vectors: tuple[torch.Tensor, torch.Tensor],
+) -> Explanation:
+    """``e`` with the global term split over each side's regions where that side's projected
+    map (D, h, w) is given (``maps``: query's, result's); ``vectors``: the query's and the
+    result's unit global vectors (D,), each side's split taken against the other's vector.
+    A side whose map is None keeps what it had."""
+    sides = []
+    for side, own, other in ((e.query, maps[0], vectors[1]), (e.result, maps[1], vectors[0])):
+        split = _global_split(own, other, e.grid)
+        if split is None:
+            sides.append(side)
+        else:
+            sides.append(_side(split.tolist(), side.structural, e.structural_weight, e.score))
+    return dataclasses.replace(e, query=sides[0], result=sides[1])
+
+
+def _global_split(
+    own_map: torch.Tensor | None, other_vector: torch.Tensor, grid: int
+) -> torch.Tensor | None:
+    """own_map: (D, h, w) or None; other_vector: (D,) -> (R,) float64 or None."""
+    if own_map is None:
+        return None
+    other = other_vector.detach().cpu().reshape(1, -1)
+    return global_contributions(own_map.detach().cpu()[None], other, grid)[0]
+
+
+def _side(
+    global_: list[float] | None, structural: list[float], weight: float, score: float
+) -> Side:
+    part = torch.tensor(structural, dtype=torch.float64) * weight
+    total = part if global_ is None else part + torch.tensor(global_, dtype=torch.float64)
+    return Side(global_, structural, total.tolist(), score - float(total.sum()))

@@ -17,11 +17,14 @@ class Embedding:
     """Part grids and global vectors of a batch, both L2-normalised.
 
     parts: (B, R, D), R = grid * grid cells in row-major order; vector: (B, D), the normalised
-    mean of the (un-normalised) feature map the grid pools.
+    mean of the (un-normalised) feature map the grid pools. ``maps`` (B, D, h, w), when kept: that
+    projected map itself, which splits the global term over positions (:mod:`model.attribution`);
+    stored galleries keep only parts and vector.
     """
 
     parts: torch.Tensor
     vector: torch.Tensor
+    maps: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.parts.dim() != 3 or self.vector.dim() != 2:
@@ -37,22 +40,41 @@ class Embedding:
                 f"Embedding parts {tuple(self.parts.shape)} and vector {tuple(self.vector.shape)} "
                 "disagree on B or D"
             )
+        if self.maps is not None and (
+            self.maps.dim() != 4 or self.maps.shape[:2] != self.vector.shape
+        ):
+            raise ValueError(
+                f"Embedding maps must be (B, D, h, w) with B, D of vector "
+                f"{tuple(self.vector.shape)}, got {tuple(self.maps.shape)}"
+            )
 
     def __len__(self) -> int:
         return int(self.parts.shape[0])
 
     def __getitem__(self, index: int | slice | torch.Tensor) -> Embedding:
         parts, vector = self.parts[index], self.vector[index]
+        maps = None if self.maps is None else self.maps[index]
         if parts.dim() == 2:
             parts, vector = parts.unsqueeze(0), vector.unsqueeze(0)
-        return Embedding(parts, vector)
+            maps = None if maps is None else maps.unsqueeze(0)
+        return Embedding(parts, vector, maps)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Embedding:
-        return Embedding(self.parts.to(device, dtype), self.vector.to(device, dtype))
+        maps = None if self.maps is None else self.maps.to(device, dtype)
+        return Embedding(self.parts.to(device, dtype), self.vector.to(device, dtype), maps)
+
+    def without_maps(self) -> Embedding:
+        return Embedding(self.parts, self.vector)
 
     @staticmethod
     def cat(items: list[Embedding]) -> Embedding:
-        return Embedding(torch.cat([e.parts for e in items]), torch.cat([e.vector for e in items]))
+        """One embedding of all ``items``; maps kept only when every item has them."""
+        maps = None
+        if all(e.maps is not None for e in items):
+            maps = torch.cat([e.maps for e in items if e.maps is not None])
+        return Embedding(
+            torch.cat([e.parts for e in items]), torch.cat([e.vector for e in items]), maps
+        )
 
 
 class EmbeddingHead(nn.Module):
@@ -69,7 +91,8 @@ class EmbeddingHead(nn.Module):
         self.proj: nn.Module = nn.Conv2d(in_channels, dim, 1) if dim else nn.Identity()
         self.dim = dim or in_channels
 
-    def forward(self, features: torch.Tensor) -> Embedding:
+    def forward(self, features: torch.Tensor, keep_maps: bool = False) -> Embedding:
+        """``keep_maps``: the Embedding keeps the projected map (to explain the global term)."""
         # Pool and normalise in fp32 even when the backbone runs in half precision.
         projected = self.proj(features).float()  # (B, D, h, w)
         z = F.adaptive_avg_pool2d(projected, self.grid)  # (B, D, G, G)
@@ -80,7 +103,8 @@ class EmbeddingHead(nn.Module):
         # weighs those twice (it ranked worse: CUB classes 1-20, head-less, Recall@1 80.3 and
         # MAP@R 33.7 against 82.6 and 35.6).
         vector = projected.mean(dim=(2, 3))
-        return Embedding(F.normalize(parts, dim=-1), F.normalize(vector, dim=-1))
+        maps = projected if keep_maps else None
+        return Embedding(F.normalize(parts, dim=-1), F.normalize(vector, dim=-1), maps)
 
 
 class EmbeddingNet(nn.Module):
@@ -98,10 +122,11 @@ class EmbeddingNet(nn.Module):
     def dim(self) -> int:
         return self.head.dim
 
-    def forward(self, images: torch.Tensor) -> Embedding:
+    def forward(self, images: torch.Tensor, keep_maps: bool = False) -> Embedding:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-        return self.head(self.backbone(images))
+        embedding: Embedding = self.head(self.backbone(images), keep_maps)
+        return embedding
 
 
 def create_model(
@@ -125,9 +150,15 @@ def create_model(
 # published 1), so the training-free model ranks by its global vector; its explanations still
 # show the flow and each part's contribution to the structural similarity.
 DEFAULT_STRUCTURAL_WEIGHT = 0.0
+# Its verdict's score bands (related, close), chosen on the same classes by the same command
+# (model.calibration.score_bands): of the first 10 hits of each query there, those scoring at
+# least 0.8354 are of the query's species 90 % of the time, those at least 0.6566 half the time.
+DEFAULT_SCORE_BANDS = (0.6566, 0.8354)
 
 
 def default_config() -> ModelConfig:
     """The training-free default: ImageNet MobileNetV2, head-less, 4 x 4 grid."""
-    matching = MatchingConfig(structural_weight=DEFAULT_STRUCTURAL_WEIGHT)
+    matching = MatchingConfig(structural_weight=DEFAULT_STRUCTURAL_WEIGHT).with_bands(
+        *DEFAULT_SCORE_BANDS
+    )
     return ModelConfig(backbone="mobilenet_v2", dim=None, grid=4, matching=matching)

@@ -51,30 +51,34 @@ class Embedder:
                 log.warning("ONNX Runtime not used, PyTorch runs the backbone: %s", e)
                 self.runtime = "torch"
 
-    def embed(self, images: Sequence[Image.Image]) -> tuple[Embedding, list[ImageGeometry]]:
-        """images: N RGB pictures -> Embedding (parts (N, R, D), vector (N, D)), N geometries."""
+    def embed(
+        self, images: Sequence[Image.Image], keep_maps: bool = False
+    ) -> tuple[Embedding, list[ImageGeometry]]:
+        """images: N RGB pictures -> Embedding (parts (N, R, D), vector (N, D), and with
+        ``keep_maps`` the projected maps (N, D, h, w)), N geometries."""
         if not images:
             raise ValueError("embed needs at least one image")
         spec = self.model.config.preprocessing
         prepared = [preprocess(image, spec) for image in images]
         pixels = torch.stack([p for p, _ in prepared]).to(self.device, non_blocking=True)
-        return self.embed_pixels(pixels), [g for _, g in prepared]
+        return self.embed_pixels(pixels, keep_maps), [g for _, g in prepared]
 
     @torch.inference_mode()
-    def embed_pixels(self, pixels: torch.Tensor) -> Embedding:
-        """pixels: (N, 3, crop, crop), already normalised -> Embedding."""
+    def embed_pixels(self, pixels: torch.Tensor, keep_maps: bool = False) -> Embedding:
+        """pixels: (N, 3, crop, crop), already normalised -> Embedding (with its projected maps
+        when ``keep_maps``)."""
         if self.onnx is not None:
             features = self.onnx(pixels).to(self.device)
-            head: Embedding = self.model.head(features)
+            head: Embedding = self.model.head(features, keep_maps)
             return head
         use_half = self.half and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_half):
-            embedding: Embedding = self.model(pixels.to(self.device))
+            embedding: Embedding = self.model(pixels.to(self.device), keep_maps)
         return embedding
 
     def explain(self, query: Image.Image, result: Image.Image, top: int = 5) -> Explanation:
-        """Embed both pictures and explain how ``result`` matches ``query``."""
-        embedding, (gq, gr) = self.embed([query, result])
+        """Embed both pictures and explain how ``result`` matches ``query``: the whole score."""
+        embedding, (gq, gr) = self.embed([query, result], keep_maps=True)
         return explain_embeddings(embedding[0], gq, embedding[1], gr, self.model.config, top)
 
 
@@ -87,7 +91,14 @@ def explain_embeddings(
     top: int = 5,
 ) -> Explanation:
     """How one embedded image ``b`` matches another ``a`` (each of length 1), with the grid and
-    matching settings of the model ``config`` that made them."""
+    matching settings of the model ``config`` that made them. Each side's global term is split
+    over its regions where its embedding kept its map (``Embedding.maps``)."""
     with torch.inference_mode():
         match = match_pairs(a, b, config.matching)
-    return explain(match, a_geometry, b_geometry, config.grid, config.matching, top=top)
+    maps = (_map(a), _map(b))
+    return explain(match, a_geometry, b_geometry, config.grid, config.matching, top=top,
+                   maps=maps, vectors=(a.vector[0], b.vector[0]))  # fmt: skip
+
+
+def _map(embedding: Embedding) -> torch.Tensor | None:
+    return None if embedding.maps is None else embedding.maps[0]

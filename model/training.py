@@ -333,7 +333,8 @@ class Trainer:
         improved = value > self.best_value
         if improved:
             self.best_value = value
-            save_checkpoint(model, self.run.best, model.config.with_structural_weight(weight))
+            config = model.config.with_structural_weight(weight, tuple(val["score_bands"]))
+            save_checkpoint(model, self.run.best, config)
         entry = {"epoch": self.epoch, **fields, "val": val, "selected": improved}
         with self.run.log.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -405,7 +406,8 @@ class Trainer:
     @torch.inference_mode()
     def validate(self, model: EmbeddingNet | None = None) -> tuple[dict[str, Any], float]:
         """Global and calibrated re-ranked metrics of ``model`` (default: the one training) on
-        the validation classes, and the calibrated structural weight."""
+        the validation classes, the calibrated structural weight and the verdict's score bands
+        (``score_bands``: related, close), and the weight again."""
         model = (model or self.model).eval()
         if self.config.cached:
             maps = self._maps("val")[0]
@@ -423,4 +425,5 @@ class Trainer:
             embedding, self.val_set.labels, self.config.rerank_k, model.config.matching, self.device
         )
         val = {"global": result.global_metrics, "reranked": result.best}
-        return {**val, "structural_weight": result.weight}, result.weight
+        bands = list(result.bands)
+        return {**val, "structural_weight": result.weight, "score_bands": bands}, result.weight

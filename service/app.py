@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
             app.state.engine = None
             engine.close()
 
-    app = FastAPI(title="DIML retrieval", description=DESCRIPTION, version="1",
+    app = FastAPI(title="DIML retrieval", description=DESCRIPTION, version="2",
                   lifespan=lifespan)  # fmt: skip
     app.state.settings = settings
     app.state.metrics = Metrics()

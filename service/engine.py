@@ -64,6 +64,7 @@ from service.failures import (
     UnusableImageError,
 )
 from service.limits import BudgetExhaustedError, MemoryBudget, in_thread, time_left
+from service.maps import MapCache, split_pages
 from service.metrics import StageTimer
 from service.search import (
     Hit,
@@ -188,7 +189,8 @@ class MicroBatcher(Batcher[torch.Tensor, Embedding]):
         return len(job)
 
     def process(self, jobs: list[torch.Tensor]) -> list[Embedding]:
-        embedding = self.embedder.embed_pixels(torch.cat(jobs)).to("cpu")
+        # The projected maps come along: explanations split the global term with them.
+        embedding = self.embedder.embed_pixels(torch.cat(jobs), keep_maps=True).to("cpu")
         out, start = [], 0
         for pixels in jobs:
             out.append(embedding[start : start + len(pixels)])
@@ -262,6 +264,7 @@ class Engine:
         if use_device:
             self.device_search = DeviceSearch(self.index, device, self._keep_grids(device))
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * 2**20)
+        self.maps = MapCache(settings.map_cache_mb * 2**20)
         # Requests embedded and about to search (changed on the event loop's thread only).
         self.arriving = 0
         self.changes = 0  # gallery changes since start: what cached answers are keyed on
@@ -316,19 +319,65 @@ class Engine:
             raise UnusableImageError(e.kind, f"{name}: {e.reason}") from e
 
     def stored_picture(self, item: Item) -> Image.Image:
-        """A gallery item's picture as the model saw it (to draw an explanation), decoded
-        within the same budget as uploads: readers may ask for it many times at once.
-        NotFoundError when its file is gone or no longer decodes; OverloadedError and
-        DeadlineExceededError as :meth:`decode`. The file was accepted once, by the index
-        builder or by an add through this service: the limits are the looser of both's, and
-        any format and aspect ratio."""
+        """A gallery item's picture as the model saw it (to draw an explanation): the picture of
+        :meth:`stored_input`."""
+        return self.stored_input(item).picture
+
+    def stored_input(self, item: Item) -> ModelInput:
+        """A gallery item's picture decoded for the model again, within the same budget as
+        uploads: readers may ask for it many times at once. NotFoundError when its file is gone
+        or no longer decodes; OverloadedError and DeadlineExceededError as :meth:`decode`. The
+        file was accepted once, by the index builder or by an add through this service: the
+        limits are the looser of both's, and any format and aspect ratio."""
         gone = NotFoundError(f"the image of gallery item {item.id} is no longer available")
         max_pixels = max(DEFAULT_MAX_PIXELS, self.settings.max_pixels)
         try:
             data = Path(item.path or "").read_bytes()
-            return self._decode_within_budget(data, max_pixels, None, None).picture
+            return self._decode_within_budget(data, max_pixels, None, None)
         except (OSError, ImageLoadError):
             raise gone from None
+
+    async def item_maps(self, items: list[Item]) -> dict[int, torch.Tensor | None]:
+        """Each item's projected map (D, h, w), from the cache or by embedding its stored
+        picture again through the shared batcher; None for an item whose picture is gone."""
+        out: dict[int, torch.Tensor | None] = {}
+        missing: list[tuple[Item, ModelInput]] = []
+        for item in {item.id: item for item in items}.values():
+            out[item.id] = self.maps.get(item)
+            if out[item.id] is None:
+                try:
+                    missing.append((item, await in_thread(self.stored_input, item)))
+                except NotFoundError:
+                    log.info("gallery item %d: picture gone, its global term is not split", item.id)
+        step = self.settings.max_batch_images
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]
+            embedding = await self.embed([decoded for _, decoded in chunk])
+            assert embedding.maps is not None  # the batcher keeps them
+            for (item, _), map_ in zip(chunk, embedding.maps, strict=True):
+                self.maps.put(item, map_)
+                out[item.id] = map_
+        return out
+
+    async def split_global(self, pages: list[Page], queries: Embedding) -> list[Page]:
+        """``pages`` (page b answering ``queries[b]``) with their explanations' global term split
+        over both images' regions (:func:`service.maps.split_pages`)."""
+        items = [h.item for page in pages for h in page.hits if h.explanation is not None]
+        if not items:
+            return pages
+        maps = await self.item_maps(items)
+        ids = np.array(sorted(maps), dtype=np.int64)
+        with self.lock:
+            vectors = dict(zip(ids.tolist(), self.index.vectors(ids), strict=True))
+        return split_pages(pages, queries, maps, vectors)
+
+    async def stored_query(self, item_id: int) -> tuple[Embedding, ImageGeometry, Item]:
+        """:meth:`stored`, with the item's projected map where its picture is still there."""
+        embedding, geometry, item = await in_thread(self.stored, item_id)
+        map_ = (await self.item_maps([item]))[item.id]
+        if map_ is not None:
+            embedding = Embedding(embedding.parts, embedding.vector, map_[None])
+        return embedding, geometry, item
 
     def _decode_within_budget(
         self, data: bytes, max_pixels: int, formats: frozenset[str] | None, max_aspect: float | None

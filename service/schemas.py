@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
+
+Verdict = Literal["close", "related", "unrelated"]
 
 
 class PartMatchOut(BaseModel):
@@ -13,9 +17,39 @@ class PartMatchOut(BaseModel):
     contribution: float
 
 
+class SideLists(BaseModel):
+    """One term's contributions per region of each image; regions in the order of
+    query_regions and result_regions (row-major grid cells)."""
+
+    query: list[float] | None = Field(description="per query region")
+    result: list[float] | None = Field(description="per result region")
+
+
+class Residuals(BaseModel):
+    query: float = Field(description="score - sum(total.query)")
+    result: float = Field(description="score - sum(total.result)")
+
+
 class Contributions(BaseModel):
-    query: list[float] = Field(description="per query part; sums to structural_similarity")
-    result: list[float] = Field(description="per result part; sums to structural_similarity")
+    """The whole ranking score, split over the regions of both images, per term."""
+
+    global_: SideLists = Field(
+        alias="global",
+        description="the global cosine split over map positions, shared out among the grid "
+        "cells; each list sums to global_similarity (null for a gallery image whose picture "
+        "is gone: its side is then not split, see residual)",
+    )
+    structural: SideLists = Field(
+        description="row and column sums of flow x similarity; each sums to structural_similarity"
+    )
+    total: SideLists = Field(
+        description="global + structural_weight x structural per region; each sums to score"
+    )
+    residual: Residuals = Field(
+        description="what each side's totals leave unexplained: float rounding (below 1e-5) "
+        "when exact"
+    )
+    exact: bool = Field(description="both sides' global term is split")
 
 
 class SinkhornOut(BaseModel):
@@ -41,6 +75,11 @@ class ExplanationOut(BaseModel):
         description="the model's weight w of the structural term: score = global + w x structural"
     )
     score: float
+    verdict: Verdict | None = Field(
+        description="close, related or unrelated, by the score bands calibrated with the model "
+        "(null: the model has none)"
+    )
+    ranked_by: str = Field(description="what orders the results, in words")
     sinkhorn: SinkhornOut
     plan: list[list[float]] | None = Field(None, description="R x R flow, rows = query parts")
     similarity: list[list[float]] | None = None
@@ -61,6 +100,9 @@ class Hit(BaseModel):
         description="placed by its score among the top rerank_k; false: placed in global order"
     )
     global_rank: int = Field(description="1-based rank by the global vector alone")
+    verdict: Verdict | None = Field(
+        description="close, related or unrelated by the model's calibrated score bands"
+    )
     image_url: str
     explanation: ExplanationOut | None = None
 
@@ -77,6 +119,11 @@ class SearchResponse(BaseModel):
         description="the offset of the next page of the same ranking; null at its end"
     )
     structural_weight: float = Field(description="w in score = global + w x structural")
+    ranked_by: str = Field(description="what orders the results, in words")
+    nothing_close: bool | None = Field(
+        description="true when no result of this page is close (null: the model has no "
+        "calibrated score bands)"
+    )
     groups: list[GroupOut] | None = Field(
         None, description="with group_by: the groups, best first (results: their hits in order)"
     )

@@ -34,7 +34,7 @@ async def _side(
         query = await in_thread(engine.decode, await upload.read(), upload.filename or name)
         return (await engine.embed([query])), query.geometry, query.picture
     assert item_id is not None
-    embedding, geometry, item = await in_thread(engine.stored, item_id)
+    embedding, geometry, item = await engine.stored_query(item_id)
     image = await in_thread(engine.stored_picture, item) if picture else None
     return embedding, geometry, image
 
@@ -95,7 +95,8 @@ async def explain_post(
     format: Format = "json",
     top: Top = 5,
 ) -> Any:
-    """How b matches a, part by part, with the full R x R flow."""
+    """How b matches a: the whole score split over both images' regions (global and
+    structural terms and their total), the strongest part matches, and the full R x R flow."""
     return await _explain(engine, (a, a_id), (b, b_id), top, format)
 
 

@@ -9,7 +9,9 @@ from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 from pydantic import StringConstraints
 
 from index_builder import LabelFilter
-from model import Embedding, ImageGeometry, ModelInput
+from model import Embedding, ImageGeometry, MatchingConfig, ModelInput
+from model.explain import ranking_rule, verdict_of
+from model.matching import ranking_score
 from service.deps import (
     DIGITS,
     MAX_ID,
@@ -117,9 +119,13 @@ def search_options(
 Options = Annotated[SearchOptions, Depends(search_options)]
 
 
-def hit_json(hit: Hit) -> dict[str, Any]:
-    """A hit as the API answers it (``SearchHit``)."""
+def hit_json(hit: Hit, matching: MatchingConfig) -> dict[str, Any]:
+    """A hit as the API answers it (``SearchHit``); its verdict is that of its score against
+    the query (an example search's: against the positive it matches best)."""
     item = hit.item
+    pair_score = ranking_score(
+        hit.global_similarity, hit.structural_similarity, matching.structural_weight
+    )
     out: dict[str, Any] = {
         "id": item.id,
         "key": item.key,
@@ -129,6 +135,7 @@ def hit_json(hit: Hit) -> dict[str, Any]:
         "structural_similarity": hit.structural_similarity,
         "reranked": hit.reranked,
         "global_rank": hit.global_rank,
+        "verdict": verdict_of(pair_score, matching),
         "image_url": f"/gallery/{item.id}/image",
     }
     if hit.explanation is not None:
@@ -138,17 +145,22 @@ def hit_json(hit: Hit) -> dict[str, Any]:
     return out
 
 
-def page_json(page: Page, weight: float) -> dict[str, Any]:
+def page_json(page: Page, matching: MatchingConfig) -> dict[str, Any]:
     """One query's page as the API answers it (``SearchResponse``)."""
+    results = [hit_json(h, matching) for h in page.hits]
+    verdicts = [r["verdict"] for r in results]
     out: dict[str, Any] = {
-        "results": [hit_json(h) for h in page.hits],
+        "results": results,
         "offset": page.offset,
         "next_offset": page.next_offset,
-        "structural_weight": weight,
+        "structural_weight": matching.structural_weight,
+        "ranked_by": ranking_rule(matching.structural_weight),
+        "nothing_close": None if None in verdicts else "close" not in verdicts,
     }
     if page.groups is not None:
         out["groups"] = [
-            {"label": label, "results": [hit_json(h) for h in hits]} for label, hits in page.groups
+            {"label": label, "results": [hit_json(h, matching) for h in hits]}
+            for label, hits in page.groups
         ]
     return out
 
@@ -182,13 +194,22 @@ async def _find(
     timer: StageTimer,
     embedded: bool = False,
 ) -> list[Page]:
-    """Through the shared search batcher, or, for grouped searches, one query at a time."""
+    """Through the shared search batcher, or, for grouped searches, one query at a time; then
+    the explanations' global term split over both images' regions."""
     if options.group_size is None:
-        return await engine.find(embedding, geometries, options, timer, embedded=embedded)
-    return [
-        await in_thread(engine.search_grouped, embedding[i : i + 1], geometry, options, timer)
-        for i, geometry in enumerate(geometries)
-    ]
+        pages = await engine.find(embedding, geometries, options, timer, embedded=embedded)
+    else:
+        pages = [
+            await in_thread(engine.search_grouped, embedding[i : i + 1], geometry, options, timer)
+            for i, geometry in enumerate(geometries)
+        ]
+    return await _split(engine, pages, embedding, timer)
+
+
+async def _split(engine: Engine, pages: list[Page], queries: Embedding, timer: StageTimer
+                 ) -> list[Page]:  # fmt: skip
+    with timer.stage("explain_global"):
+        return await engine.split_global(pages, queries)
 
 
 @router.post(
@@ -210,7 +231,7 @@ async def search(
     """The gallery images most like the uploaded one, each with why it matches."""
     results = await within_deadline(engine, _run(engine, [image], timer, options))
     response.headers["Server-Timing"] = timer.header()
-    return page_json(results[0], engine.config.matching.structural_weight)
+    return page_json(results[0], engine.config.matching)
 
 
 @router.post(
@@ -232,8 +253,7 @@ async def search_batch(
         raise ApiError(422, "invalid_request", f"send between 1 and {limit} images")
     results = await within_deadline(engine, _run(engine, images, timer, options))
     response.headers["Server-Timing"] = timer.header()
-    weight = engine.config.matching.structural_weight
-    return {"queries": [page_json(page, weight) for page in results]}
+    return {"queries": [page_json(page, engine.config.matching) for page in results]}
 
 
 @router.post(
@@ -250,10 +270,16 @@ async def search_by_id(
     options: Options,
 ) -> dict[str, Any]:
     """More like this: the gallery item's own stored embedding as the query."""
-    embedding, geometry, _ = await in_thread(engine.stored, item_id)
-    results = await within_deadline(engine, _find(engine, embedding, [geometry], options, timer))
+
+    async def run() -> list[Page]:
+        embedding, geometry, _ = await (
+            engine.stored_query(item_id) if options.explain else in_thread(engine.stored, item_id)
+        )
+        return await _find(engine, embedding, [geometry], options, timer)
+
+    results = await within_deadline(engine, run())
     response.headers["Server-Timing"] = timer.header()
-    return page_json(results[0], engine.config.matching.structural_weight)
+    return page_json(results[0], engine.config.matching)
 
 
 ExampleIds = Annotated[
@@ -299,23 +325,27 @@ async def search_examples(
         raise ApiError(422, "invalid_request", "group_by is not available with examples")
 
     async def run() -> Page:
-        pos, pos_geometries = await _examples(engine, positive, positive_ids, timer)
-        neg = (await _examples(engine, negative, negative_ids, timer))[0] if (
+        pos, pos_geometries = await _examples(
+            engine, positive, positive_ids, timer, options.explain
+        )
+        neg = (await _examples(engine, negative, negative_ids, timer, False))[0] if (
             negative or negative_ids) else None  # fmt: skip
         exclude = positive_ids + negative_ids
-        return await in_thread(
+        page = await in_thread(
             engine.search_examples, pos, pos_geometries, neg, exclude, options, timer
         )
+        return (await _split(engine, [page], pos, timer))[0]
 
     page = await within_deadline(engine, run())
     response.headers["Server-Timing"] = timer.header()
-    return page_json(page, engine.config.matching.structural_weight)
+    return page_json(page, engine.config.matching)
 
 
 async def _examples(
-    engine: Engine, uploads: list[UploadFile], ids: list[int], timer: StageTimer
+    engine: Engine, uploads: list[UploadFile], ids: list[int], timer: StageTimer, maps: bool
 ) -> tuple[Embedding, list[ImageGeometry]]:
-    """Uploads (decoded and embedded together), then stored items, as one Embedding."""
+    """Uploads (decoded and embedded together), then stored items, as one Embedding (with every
+    example's map when ``maps`` and each stored item's picture is still there)."""
     parts: list[Embedding] = []
     geometries: list[ImageGeometry] = []
     if uploads:
@@ -324,7 +354,9 @@ async def _examples(
             parts.append(await engine.embed(decoded))
         geometries += [d.geometry for d in decoded]
     for item_id in ids:
-        embedding, geometry, _ = await in_thread(engine.stored, item_id)
+        embedding, geometry, _ = await (
+            engine.stored_query(item_id) if maps else in_thread(engine.stored, item_id)
+        )
         parts.append(embedding)
         geometries.append(geometry)
     return Embedding.cat(parts), geometries

@@ -56,6 +56,35 @@ def test_a_checkpoint_can_carry_other_matching_settings_only(
         save_checkpoint(model, tmp_path / "other.safetensors", ModelConfig(dim=16, grid=4))
 
 
+def test_score_bands_travel_with_the_checkpoint_but_not_in_its_fingerprint(
+    trained: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    """Bands only present a score: calibrating them keeps every index built with the model."""
+    _, model = trained
+    banded = model.config.with_structural_weight(1.0, (0.4, 0.7))
+    path = tmp_path / "banded.safetensors"
+    fp = save_checkpoint(model, path, banded)
+    loaded = load_checkpoint(path)
+    assert loaded.config.matching.related_score == 0.4
+    assert loaded.config.matching.close_score == 0.7
+    assert fp == fingerprint(loaded) == fingerprint(model)
+
+
+def test_the_default_models_fingerprint_is_unchanged_by_its_bands() -> None:
+    from model.config import identity_json
+    from model.network import default_config
+
+    config = default_config()
+    assert config.matching.close_score is not None
+    bare = ModelConfig.from_dict(
+        {**config.to_dict(), "matching": {"structural_weight": 0.0}}
+    )  # as it was saved before bands existed
+    text = identity_json(config.to_json())
+    assert text == identity_json(bare.to_json())
+    assert "close_score" not in text
+    assert "related_score" not in text
+
+
 def test_fingerprint_changes_with_weights_and_config() -> None:
     a = create_model(ModelConfig(dim=32), weights=None)
     b = create_model(ModelConfig(dim=32, grid=7), weights=None)

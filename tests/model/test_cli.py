@@ -11,29 +11,71 @@ import pytest
 import torch
 from PIL import Image
 
+from model import ModelConfig, create_model, save_checkpoint
 from model.network import DEFAULT_STRUCTURAL_WEIGHT
 from service.cli import main
 
 
-def test_explain_json_on_two_real_photos(
-    cub_images: list[Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+def _unseen_pair(cub_dev: Path) -> list[Path]:
+    """Two photos of species 25 (of the test species 21-30, never trained or calibrated on)."""
+    labels = dict(
+        line.split() for line in (cub_dev / "image_class_labels.txt").read_text().splitlines()
+    )
+    names = [line.split() for line in (cub_dev / "images.txt").read_text().splitlines()]
+    return [cub_dev / "images" / name for image_id, name in names if labels[image_id] == "25"][:2]
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model of the trained kind: a 64-d projection head (changed from its initialisation,
+    bias included), re-ranking weight 0.5 and score bands."""
+    model = create_model(ModelConfig(dim=64, grid=4))
+    with torch.no_grad():
+        model.head.proj.weight.add_(0.01 * torch.randn_like(model.head.proj.weight))
+        model.head.proj.bias.add_(0.1)
+    path = tmp_path_factory.mktemp("trained") / "trained.safetensors"
+    save_checkpoint(model, path, model.config.with_structural_weight(0.5, (0.6, 0.8)))
+    return path
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["default", "trained"])
+def test_explain_json_accounts_for_the_whole_score(
+    cub_dev: Path,
+    trained: bool,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
+    a, b = _unseen_pair(cub_dev)
     out = tmp_path / "pair.png"
-    code = main(["explain", str(cub_images[0]), str(cub_images[1]), "--json", "--out", str(out)])
+    extra = ["--checkpoint", str(request.getfixturevalue("trained_checkpoint"))] if trained else []
+    code = main(["explain", str(a), str(b), "--json", "--out", str(out), *extra])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert data["grid"] == 4
     assert data["epsilon"] == 0.05
     assert len(data["plan"]) == 16
-    structural = data["structural_similarity"]
-    assert sum(data["contributions"]["query"]) == pytest.approx(structural, abs=1e-5)
-    assert sum(data["contributions"]["result"]) == pytest.approx(structural, abs=1e-5)
-    assert sum(map(sum, data["plan"])) == pytest.approx(1.0, abs=1e-4)
     weight = data["structural_weight"]
-    assert weight == DEFAULT_STRUCTURAL_WEIGHT  # the default model's calibrated weight
-    assert data["score"] == pytest.approx(data["global_similarity"] + weight * structural, abs=1e-9)
+    assert weight == (0.5 if trained else DEFAULT_STRUCTURAL_WEIGHT)
+    terms = {
+        "global": data["global_similarity"],
+        "structural": data["structural_similarity"],
+        "total": data["score"],
+    }
+    c = data["contributions"]
+    for term, value in terms.items():
+        for side in ("query", "result"):
+            assert len(c[term][side]) == 16
+            assert sum(c[term][side]) == pytest.approx(value, abs=1e-4), (term, side)
+            assert abs(c["residual"][side]) < 1e-5
+    assert c["exact"] is True
+    assert data["score"] == pytest.approx(terms["global"] + weight * terms["structural"], abs=1e-9)
+    assert data["verdict"] in ("close", "related", "unrelated")
+    assert data["ranked_by"] == ("re-ranked by structural matching (weight 0.5)" if trained
+                                 else "ranked by global similarity")  # fmt: skip
+    assert sum(map(sum, data["plan"])) == pytest.approx(1.0, abs=1e-4)
     assert data["sinkhorn"]["converged"] is True
-    width, height = Image.open(cub_images[0]).size
+    width, height = Image.open(a).size
     assert max(box[2] for box in data["query_regions"]) <= width + 1e-6
     assert max(box[3] for box in data["query_regions"]) <= height + 1e-6
     with Image.open(out) as picture:

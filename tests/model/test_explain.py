@@ -80,7 +80,17 @@ def test_json_form_has_the_documented_keys(case: tuple) -> None:
         assert key in data
     assert len(data["plan"]) == 16
     assert len(data["plan"][0]) == 16
-    assert set(data["contributions"]) == {"query", "result"}
+    assert set(data["contributions"]) == {"global", "structural", "total", "residual", "exact"}
+    for term in ("global", "structural", "total"):
+        assert set(data["contributions"][term]) == {"query", "result"}
+    # Without maps the global term is not split: the totals leave it as each side's residual.
+    assert data["contributions"]["global"] == {"query": None, "result": None}
+    assert data["contributions"]["exact"] is False
+    for side in ("query", "result"):
+        assert data["contributions"]["residual"][side] == pytest.approx(
+            data["global_similarity"], abs=1e-6
+        )
+    assert data["ranked_by"] == "re-ranked by structural matching (weight 1)"
     assert set(data["matches"][0]) == {
         "query_region", "result_region", "flow", "similarity", "contribution",
     }  # fmt: skip

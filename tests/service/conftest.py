@@ -60,3 +60,24 @@ def png(image: Image.Image | None = None, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     (image or Image.new("RGB", (80, 60), (200, 30, 30))).save(buffer, fmt)
     return buffer.getvalue()
+
+
+def assert_whole_score(e: dict[str, object], exact: bool = True, tol: float = 1e-5) -> None:
+    """An explanation's contributions add up: each term's lists to the term, the totals to the
+    score (less the reported residual), both sides; with ``exact`` the residuals are rounding."""
+    c: dict[str, dict[str, object]] = e["contributions"]  # type: ignore[assignment]
+    terms = {"global": e["global_similarity"], "structural": e["structural_similarity"],
+             "total": e["score"]}  # fmt: skip
+    assert c["exact"] is exact
+    for side in ("query", "result"):
+        residual = c["residual"][side]  # type: ignore[index]
+        for term, value in terms.items():
+            values = c[term][side]  # type: ignore[index]
+            if values is None:
+                assert not exact
+                assert term == "global"
+                continue
+            expected = value - residual if term == "total" else value  # type: ignore[operator]
+            assert sum(values) == pytest.approx(expected, abs=tol), (term, side)
+        if exact:
+            assert abs(residual) < tol

@@ -227,3 +227,44 @@ def test_the_readme_search_example_is_what_the_service_answers(client: TestClien
     assert [(m["query_region"], m["result_region"]) for m in matches] == [
         (int(a), int(b)) for a, b in pairs
     ]
+
+
+def test_verdicts_say_when_nothing_in_the_gallery_is_close(client: TestClient) -> None:
+    """A rotated, re-compressed view of a gallery photo finds that photo's four views close;
+    a picture of nothing in the gallery (a synthetic bird-free scene: flat colour bands) is not
+    close to anything. The bands are the default model's, calibrated on CUB species 1-20."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    def search(image: Image.Image) -> dict[str, Any]:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=60)
+        files = {"image": ("q.jpg", buffer.getvalue())}
+        response = client.post("/search", params={"k": 4, "explain": "false"}, files=files)
+        assert response.status_code == 200
+        return response.json()
+
+    for scene in ("flower", "coins", "astronaut"):
+        view = Image.open(GALLERY / scene / f"{scene}-photo.jpg").convert("RGB").rotate(10)
+        answer = search(view)
+        assert answer["nothing_close"] is False
+        assert [h["label"] for h in answer["results"]] == [scene] * 4
+        assert [h["verdict"] for h in answer["results"][:3]] == ["close"] * 3, scene
+    stripes = Image.new("RGB", (320, 240), (240, 240, 235))
+    draw = ImageDraw.Draw(stripes)
+    for x in range(0, 320, 40):
+        draw.rectangle((x, 0, x + 19, 239), fill=(30, 90, 200))
+    answer = search(stripes)
+    assert answer["nothing_close"] is True
+    assert all(h["verdict"] != "close" for h in answer["results"])
+    assert answer["ranked_by"] == "ranked by global similarity"
+
+
+def test_a_bird_finds_nothing_close_in_the_embedded_gallery(
+    client: TestClient, cub_images: list[Path]
+) -> None:
+    for photo in cub_images[:3]:
+        answer = client.post("/search", params={"k": 5, "explain": "false"},
+                             files={"image": ("b.jpg", photo.read_bytes())}).json()  # fmt: skip
+        assert answer["nothing_close"] is True, photo.name

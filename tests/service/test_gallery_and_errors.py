@@ -294,7 +294,7 @@ class _Backbone:
         self.release = threading.Event()
         self.sizes: list[int] = []
 
-    def embed_pixels(self, pixels: torch.Tensor) -> Embedding:
+    def embed_pixels(self, pixels: torch.Tensor, keep_maps: bool = False) -> Embedding:
         self.release.wait(5)
         self.sizes.append(len(pixels))
         return Embedding(torch.zeros(len(pixels), 4, 2), torch.zeros(len(pixels), 2))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service.conftest import png
+from tests.service.conftest import assert_whole_score, png
 
 
 def _image(served: dict[str, Path], index: int = 4) -> bytes:
@@ -29,16 +29,78 @@ def test_search_explains_every_result(client: TestClient, served: dict[str, Path
         assert hit["score"] == pytest.approx(
             hit["global_similarity"] + weight * hit["structural_similarity"]
         )
-        assert sum(e["contributions"]["query"]) == pytest.approx(
-            hit["structural_similarity"], abs=1e-5
-        )
-        assert sum(e["contributions"]["result"]) == pytest.approx(
-            hit["structural_similarity"], abs=1e-5
-        )
+        assert_whole_score(e)
+        assert e["score"] == pytest.approx(hit["score"], abs=1e-6)
         assert len(e["query_regions"]) == 4  # the tiny model's 2 x 2 grid
         assert len(e["matches"]) == 5  # the default: 5 strongest of the 4 x 4 part pairs
         assert "plan" not in e
         assert hit["image_url"] == f"/gallery/{hit['id']}/image"
+
+
+def test_every_search_route_explains_the_whole_score(
+    client: TestClient, served: dict[str, Path]
+) -> None:
+    """By id, with examples, grouped, in a batch: the query's and the result's regions account
+    for the score; the gallery pictures are embedded once, then their maps come from the cache."""
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    image = ("q.png", _image(served))
+    examples = client.post(
+        "/search/examples", params={"k": 3, "positive_id": [1, 2]}, files=[("positive", image)]
+    )
+    grouped = client.post(
+        "/search", params={"k": 2, "group_by": "label", "group_size": 2}, files={"image": image}
+    )
+    batch = client.post(
+        "/search/batch",
+        params={"k": 3},
+        files=[("images", image), ("images", ("r.png", _image(served, 7)))],
+    )
+    answers = [
+        client.post("/search/by-id/3", params={"k": 3}).json()["results"],
+        examples.json()["results"],
+        grouped.json()["results"],
+        *[q["results"] for q in batch.json()["queries"]],
+    ]
+    for hits in answers:
+        assert hits
+        for hit in hits:
+            assert_whole_score(hit["explanation"])
+    assert engine.maps.size > 0
+    calls = []
+    original = engine.stored_input
+    engine.stored_input = lambda item: calls.append(item.id) or original(item)
+    try:
+        again = client.post("/search/by-id/3", params={"k": 3}).json()["results"]
+    finally:
+        engine.stored_input = original
+    assert calls == []  # every map was in the cache
+    assert again == answers[0]
+
+
+def test_a_gallery_picture_gone_leaves_its_side_unsplit_and_says_so(
+    served: dict[str, Path], fresh_index: Path, tmp_path: Path
+) -> None:
+    from service.app import create_app
+    from tests.service.conftest import settings_for
+
+    moved = tmp_path / "gallery"
+    app = create_app(settings_for(served, fresh_index), load_in_background=False)
+    with TestClient(app) as c:
+        item = c.get("/gallery/2").json()
+        path = Path(c.app.state.engine.items([2])[2].path)  # type: ignore[attr-defined]
+        moved.mkdir()
+        path.rename(moved / path.name)
+        try:
+            e = c.post("/explain", data={"a_id": "0", "b_id": "2"}).json()
+        finally:
+            (moved / path.name).rename(path)
+    assert item["id"] == 2
+    assert e["contributions"]["global"]["result"] is None
+    assert e["contributions"]["global"]["query"] is not None
+    assert e["contributions"]["residual"]["result"] == pytest.approx(
+        e["global_similarity"], abs=1e-5
+    )
+    assert_whole_score(e, exact=False)
 
 
 def test_without_reranking_results_keep_the_global_order(
@@ -102,9 +164,7 @@ def test_explain_uploads_ids_and_both(client: TestClient, served: dict[str, Path
         e = response.json()
         assert len(e["plan"]) == 4
         assert sum(map(sum, e["plan"])) == pytest.approx(1.0, abs=1e-4)
-        assert sum(e["contributions"]["query"]) == pytest.approx(
-            e["structural_similarity"], abs=1e-5
-        )
+        assert_whole_score(e)
     assert by_upload.json()["score"] == pytest.approx(by_ids.json()["score"], abs=2e-3)
     got = client.get("/explain", params={"a_id": 0, "b_id": 1, "format": "png"})
     assert got.status_code == 200
