@@ -12,6 +12,11 @@ Each term is position p's contribution. Positions are then shared out among the 
 overlap where G does not divide the map (at 4 x 4 over 7 x 7, rows and columns 1, 3 and 5 lie
 in two cells), and a position covered by m cells gives each 1/m of its contribution, so the cells'
 contributions still add up to the cosine exactly.
+
+The cells' shares are linear in the other image's vector, so an image's side of any comparison is
+fixed by one (R, D) array, its *global basis* ``U_c = sum_{p in c} f_p / (m_p N |mean f|)``
+(m_p: the cells covering p), which sums over cells to the unit global vector; cell c's share of
+the cosine with ``o`` is ``<U_c, o>``. That basis, not the map, is what a service keeps per image.
 """
 
 from __future__ import annotations
@@ -55,9 +60,18 @@ def position_contributions(maps: torch.Tensor, other: torch.Tensor) -> torch.Ten
     return dots / (f.shape[2] * norm.clamp_min(torch.finfo(torch.float64).tiny))
 
 
+def global_basis(maps: torch.Tensor, grid: int) -> torch.Tensor:
+    """maps: (B, D, h, w), projected feature maps -> (B, R, D) float64, each image's global
+    basis (see the module's docstring): it sums over R to the normalised mean of the map."""
+    if maps.dim() != 4:
+        raise ValueError(f"global_basis needs maps (B, D, h, w), got {tuple(maps.shape)}")
+    f = maps.double().flatten(2)  # (B, D, N)
+    norm = f.mean(dim=2).norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)  # (B,)
+    cells = pooling_cells(grid, maps.shape[2], maps.shape[3]).to(f.device)  # (R, N)
+    return torch.einsum("rn,bdn->brd", cells, f) / (f.shape[2] * norm[:, None, None])
+
+
 def global_contributions(maps: torch.Tensor, other: torch.Tensor, grid: int) -> torch.Tensor:
     """maps: (B, D, h, w); other: (B, D) -> (B, R) float64: each grid cell's share of the
     global cosine (:func:`position_contributions` shared out by :func:`pooling_cells`)."""
-    per_position = position_contributions(maps, other)
-    cells = pooling_cells(grid, maps.shape[2], maps.shape[3]).to(per_position.device)
-    return per_position @ cells.T
+    return torch.einsum("brd,bd->br", global_basis(maps, grid), other.double())

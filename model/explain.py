@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
-from model.attribution import global_contributions
+from model.attribution import global_basis
 from model.config import MatchingConfig
 from model.images import ImageGeometry
 from model.matching import StructuralMatch, ranking_score
+from model.network import Embedding
 
 Box = tuple[float, float, float, float]
 
@@ -164,16 +165,16 @@ def explain(
     matching: MatchingConfig,
     index: tuple[int, int] = (0, 0),
     top: int = 5,
-    maps: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    bases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Explanation:
     """The explanation of pair ``index = (b, k)`` of ``match``, with its ``top`` strongest matches.
 
     ``matching`` is the configuration ``match`` was computed with (epsilon and the weight of the
-    structural term in the score). ``maps``: the query's and the result's projected maps
-    (D, h, w) (``Embedding.maps``), and ``vectors`` their unit global vectors (D,) each, to
-    split the global term; a side without a map is not split (its residual says how much of the
-    score its regions leave unexplained).
+    structural term in the score). ``bases``: the query's and the result's global bases (R, D)
+    (:func:`model.attribution.global_basis` of ``Embedding.maps``), and ``vectors`` their unit
+    global vectors (D,) each, to split the global term; a side without a basis is not split (its
+    residual says how much of the score its regions leave unexplained).
 
     The strongest matches are the plan entries with the largest contributions ``T_ij * S_ij``.
     """
@@ -220,40 +221,38 @@ def explain(
         marginal_error=float(match.marginal_error[b, k]),
         iterations=match.iterations,
     )
-    if maps == (None, None):
+    if bases == (None, None):
         return explanation
     if vectors is None:
         raise ValueError("explain: splitting the global term needs both global vectors")
-    return with_global_split(explanation, maps, vectors)
+    return with_global_split(explanation, bases, vectors)
 
 
 def with_global_split(
     e: Explanation,
-    maps: tuple[torch.Tensor | None, torch.Tensor | None],
+    bases: tuple[torch.Tensor | None, torch.Tensor | None],
     vectors: tuple[torch.Tensor, torch.Tensor],
 ) -> Explanation:
-    """``e`` with the global term split over each side's regions where that side's projected
-    map (D, h, w) is given (``maps``: query's, result's); ``vectors``: the query's and the
-    result's unit global vectors (D,), each side's split taken against the other's vector.
-    A side whose map is None keeps what it had."""
+    """``e`` with the global term split over each side's regions where that side's global
+    basis (R, D) is given (``bases``: query's, result's; :func:`model.attribution.global_basis`);
+    ``vectors``: the query's and the result's unit global vectors (D,), each side's split taken
+    against the other's vector. A side whose basis is None keeps what it had."""
     sides = []
-    for side, own, other in ((e.query, maps[0], vectors[1]), (e.result, maps[1], vectors[0])):
-        split = _global_split(own, other, e.grid)
-        if split is None:
+    for side, own, other in ((e.query, bases[0], vectors[1]), (e.result, bases[1], vectors[0])):
+        if own is None:
             sides.append(side)
-        else:
-            sides.append(_side(split.tolist(), side.structural, e.structural_weight, e.score))
+            continue
+        if own.shape != (e.grid * e.grid, other.shape[-1]):
+            raise ValueError(f"a global basis must be (R, D) = ({e.grid ** 2}, "
+                             f"{other.shape[-1]}), got {tuple(own.shape)}")  # fmt: skip
+        split = own.detach().cpu().double() @ other.detach().cpu().double()
+        sides.append(_side(split.tolist(), side.structural, e.structural_weight, e.score))
     return dataclasses.replace(e, query=sides[0], result=sides[1])
 
 
-def _global_split(
-    own_map: torch.Tensor | None, other_vector: torch.Tensor, grid: int
-) -> torch.Tensor | None:
-    """own_map: (D, h, w) or None; other_vector: (D,) -> (R,) float64 or None."""
-    if own_map is None:
-        return None
-    other = other_vector.detach().cpu().reshape(1, -1)
-    return global_contributions(own_map.detach().cpu()[None], other, grid)[0]
+def bases_of(embedding: Embedding, grid: int) -> torch.Tensor | None:
+    """(B, R, D) float64: the global bases of an embedding that kept its maps, else None."""
+    return None if embedding.maps is None else global_basis(embedding.maps, grid)
 
 
 def _side(

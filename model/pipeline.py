@@ -10,7 +10,7 @@ from PIL import Image
 
 from model.checkpoint import fingerprint
 from model.config import ModelConfig
-from model.explain import Explanation, explain
+from model.explain import Explanation, bases_of, explain
 from model.images import ImageGeometry, preprocess
 from model.matching import match_pairs
 from model.network import Embedding, EmbeddingNet
@@ -89,16 +89,20 @@ def explain_embeddings(
     b_geometry: ImageGeometry,
     config: ModelConfig,
     top: int = 5,
+    bases: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> Explanation:
     """How one embedded image ``b`` matches another ``a`` (each of length 1), with the grid and
     matching settings of the model ``config`` that made them. Each side's global term is split
-    over its regions where its embedding kept its map (``Embedding.maps``)."""
+    over its regions with its global basis (R, D) from ``bases``, else from its embedding's map
+    where it kept one (``Embedding.maps``)."""
     with torch.inference_mode():
         match = match_pairs(a, b, config.matching)
-    maps = (_map(a), _map(b))
+    if bases is None:
+        bases = (_basis(a, config.grid), _basis(b, config.grid))
     return explain(match, a_geometry, b_geometry, config.grid, config.matching, top=top,
-                   maps=maps, vectors=(a.vector[0], b.vector[0]))  # fmt: skip
+                   bases=bases, vectors=(a.vector[0], b.vector[0]))  # fmt: skip
 
 
-def _map(embedding: Embedding) -> torch.Tensor | None:
-    return None if embedding.maps is None else embedding.maps[0]
+def _basis(embedding: Embedding, grid: int) -> torch.Tensor | None:
+    basis = bases_of(embedding, grid)
+    return None if basis is None else basis[0]

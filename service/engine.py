@@ -51,6 +51,7 @@ from model import (
     load_model,
     preprocess,
 )
+from model.explain import bases_of
 from model.images import DEFAULT_MAX_PIXELS, geometry_of
 from model.matching import StructuralMatch, rerank_positions
 from model.network import EmbeddingNet
@@ -64,7 +65,7 @@ from service.failures import (
     UnusableImageError,
 )
 from service.limits import BudgetExhaustedError, MemoryBudget, in_thread, time_left
-from service.maps import MapCache, split_pages
+from service.maps import BasisCache, query_bases, split_pages
 from service.metrics import StageTimer
 from service.search import (
     Hit,
@@ -264,7 +265,7 @@ class Engine:
         if use_device:
             self.device_search = DeviceSearch(self.index, device, self._keep_grids(device))
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * 2**20)
-        self.maps = MapCache(settings.map_cache_mb * 2**20)
+        self.bases = BasisCache(settings.basis_cache_mb * 2**20)
         # Requests embedded and about to search (changed on the event loop's thread only).
         self.arriving = 0
         self.changes = 0  # gallery changes since start: what cached answers are keyed on
@@ -337,13 +338,14 @@ class Engine:
         except (OSError, ImageLoadError):
             raise gone from None
 
-    async def item_maps(self, items: list[Item]) -> dict[int, torch.Tensor | None]:
-        """Each item's projected map (D, h, w), from the cache or by embedding its stored
-        picture again through the shared batcher; None for an item whose picture is gone."""
+    async def item_bases(self, items: list[Item]) -> dict[int, torch.Tensor | None]:
+        """Each item's global basis (R, D) (:mod:`model.attribution`), from the cache or by
+        embedding its stored picture again through the shared batcher; None for an item whose
+        picture is gone."""
         out: dict[int, torch.Tensor | None] = {}
         missing: list[tuple[Item, ModelInput]] = []
         for item in {item.id: item for item in items}.values():
-            out[item.id] = self.maps.get(item)
+            out[item.id] = self.bases.get(item)
             if out[item.id] is None:
                 try:
                     missing.append((item, await in_thread(self.stored_input, item)))
@@ -353,31 +355,38 @@ class Engine:
         for start in range(0, len(missing), step):
             chunk = missing[start : start + step]
             embedding = await self.embed([decoded for _, decoded in chunk])
-            assert embedding.maps is not None  # the batcher keeps them
-            for (item, _), map_ in zip(chunk, embedding.maps, strict=True):
-                self.maps.put(item, map_)
-                out[item.id] = map_
+            bases = bases_of(embedding, self.config.grid)
+            assert bases is not None  # the batcher keeps the maps
+            for (item, _), basis in zip(chunk, bases.float(), strict=True):
+                self.bases.put(item, basis)
+                out[item.id] = basis
         return out
 
-    async def split_global(self, pages: list[Page], queries: Embedding) -> list[Page]:
+    async def split_global(
+        self,
+        pages: list[Page],
+        queries: Embedding,
+        stored: list[torch.Tensor | None] | None = None,
+    ) -> list[Page]:
         """``pages`` (page b answering ``queries[b]``) with their explanations' global term split
-        over both images' regions (:func:`service.maps.split_pages`)."""
+        over both images' regions (:func:`service.maps.split_pages`); ``stored``: the bases of
+        queries that are gallery items (:meth:`stored_query`)."""
         items = [h.item for page in pages for h in page.hits if h.explanation is not None]
         if not items:
             return pages
-        maps = await self.item_maps(items)
-        ids = np.array(sorted(maps), dtype=np.int64)
+        item_bases = await self.item_bases(items)
+        ids = np.array(sorted(item_bases), dtype=np.int64)
         with self.lock:
             vectors = dict(zip(ids.tolist(), self.index.vectors(ids), strict=True))
-        return split_pages(pages, queries, maps, vectors)
+        bases = query_bases(queries, self.config.grid, stored)
+        return split_pages(pages, queries, bases, item_bases, vectors)
 
-    async def stored_query(self, item_id: int) -> tuple[Embedding, ImageGeometry, Item]:
-        """:meth:`stored`, with the item's projected map where its picture is still there."""
+    async def stored_query(
+        self, item_id: int
+    ) -> tuple[Embedding, ImageGeometry, Item, torch.Tensor | None]:
+        """:meth:`stored`, and the item's global basis (None where its picture is gone)."""
         embedding, geometry, item = await in_thread(self.stored, item_id)
-        map_ = (await self.item_maps([item]))[item.id]
-        if map_ is not None:
-            embedding = Embedding(embedding.parts, embedding.vector, map_[None])
-        return embedding, geometry, item
+        return embedding, geometry, item, (await self.item_bases([item]))[item.id]
 
     def _decode_within_budget(
         self, data: bytes, max_pixels: int, formats: frozenset[str] | None, max_aspect: float | None
@@ -677,9 +686,16 @@ class Engine:
         return Page(hits, options.offset, end if len(ids) > end else None)
 
     def explain_pair(
-        self, a: Embedding, ga: ImageGeometry, b: Embedding, gb: ImageGeometry, top: int
+        self,
+        a: Embedding,
+        ga: ImageGeometry,
+        b: Embedding,
+        gb: ImageGeometry,
+        top: int,
+        bases: tuple[torch.Tensor | None, torch.Tensor | None],
     ) -> Explanation:
-        return explain_embeddings(a, ga, b, gb, self.config, top)
+        """How ``b`` matches ``a`` (each of length 1), the global term split with ``bases``."""
+        return explain_embeddings(a, ga, b, gb, self.config, top, bases)
 
     def duplicates(self, threshold: float, structural_threshold: float) -> list[DuplicateGroup]:
         """The gallery's groups of near-copies (:func:`index_builder.duplicates.near_duplicates`),

@@ -46,9 +46,9 @@ class Settings(BaseSettings):
     max_aspect_ratio: float = Field(20.0, ge=1, description="longer side / shorter side limit")
     decode_memory_mb: int = Field(512, gt=0, description="memory that images being decoded "
                                   "may hold at once; past it, decodes wait, then 503")  # fmt: skip
-    map_cache_mb: int = Field(64, ge=0, description="gallery items' feature maps kept to "
-                              "explain the global term without embedding their pictures "
-                              "again")  # fmt: skip
+    basis_cache_mb: int = Field(128, ge=0, description="memory for gallery items' global "
+                                "bases, kept to explain the global term without embedding "
+                                "their pictures again")  # fmt: skip
     max_batch_images: int = Field(16, gt=0, description="images in one batch search")
     max_batch_queries: int = Field(64, gt=0, description="queries searched and re-ranked "
                                    "together across concurrent requests")  # fmt: skip

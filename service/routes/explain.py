@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 from typing import Annotated, Any, Literal
 
+import torch
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from model import Embedding, ImageGeometry, render_explanation
+from model.explain import bases_of
 from service.deps import DIGITS, MAX_ID, EngineDep, Read, single_parts, within_deadline
 from service.engine import Engine
 from service.errors import ApiError
@@ -21,7 +23,8 @@ router = APIRouter(tags=["explain"], dependencies=[Read])
 
 Format = Annotated[Literal["json", "png"], Query(description="json, or png for the picture")]
 Top = Annotated[int, Query(ge=0, le=256, description="strongest part matches to list"), DIGITS]
-Side = tuple[Embedding, ImageGeometry, Image.Image | None]
+# An image's embedding, geometry, picture (to draw) and global basis (to split the global term).
+Side = tuple[Embedding, ImageGeometry, Image.Image | None, torch.Tensor | None]
 
 
 async def _side(
@@ -32,11 +35,14 @@ async def _side(
                        f"'{name}_id' (a gallery id)")  # fmt: skip
     if upload is not None:
         query = await in_thread(engine.decode, await upload.read(), upload.filename or name)
-        return (await engine.embed([query])), query.geometry, query.picture
+        embedding = await engine.embed([query])
+        bases = bases_of(embedding, engine.config.grid)
+        basis = None if bases is None else bases[0]
+        return embedding, query.geometry, query.picture, basis
     assert item_id is not None
-    embedding, geometry, item = await engine.stored_query(item_id)
+    embedding, geometry, item, basis = await engine.stored_query(item_id)
     image = await in_thread(engine.stored_picture, item) if picture else None
-    return embedding, geometry, image
+    return embedding, geometry, image, basis
 
 
 async def _explain(
@@ -59,7 +65,7 @@ async def _explain_sides(
 ) -> Any:
     a = await _side(engine, "a", *a_given, format == "png")
     b = await _side(engine, "b", *b_given, format == "png")
-    explanation = await in_thread(engine.explain_pair, a[0], a[1], b[0], b[1], top)
+    explanation = await in_thread(engine.explain_pair, a[0], a[1], b[0], b[1], top, (a[3], b[3]))
     if format == "png":
         assert a[2] is not None
         assert b[2] is not None

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import torch
 from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 from pydantic import StringConstraints
 
 from index_builder import LabelFilter
 from model import Embedding, ImageGeometry, MatchingConfig, ModelInput
-from model.explain import ranking_rule, verdict_of
+from model.explain import bases_of, ranking_rule, verdict_of
 from model.matching import ranking_score
 from service.deps import (
     DIGITS,
@@ -193,9 +194,11 @@ async def _find(
     options: SearchOptions,
     timer: StageTimer,
     embedded: bool = False,
+    stored: list[torch.Tensor | None] | None = None,
 ) -> list[Page]:
     """Through the shared search batcher, or, for grouped searches, one query at a time; then
-    the explanations' global term split over both images' regions."""
+    the explanations' global term split over both images' regions (``stored``: the global
+    bases of queries that are gallery items)."""
     if options.group_size is None:
         pages = await engine.find(embedding, geometries, options, timer, embedded=embedded)
     else:
@@ -203,13 +206,18 @@ async def _find(
             await in_thread(engine.search_grouped, embedding[i : i + 1], geometry, options, timer)
             for i, geometry in enumerate(geometries)
         ]
-    return await _split(engine, pages, embedding, timer)
+    return await _split(engine, pages, embedding, timer, stored)
 
 
-async def _split(engine: Engine, pages: list[Page], queries: Embedding, timer: StageTimer
-                 ) -> list[Page]:  # fmt: skip
+async def _split(
+    engine: Engine,
+    pages: list[Page],
+    queries: Embedding,
+    timer: StageTimer,
+    stored: list[torch.Tensor | None] | None = None,
+) -> list[Page]:
     with timer.stage("explain_global"):
-        return await engine.split_global(pages, queries)
+        return await engine.split_global(pages, queries, stored)
 
 
 @router.post(
@@ -272,10 +280,11 @@ async def search_by_id(
     """More like this: the gallery item's own stored embedding as the query."""
 
     async def run() -> list[Page]:
-        embedding, geometry, _ = await (
-            engine.stored_query(item_id) if options.explain else in_thread(engine.stored, item_id)
-        )
-        return await _find(engine, embedding, [geometry], options, timer)
+        if not options.explain:
+            embedding, geometry, _ = await in_thread(engine.stored, item_id)
+            return await _find(engine, embedding, [geometry], options, timer)
+        embedding, geometry, _, basis = await engine.stored_query(item_id)
+        return await _find(engine, embedding, [geometry], options, timer, stored=[basis])
 
     results = await within_deadline(engine, run())
     response.headers["Server-Timing"] = timer.header()
@@ -325,7 +334,7 @@ async def search_examples(
         raise ApiError(422, "invalid_request", "group_by is not available with examples")
 
     async def run() -> Page:
-        pos, pos_geometries = await _examples(
+        pos, pos_geometries, bases = await _examples(
             engine, positive, positive_ids, timer, options.explain
         )
         neg = (await _examples(engine, negative, negative_ids, timer, False))[0] if (
@@ -334,7 +343,7 @@ async def search_examples(
         page = await in_thread(
             engine.search_examples, pos, pos_geometries, neg, exclude, options, timer
         )
-        return (await _split(engine, [page], pos, timer))[0]
+        return (await _split(engine, [page], pos, timer, bases))[0]
 
     page = await within_deadline(engine, run())
     response.headers["Server-Timing"] = timer.header()
@@ -342,21 +351,27 @@ async def search_examples(
 
 
 async def _examples(
-    engine: Engine, uploads: list[UploadFile], ids: list[int], timer: StageTimer, maps: bool
-) -> tuple[Embedding, list[ImageGeometry]]:
-    """Uploads (decoded and embedded together), then stored items, as one Embedding (with every
-    example's map when ``maps`` and each stored item's picture is still there)."""
+    engine: Engine, uploads: list[UploadFile], ids: list[int], timer: StageTimer, bases: bool
+) -> tuple[Embedding, list[ImageGeometry], list[torch.Tensor | None]]:
+    """Uploads (decoded and embedded together), then stored items, as one Embedding, and with
+    ``bases`` every example's global basis (None where a stored item's picture is gone)."""
     parts: list[Embedding] = []
     geometries: list[ImageGeometry] = []
+    stored: list[torch.Tensor | None] = []
     if uploads:
         decoded = await _decode(engine, uploads, timer)
         with timer.stage("embed"):
-            parts.append(await engine.embed(decoded))
+            embedded = await engine.embed(decoded)
+        parts.append(embedded.without_maps())
         geometries += [d.geometry for d in decoded]
+        made = bases_of(embedded, engine.config.grid) if bases else None
+        stored += [None] * len(decoded) if made is None else list(made)
     for item_id in ids:
-        embedding, geometry, _ = await (
-            engine.stored_query(item_id) if maps else in_thread(engine.stored, item_id)
-        )
+        if bases:
+            embedding, geometry, _, basis = await engine.stored_query(item_id)
+            stored.append(basis)
+        else:
+            embedding, geometry, _ = await in_thread(engine.stored, item_id)
         parts.append(embedding)
         geometries.append(geometry)
-    return Embedding.cat(parts), geometries
+    return Embedding.cat(parts), geometries, stored

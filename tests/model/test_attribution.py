@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.attribution import global_contributions, pooling_cells, position_contributions
+from model.attribution import (
+    global_basis,
+    global_contributions,
+    pooling_cells,
+    position_contributions,
+)
 from model.config import MatchingConfig, ModelConfig, Preprocessing
 from model.explain import explain, ranking_rule, verdict_of, with_global_split
 from model.images import preprocess
@@ -42,6 +47,12 @@ def test_position_contributions_match_a_loop_and_sum_to_the_cosine() -> None:
     cells = global_contributions(maps, other, grid=4)
     assert cells.shape == (3, 16)
     torch.testing.assert_close(cells.sum(dim=1), got.sum(dim=1))
+    # The basis sums over the cells to the unit global vector.
+    basis = global_basis(maps, grid=4)
+    assert basis.shape == (3, 16, 8)
+    torch.testing.assert_close(
+        basis.sum(dim=1), F.normalize(maps.double().mean(dim=(2, 3)), dim=-1)
+    )
 
 
 def test_position_contributions_check_shapes() -> None:
@@ -64,7 +75,8 @@ def test_the_whole_score_is_explained_for_a_head_with_bias(weight: float) -> Non
     matching = MatchingConfig(structural_weight=weight).with_bands(0.2, 0.5)
     match = match_pairs(a, b, matching)
     _, geometry = preprocess(Image.new("RGB", (300, 200)), Preprocessing())
-    e = explain(match, geometry, geometry, 4, matching, maps=(a.maps[0], b.maps[0]),
+    bases = (global_basis(a.maps, 4)[0], global_basis(b.maps, 4)[0])
+    e = explain(match, geometry, geometry, 4, matching, bases=bases,
                 vectors=(a.vector[0], b.vector[0]))  # fmt: skip
     assert e.exact
     for side in (e.query, e.result):
@@ -90,7 +102,7 @@ def test_a_side_without_its_map_reports_what_it_leaves_out() -> None:
     _, geometry = preprocess(Image.new("RGB", (64, 64)), Preprocessing())
     bare = explain(match, geometry, geometry, 4, matching)
     assert bare.verdict is None  # no bands: no verdict
-    half = with_global_split(bare, (a.maps[0], None), (a.vector[0], b.vector[0]))
+    half = with_global_split(bare, (global_basis(a.maps, 4)[0], None), (a.vector[0], b.vector[0]))
     assert not half.exact
     assert half.result.global_ is None
     assert half.result.residual == pytest.approx(half.global_similarity, abs=1e-6)

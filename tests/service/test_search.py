@@ -41,7 +41,7 @@ def test_every_search_route_explains_the_whole_score(
     client: TestClient, served: dict[str, Path]
 ) -> None:
     """By id, with examples, grouped, in a batch: the query's and the result's regions account
-    for the score; the gallery pictures are embedded once, then their maps come from the cache."""
+    for the score; gallery pictures are embedded once, then their bases come from the cache."""
     engine = client.app.state.engine  # type: ignore[attr-defined]
     image = ("q.png", _image(served))
     examples = client.post(
@@ -65,7 +65,7 @@ def test_every_search_route_explains_the_whole_score(
         assert hits
         for hit in hits:
             assert_whole_score(hit["explanation"])
-    assert engine.maps.size > 0
+    assert engine.bases.size > 0
     calls = []
     original = engine.stored_input
     engine.stored_input = lambda item: calls.append(item.id) or original(item)
