@@ -23,9 +23,9 @@ import torch
 
 from model.config import MatchingConfig
 from model.datasets import ImageSet
-from model.deletion import deletion_check
+from model.deletion import deletion_check, ranking_score_deletion
 from model.keypoints import keypoint_report
-from model.loading import embed_records
+from model.loading import batches, embed_records, records_embedder
 from model.matching import ranking_score, rerank_positions, structural_match
 from model.metrics import RECALL_KS, relevant_counts, retrieval_metrics
 from model.network import Embedding, EmbeddingNet
@@ -163,12 +163,20 @@ def evaluate(
     keypoints: bool = True,
     progress: Callable[[int], None] | None = None,
     runtime: Runtime = "auto",
+    deletion_queries: int | None = None,
 ) -> dict[str, Any]:
-    """The full report (see the module docstring) as a JSON-ready dict, percentages 0-100."""
+    """The full report (see the module docstring) as a JSON-ready dict, percentages 0-100.
+
+    ``report["deletion"]["ranking_score"]``: the image-domain deletion check of the whole
+    score (:func:`model.deletion.ranking_score_deletion`) of each query and its top hit under
+    the model's ranking, over every image, or ``deletion_queries`` of them evenly spaced in the
+    set's order (0: not run).
+    """
     device = device or torch.device("cpu")
     started = time.perf_counter()
+    embedder = records_embedder(model, device, runtime)
     embedding, geometry = embed_records(
-        model, images.records, device, batch_size, workers, progress, runtime
+        model, images.records, device, batch_size, workers, progress, embedder=embedder
     )
     report = evaluate_embeddings(
         embedding,
@@ -180,6 +188,28 @@ def evaluate(
         device,
         keypoints,
     )
+    n = len(embedding)
+    count = n if deletion_queries is None else min(deletion_queries, n)
+    if count > 0 and n > 1:
+        deletion_started = time.perf_counter()
+        matching = model.config.matching
+        # The top hit under the model's ranking, as evaluate_embeddings ranked (same rule).
+        ranked = rank_all(embedding, max(rerank_k, 1), rerank_k, matching, device)
+        top1 = ranked.reranked_order[:, 0]
+        queries = torch.arange(count) * n // count  # every image, or evenly spaced ones
+        loader = batches(
+            [images.records[int(i)] for i in queries], model.config.preprocessing, batch_size,
+            workers,
+        )  # fmt: skip
+        pairs = (
+            (pixels, hits)
+            for (pixels, _), hits in zip(loader, top1[queries].split(batch_size), strict=True)
+        )
+        checked = ranking_score_deletion(
+            pairs, embedder.embed_pixels, embedding, model.config.grid, matching
+        )
+        checked["seconds"] = round(time.perf_counter() - deletion_started, 2)
+        report.setdefault("deletion", {})["ranking_score"] = checked
     report["grid"] = model.config.grid
     report["dim"] = model.dim
     report["structural_weight"] = model.config.matching.structural_weight
@@ -210,6 +240,10 @@ def evaluate_embeddings(
     # The published rule (structural weight 1) beside the model's, to show what it would do.
     published = scores.reranked(PUBLISHED_WEIGHT)
     report["reranked_published"] = retrieval_metrics(labels[published], labels, r)
+    if matching is not None and matching.close_score is not None:
+        from model.calibration import verdict_rates  # calibration imports this module
+
+        report["verdicts"] = verdict_rates(scores, labels, matching)
     if keypoints and geometry is not None and images.has_keypoints:
         report["pck"] = keypoint_report(
             images, embedding, geometry, rankings.reranked_order, rankings.rerank_k, grid, matching

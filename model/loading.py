@@ -58,6 +58,14 @@ def batches(
     yield from DataLoader(ImageFiles(records, spec), batch_size=batch_size, num_workers=workers)
 
 
+def records_embedder(
+    model: EmbeddingNet, device: torch.device, runtime: Runtime = "torch"
+) -> Embedder:
+    """The :class:`~model.pipeline.Embedder` that :func:`embed_records` runs ``model`` with:
+    fp16 autocast on CUDA."""
+    return Embedder(model, device, half=device.type == "cuda", runtime=runtime)
+
+
 @torch.inference_mode()
 def embed_records(
     model: EmbeddingNet,
@@ -67,13 +75,15 @@ def embed_records(
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
     runtime: Runtime = "torch",
+    embedder: Embedder | None = None,
 ) -> tuple[Embedding, torch.Tensor]:
     """Embed every record at test-time preprocessing -> (Embedding on CPU, geometry rows (N, 5)).
 
     Parts are kept in float16 (as the index stores them) to halve the memory of large sets.
-    ``runtime``: the :class:`~model.pipeline.Embedder`'s (``torch`` for a model in training).
+    ``runtime``: the :class:`~model.pipeline.Embedder`'s (``torch`` for a model in training);
+    ``embedder``: one already made by :func:`records_embedder` (``runtime`` is then its own).
     """
-    embedder = Embedder(model, device, half=device.type == "cuda", runtime=runtime)
+    embedder = embedder or records_embedder(model, device, runtime)
     parts, vectors, rows = [], [], []
     for pixels, geometry in batches(records, model.config.preprocessing, batch_size, workers):
         embedding = embedder.embed_pixels(pixels)

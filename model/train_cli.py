@@ -104,8 +104,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
         f"structural weight: {result.weight:g} "
         f"(the model had {model.config.matching.structural_weight:g})"
     )
+    related, close = result.bands
+    print(f"verdict bands: close at score >= {close:.4f}, related at >= {related:.4f}")
     if args.out is not None:
-        save_checkpoint(model, args.out, model.config.with_structural_weight(result.weight))
+        config = model.config.with_structural_weight(result.weight, result.bands)
+        save_checkpoint(model, args.out, config)
         print(f"wrote {args.out}")
     return 0
 
@@ -118,11 +121,19 @@ def add_evaluate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "MAP@R for the global ranking and after structural re-ranking of the top-K; on CUB also "
         "PCK@0.1/0.2 of keypoints carried by the flow, by nearest features and by the identity; "
         "and how much dropping the 3 most contributing query parts lowers the structural "
-        "similarity, against 3 random parts.",
+        "similarity, against 3 random parts; and how much greying out the 3 query regions that "
+        "contribute most to the whole score of each query's top hit (the explanation's totals) "
+        "lowers that score, against 3 random regions.",
     )
     _data_arguments(p)
     p.add_argument("--classes", help="class range, e.g. 21-30 (default: all classes)")
     _model_arguments(p)
+    p.add_argument(
+        "--deletion-queries",
+        type=int,
+        help="run the greying-out check on this many queries, evenly spaced (default: every "
+        "image; 0: skip it)",
+    )
     p.add_argument("--json", type=Path, dest="json_out", help="also write the report here")
     p.set_defaults(run=run_evaluate)
 
@@ -155,6 +166,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 progress=bar.update,
                 runtime=args.inference,
+                deletion_queries=args.deletion_queries,
             )
     except KNOWN_ERRORS as e:
         print(f"diml evaluate: {e}", file=sys.stderr)
@@ -223,6 +235,13 @@ def format_report(report: dict[str, Any], name: str, classes: str | None) -> str
             f"  deletion: dropping the 3 top parts lowers SS by {d['top_parts_drop']:.2f}%, "
             f"3 random parts by {d['random_parts_drop']:.2f}%"
         )
+        if "ranking_score" in d:
+            g = d["ranking_score"]
+            lines.append(
+                f"  deletion: greying out the 3 top regions lowers the score by "
+                f"{g['top_drop']:.2f}%, 3 random regions by {g['random_drop']:.2f}% "
+                f"({g['pairs']} queries and their top hit)"
+            )
     lines.append(f"  {report['seconds']:.1f} s")
     return "\n".join(lines)
 

@@ -59,9 +59,10 @@ def main(folder: Path) -> None:
     print()
     print(
         "| model | grid | PCK@0.1 / 0.2: flow (argmax) | flow (weighted mean) | nearest feature "
-        "| identity | keypoints | SS drop: top-3 parts / 3 random |"
+        "| identity | keypoints | SS drop: top-3 parts / 3 random "
+        "| score drop, greyed out: top-3 regions / 3 random |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in reports.items():
         pck, drop = r["pck"], r["deletion"]
         cells = [
@@ -71,12 +72,22 @@ def main(folder: Path) -> None:
         print(
             f"| {ROWS[name]} | {r['grid']} x {r['grid']} | {' | '.join(cells)} | "
             f"{pck['n_keypoints']} | "
-            f"{drop['top_parts_drop']:.2f}% / {drop['random_parts_drop']:.2f}% |"
+            f"{drop['top_parts_drop']:.2f}% / {drop['random_parts_drop']:.2f}% | "
+            f"{greyed_drop(drop)} |"
         )
     seeds(folder, "default", "`diml train` default")
     seeds(folder, "compact", "`diml train --dim 128`")
     queries = next(iter(reports.values()))["n_queries"]
     print(f"\n{queries} test queries")
+
+
+def greyed_drop(deletion: dict[str, Any]) -> str:
+    """The image-domain check of the whole score (``deletion.ranking_score``): ``top / random``
+    drop, or "n/a" for a report written before it existed (delete it to evaluate again)."""
+    greyed = deletion.get("ranking_score")
+    if greyed is None:
+        return "n/a"
+    return f"{greyed['top_drop']:.2f}% / {greyed['random_drop']:.2f}%"
 
 
 def seeds(folder: Path, name: str, title: str) -> None:

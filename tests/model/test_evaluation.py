@@ -128,7 +128,7 @@ def test_evaluate_cli_on_real_photos(cub_dev, tmp_path, capsys) -> None:
     out = tmp_path / "report.json"
     code = main(
         ["evaluate", "--data", str(cub_dev), "--classes", "21-22", "--rerank-k", "20",
-         "--json", str(out)]
+         "--deletion-queries", "40", "--json", str(out)]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     report = json.loads(out.read_text())
@@ -154,8 +154,14 @@ def test_evaluate_cli_on_real_photos(cub_dev, tmp_path, capsys) -> None:
     # What the flow adds: it carries keypoints better than the identity mapping.
     assert pck["flow"][1] > pck["identity"][1]
     assert report["deletion"]["top_parts_drop"] > report["deletion"]["random_parts_drop"]
+    # The whole score's explanation, checked in the image: 40 queries and their top hits.
+    greyed = report["deletion"]["ranking_score"]
+    assert greyed["pairs"] == 40
+    assert greyed["top_drop"] > greyed["random_drop"] > 0
     assert report["seconds"] > 0
-    assert "PCK@0.1/0.2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PCK@0.1/0.2" in out
+    assert "greying out the 3 top regions lowers the score by" in out
 
 
 def test_evaluate_cli_names_a_missing_file(tmp_path, capsys) -> None:

@@ -76,7 +76,7 @@ def test_tail_training_learns_selects_on_validation_resumes_and_feeds_evaluate(
     assert log[0]["start"]
     assert log[0]["selected"]  # the start is the first best
     assert log[2]["loss"] < log[1]["loss"]  # it learns
-    assert set(log[1]["val"]) == {"global", "reranked", "structural_weight"}
+    assert set(log[1]["val"]) == {"global", "reranked", "structural_weight", "score_bands"}
     assert torch.equal(next(body[0].parameters()), first_before)  # the prefix is frozen
     assert not torch.equal(next(body[-1].parameters()), last_before)  # the last stage trains
 
@@ -84,6 +84,8 @@ def test_tail_training_learns_selects_on_validation_resumes_and_feeds_evaluate(
     chosen = [e for e in log if e["selected"]][-1]
     best = load_checkpoint(out / "best.safetensors")
     assert best.config.matching.structural_weight == chosen["val"]["structural_weight"]
+    bands = (best.config.matching.related_score, best.config.matching.close_score)
+    assert list(bands) == chosen["val"]["score_bands"]  # the verdict's bands travel with it
     assert best.config.dim == (None if chosen.get("start") else CONFIG.dim)
     embedding, _ = embed_records(best, val.records, torch.device("cpu"))
     again = calibrate(embedding, val.labels, 20, best.config.matching)
