@@ -90,11 +90,13 @@ def main() -> None:
                 tab.wait_for_selector("#gallery .item")
                 tab.fill("#k", "6")
                 tab.set_input_files("#file", str(query))
-                tab.wait_for_selector("#results .result img[src]")
+                # The first search loads the model: on a small CPU it takes longer than
+                # Playwright's default 30 s.
+                tab.wait_for_selector("#results .result img[src]", timeout=180_000)
                 tab.wait_for_timeout(500)
                 tab.locator("#results-section").screenshot(path=str(DOCS / "page-results.png"))
                 tab.query_selector_all("#results .result")[1].click()
-                tab.wait_for_selector("#detail:not([hidden]) #pair .cell")
+                tab.wait_for_selector("#detail:not([hidden]) #pair .cell", timeout=120_000)
                 tab.hover('#pair .cell[data-side="query"][data-region="5"]')
                 tab.wait_for_timeout(500)
                 tab.locator("#detail").screenshot(path=str(DOCS / "page-explanation.png"))

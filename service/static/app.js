@@ -102,6 +102,11 @@ async function runSearch(path, form, params = searchParams(), append = false) {
     const body = await (await api(`${path}?${params}`, options)).json();
     state.path = path; state.form = form; state.params = params; state.next = body.next_offset;
     state.results = append ? state.results.concat(body.results) : body.results;
+    state.rankedBy = body.ranked_by;
+    state.weight = body.structural_weight;
+    // nothing_close: null for a model without calibrated score bands; over all pages shown.
+    const none = body.nothing_close;
+    state.nothingClose = append && state.nothingClose !== null && none !== null ? state.nothingClose && none : none;
     const note = params.has("min_score") ? ` scoring at least ${params.get("min_score")}` : "";
     say(`${state.results.length} results${note} for ${state.query.name}.`);
     await showResults();
@@ -131,11 +136,18 @@ async function showResults() {
   $("results-section").hidden = false;
   $("more-results").hidden = state.next === null;
   $("examples-bar").hidden = state.marks.size === 0;
+  const reranks = $("rerank").checked && state.weight > 0;
   $("results-note").textContent = state.path === "/search/examples"
     ? "(by examples: best positive minus best negative)"
-    : $("rerank").checked
-      ? "(re-ranked by structural matching; the global rank is shown beside each)"
-      : "(global ranking only)";
+    : reranks
+      ? `(${state.rankedBy}; the global rank is shown beside each)`
+      : `(${$("rerank").checked ? state.rankedBy : "ranked by global similarity only"})`;
+  const none = $("nothing-close");
+  none.hidden = state.nothingClose !== true;
+  none.textContent = state.nothingClose === true
+    ? "Nothing in the gallery is close to this image: even the best results below are only " +
+      "related or unrelated by the model's calibrated score bands."
+    : "";
   for (const [i, hit] of state.results.entries()) {
     const card = document.createElement("div");
     card.className = "card result";
@@ -144,7 +156,8 @@ async function showResults() {
     card.setAttribute("role", "button");
     const moved = hit.global_rank - (i + 1);
     const arrow = moved > 0 ? `<span class="up">▲${moved}</span>` : moved < 0 ? `<span class="down">▼${-moved}</span>` : "";
-    card.innerHTML = `<img alt=""><span class="score">${hit.score.toFixed(3)}</span>
+    const verdict = hit.verdict ? `<span class="verdict ${hit.verdict}">${hit.verdict}</span>` : "";
+    card.innerHTML = `<img alt=""><span class="line"><span class="score">${hit.score.toFixed(3)}</span>${verdict}</span>
       <span class="rank">rank ${i + 1} · global rank ${hit.global_rank} ${arrow}</span>
       <span class="label"></span>
       <span class="marks"><button type="button" class="like" data-mark="like" aria-pressed="false">more like this</button>
@@ -173,17 +186,19 @@ async function openDetail(hit) {
   else form.append("a_id", state.query.id);
   form.append("b_id", hit.id);
   try {
-    state.explanation = await (await api("/explain?top=8", { method: "POST", body: form })).json();
+    const top = Math.max(0, Math.min(64, parseInt($("lines").value, 10) || 0));
+    state.explanation = await (await api(`/explain?top=${top}`, { method: "POST", body: form })).json();
     const [qUrl, rUrl] = [state.query.url, await galleryImage(hit.id)];
     const [qImg, rImg] = await Promise.all([loadImage(qUrl), loadImage(rUrl)]);
-    drawPair(state.explanation, qImg, rImg);
-    drawBars(state.explanation);
-    drawMatches(state.explanation);
-    $("detail-title").textContent = `Why ${hit.key} matches`;
-    $("detail").hidden = false;
-    $("detail").scrollIntoView({ behavior: "smooth", block: "start" });
     const e = state.explanation;
-    say(`score ${e.score.toFixed(4)} = global ${e.global_similarity.toFixed(4)} + ${e.structural_weight} × structural ${e.structural_similarity.toFixed(4)}`);
+    $("detail-title").textContent = `Why ${hit.key} matches`;
+    $("detail").hidden = false;  // shown before drawing: the labels are measured as drawn
+    drawHeading(e);
+    drawPair(e, qImg, rImg);
+    drawScoreTable(e);
+    drawMatches(e);
+    $("detail").scrollIntoView({ behavior: "smooth", block: "start" });
+    say(scoreLine(e));
   } catch (e) {
     say(`Could not explain: ${e.message}`, true);
   }
@@ -204,11 +219,48 @@ function el(name, attributes) {
   return node;
 }
 
-function heat(value, low, high) {
-  if (value < 0) return `rgba(40, 90, 220, ${Math.min(1, value / (low || -1)) * 0.7})`;
-  const floor = Math.max(low, 0);
-  const t = high > floor ? (value - floor) / (high - floor) : 1;
-  return `rgba(220, 40, 30, ${0.1 + 0.6 * Math.max(0, Math.min(1, t))})`;
+const signed = (v, digits = 4) => (v < 0 ? "−" : "+") + Math.abs(v).toFixed(digits);
+
+function scoreLine(e) {
+  return `score ${e.score.toFixed(4)} = global ${e.global_similarity.toFixed(4)} + ` +
+    `${e.structural_weight} × structural ${e.structural_similarity.toFixed(4)}`;
+}
+
+// What ranked this result, in words: with weight 0 the structural matching only shows which
+// parts correspond; it does not rank.
+function drawHeading(e) {
+  const rule = $("detail-rule");
+  rule.replaceChildren();
+  if (e.verdict) {
+    const v = document.createElement("span");
+    v.className = `verdict ${e.verdict}`;
+    v.textContent = e.verdict;
+    rule.append(v, " ");
+  }
+  const words = e.ranked_by.charAt(0).toUpperCase() + e.ranked_by.slice(1);
+  rule.append(e.structural_weight === 0
+    ? `${words}. Structural matching (the lines) is shown as correspondence, not ranking: it adds nothing to the score.`
+    : `${words}: the score adds ${e.structural_weight} × the structural similarity (the lines) to the global similarity.`);
+  const line = $("score-line");
+  line.textContent = scoreLine(e);
+  line.dataset.score = e.score;
+}
+
+// One colour scale for both images: clear at 0, red up to the largest share, blue below 0.
+function heat(value, strongest) {
+  const t = Math.min(1, Math.abs(value) / (strongest || 1));
+  return value < 0 ? `rgba(40, 90, 220, ${0.75 * t})` : `rgba(220, 40, 30, ${0.75 * t})`;
+}
+
+function partName(r, grid) {
+  return `${r} (row ${Math.floor(r / grid) + 1}, col ${(r % grid) + 1})`;
+}
+
+function sideValues(e, side) {
+  const c = e.contributions;
+  return {
+    total: c.total[side], structural: c.structural[side], global: c.global[side],  // global: null when not split
+  };
 }
 
 function drawPair(e, qImg, rImg) {
@@ -217,47 +269,103 @@ function drawPair(e, qImg, rImg) {
   const H = 360, gap = 40;
   const sq = H / qImg.naturalHeight, sr = H / rImg.naturalHeight;
   const wq = qImg.naturalWidth * sq, wr = rImg.naturalWidth * sr;
-  svg.setAttribute("viewBox", `0 0 ${wq + gap + wr} ${H}`);
+  const width = wq + gap + wr;
+  svg.setAttribute("viewBox", `0 0 ${width} ${H}`);
   svg.append(el("image", { href: qImg.src, x: 0, y: 0, width: wq, height: H }));
   svg.append(el("image", { href: rImg.src, x: wq + gap, y: 0, width: wr, height: H }));
-  const all = e.contributions.query.concat(e.contributions.result);
-  const low = Math.min(...all), high = Math.max(...all);
-  const lines = el("g", { class: "lines" });
+  const all = e.contributions.total.query.concat(e.contributions.total.result);
+  const strongestValue = Math.max(...all.map(Math.abs), 1e-12);
+  const w = e.structural_weight;
   const sides = [
-    { name: "query", regions: e.query_regions, values: e.contributions.query, s: sq, x0: 0 },
-    { name: "result", regions: e.result_regions, values: e.contributions.result, s: sr, x0: wq + gap },
+    { name: "query", regions: e.query_regions, values: sideValues(e, "query"), s: sq, x0: 0 },
+    { name: "result", regions: e.result_regions, values: sideValues(e, "result"), s: sr, x0: wq + gap },
   ];
   const centres = {};
   for (const side of sides) {
+    const v = side.values;
     centres[side.name] = side.regions.map(([x0, y0, x1, y1]) => [side.x0 + side.s * (x0 + x1) / 2, side.s * (y0 + y1) / 2]);
     side.regions.forEach(([x0, y0, x1, y1], r) => {
+      const g = v.global ? v.global[r] : null;
+      const split = g === null ? "global not split" : `global ${signed(g)}`;
       const rect = el("rect", {
         class: "cell", x: side.x0 + side.s * x0, y: side.s * y0,
         width: side.s * (x1 - x0), height: side.s * (y1 - y0),
-        fill: heat(side.values[r], low, high), tabindex: 0,
-        "data-side": side.name, "data-region": r, "data-contribution": side.values[r],
-        "aria-label": `${side.name} part ${r}: contribution ${side.values[r].toFixed(4)}`,
+        fill: heat(v.total[r], strongestValue), tabindex: 0,
+        "data-side": side.name, "data-region": r, "data-contribution": v.total[r],
+        "data-global": g === null ? "" : g, "data-structural": v.structural[r],
+        "aria-label": `${side.name} part ${r}: share of the score ${signed(v.total[r])} = ${split} + ${w} × structural ${signed(v.structural[r])}`,
       });
       rect.addEventListener("mouseenter", () => focusPart(side.name, r));
       rect.addEventListener("focus", () => focusPart(side.name, r));
       svg.append(rect);
     });
   }
+  const lines = el("g", { class: "lines" });
+  const labels = el("g", { class: "labels" });
+  svg.append(lines, el("g", { class: "flows" }), labels);  // labels on top of every line
   const strongest = Math.max(...e.matches.map((m) => Math.abs(m.contribution)), 1e-12);
-  e.matches.forEach((m, i) => {
-    const [a, b] = [centres.query[m.query_region], centres.result[m.result_region]];
+  const ends = e.matches.map((m) => [centres.query[m.query_region], centres.result[m.result_region]]);
+  // Weakest first, so that the strongest lines lie on top.
+  for (let i = e.matches.length - 1; i >= 0; i -= 1) {
+    const m = e.matches[i];
+    const [a, b] = ends[i];
     lines.append(el("line", {
       class: "match", x1: a[0], y1: a[1], x2: b[0], y2: b[1],
       stroke: "#f1c40f", "stroke-width": 1 + 5 * Math.abs(m.contribution) / strongest,
       "data-rank": i + 1, "data-contribution": m.contribution,
     }));
-    const label = el("text", { class: "rank-label", x: (a[0] + b[0]) / 2, y: (a[1] + b[1]) / 2 - 4 });
-    label.textContent = `${i + 1}: ${m.contribution.toFixed(4)}`;
-    lines.append(label);
-  });
-  svg.append(lines);
-  svg.append(el("g", { class: "flows" }));
+  }
+  state.labels = placeLabels(e, ends, labels, [0, 0, width, H]);
+  window.__labels = state.labels;
   state.centres = centres;
+  const c = e.contributions;
+  const sum = (xs) => xs.reduce((s, x) => s + x, 0);
+  const part = (side) => {
+    const g = c.global[side];
+    return `${side} parts: ${g === null ? "global not split" : `global ${signed(sum(g))}`} + ` +
+      `${w} × structural ${signed(sum(c.structural[side]))} = ${signed(sum(c.total[side]))}`;
+  };
+  $("heat-legend").textContent =
+    `Tint: each part's share of the score, from 0 (clear) to ${signed(strongestValue)} (red)` +
+    (Math.min(...all) < 0 ? "; blue: negative shares" : "") + `. ${part("query")}; ${part("result")}.`;
+}
+
+// Each line's label "rank: contribution", placed greedily, strongest first: the middle of its
+// line, else further along it or beside it, wherever its box meets no other label's box and
+// stays inside the picture. A label with no free place is left out (its line stays, and the
+// table below lists it). Returns the placed boxes, in the SVG's coordinates.
+function placeLabels(e, ends, group, bounds) {
+  const placed = [];
+  const margin = 2;
+  e.matches.forEach((m, i) => {
+    const [a, b] = ends[i];
+    const label = el("g", { class: "rank-label", "data-rank": i + 1 });
+    const box = el("rect", { class: "label-box", rx: 3 });
+    const text = el("text", { x: 0, y: 0 });
+    text.textContent = `${i + 1}: ${m.contribution.toFixed(4)}`;
+    label.append(box, text);
+    group.append(label);
+    const bb = text.getBBox();
+    const w = bb.width + 6, h = bb.height + 2;
+    const length = Math.max(Math.hypot(b[0] - a[0], b[1] - a[1]), 1e-9);
+    const [nx, ny] = [-(b[1] - a[1]) / length * (h + 2), (b[0] - a[0]) / length * (h + 2)];
+    for (const t of [0.5, 0.42, 0.58, 0.34, 0.66, 0.26, 0.74, 0.18, 0.82, 0.12, 0.88]) {
+      const px = a[0] + t * (b[0] - a[0]), py = a[1] + t * (b[1] - a[1]);
+      for (const [cx, cy] of [[px, py], [px + nx, py + ny], [px - nx, py - ny]]) {
+        const r = { x0: cx - w / 2, y0: cy - h / 2, x1: cx + w / 2, y1: cy + h / 2, rank: i + 1 };
+        if (r.x0 < bounds[0] || r.y0 < bounds[1] || r.x1 > bounds[2] || r.y1 > bounds[3]) continue;
+        const hit = placed.some((o) => r.x0 - margin < o.x1 && o.x0 < r.x1 + margin && r.y0 - margin < o.y1 && o.y0 < r.y1 + margin);
+        if (hit) continue;
+        placed.push(r);
+        for (const [k, v] of Object.entries({ x: r.x0, y: r.y0, width: w, height: h })) box.setAttribute(k, v);
+        text.setAttribute("x", cx);
+        text.setAttribute("y", cy);
+        return;
+      }
+    }
+    label.remove();  // no free place: left out
+  });
+  return placed;
 }
 
 function focusPart(side, r) {
@@ -281,35 +389,88 @@ function focusPart(side, r) {
     }));
   });
   const best = row.indexOf(most);
-  const total = row.reduce((s, f, j) => s + f * sims[j], 0);
+  const v = sideValues(e, side);
+  const g = v.global ? `global ${signed(v.global[r])}` : "global not split";
   $("hover-info").textContent =
     `${side} part ${r} sends most flow to ${other} part ${best}: flow ${most.toFixed(4)}, ` +
-    `similarity ${sims[best].toFixed(4)}, contribution ${(most * sims[best]).toFixed(5)}; ` +
-    `this part contributes ${total.toFixed(5)} in all`;
+    `similarity ${sims[best].toFixed(4)}, contribution ${(most * sims[best]).toFixed(5)}. ` +
+    `Its share of the score: ${signed(v.total[r])} = ${g} + ${e.structural_weight} × structural ${signed(v.structural[r])}`;
 }
 
-function drawBars(e) {
-  const bars = $("bars");
-  bars.replaceChildren();
-  // Each part's share of the score: its contribution times the model's structural weight.
+// Rows that add up to the score printed above them: the query parts with the largest shares,
+// the other parts together, and what the parts leave unexplained (only when the global term
+// could not be split, or beyond float rounding).
+function scoreRows(e, top = 6) {
+  const v = sideValues(e, "query");
   const w = e.structural_weight;
-  const parts = e.contributions.query.map((v, r) => ({ v: w * v, r })).sort((a, b) => b.v - a.v);
-  const total = Math.abs(e.global_similarity) + parts.reduce((s, p) => s + Math.abs(p.v), 0) || 1;
-  const add = (cls, value, title) => {
-    const bar = document.createElement("div");
-    bar.className = `bar ${cls}`;
-    bar.style.width = `${(100 * Math.abs(value)) / total}%`;
-    bar.dataset.value = value;
-    bar.title = title;
-    bars.append(bar);
+  const order = v.total.map((t, r) => r).sort((a, b) => v.total[b] - v.total[a]);
+  const row = (name, parts) => ({
+    name, parts,
+    global: v.global ? parts.reduce((s, r) => s + v.global[r], 0) : null,
+    structural: w * parts.reduce((s, r) => s + v.structural[r], 0),
+    total: parts.reduce((s, r) => s + v.total[r], 0),
+  });
+  const rows = order.slice(0, top).map((r) => row(partName(r, e.grid), [r]));
+  if (order.length > top) rows.push(row(`other ${order.length - top} parts`, order.slice(top)));
+  const residual = e.contributions.residual.query;
+  if (!e.contributions.exact || Math.abs(residual) > 5e-5) {
+    rows.push({ name: "not split over parts", parts: [], global: null, structural: null, total: residual });
+  } else {
+    rows[rows.length - 1].total += residual;  // float rounding: the rows still add up exactly
+  }
+  return rows;
+}
+
+function drawScoreTable(e) {
+  const rows = scoreRows(e);
+  const body = $("score-table").querySelector("tbody");
+  body.replaceChildren();
+  const fmt = (x) => (x === null ? "" : signed(x));
+  const most = Math.max(...rows.map((r) => Math.abs(r.total)), 1e-12);
+  const cells = (tr, values, total) => {
+    for (const value of values) {
+      const td = document.createElement("td");
+      td.textContent = value;
+      tr.append(td);
+    }
+    const share = document.createElement("td");
+    share.className = "share";
+    if (total !== null) {
+      const bar = document.createElement("span");
+      bar.className = `bar ${total < 0 ? "negative" : ""}`;
+      bar.style.width = `${(4 * Math.abs(total)) / most}rem`;
+      share.append(bar, ` ${Math.round((100 * total) / (e.score || 1))}%`);
+    }
+    tr.append(share);
   };
-  add("global", e.global_similarity, `global similarity ${e.global_similarity.toFixed(4)}`);
-  for (const p of parts) add("part", p.v, `query part ${p.r}: ${p.v.toFixed(5)}`);
-  $("bars-caption").textContent =
-    `grey: global similarity ${e.global_similarity.toFixed(4)}; red: the ${parts.length} query parts' ` +
-    `contributions times the structural weight ${w}, largest first, summing to ` +
-    `${(w * e.structural_similarity).toFixed(4)}; ` +
-    `together the score ${e.score.toFixed(4)}`;
+  for (const r of rows) {
+    const tr = document.createElement("tr");
+    tr.dataset.total = r.total;
+    if (r.global !== null) tr.dataset.global = r.global;
+    if (r.structural !== null) tr.dataset.structural = r.structural;
+    const name = document.createElement("th");
+    name.textContent = r.name;
+    tr.append(name);
+    cells(tr, [fmt(r.global), fmt(r.structural), fmt(r.total)], r.total);
+    if (r.parts.length === 1) {
+      tr.tabIndex = 0;
+      tr.addEventListener("mouseenter", () => focusPart("query", r.parts[0]));
+      tr.addEventListener("focus", () => focusPart("query", r.parts[0]));
+    }
+    body.append(tr);
+  }
+  const w = e.structural_weight;
+  $("structural-head").textContent = `+ ${w} × structural`;
+  const foot = $("score-table").querySelector("tfoot tr");
+  foot.replaceChildren();
+  const th = document.createElement("th");
+  th.textContent = "score";
+  foot.append(th);
+  foot.dataset.score = e.score;
+  cells(foot, [e.contributions.exact ? signed(e.global_similarity) : "", signed(w * e.structural_similarity), signed(e.score)], null);
+  $("score-caption").textContent = w === 0
+    ? `The structural column is 0: with weight 0 the structural similarity (${e.structural_similarity.toFixed(4)}) does not enter the score.`
+    : `Each part's structural share is ${w} × its contribution to the structural similarity ${e.structural_similarity.toFixed(4)}.`;
 }
 
 function drawMatches(e) {
@@ -455,6 +616,7 @@ function init() {
   });
   $("close-detail").addEventListener("click", () => { $("detail").hidden = true; });
   $("more-like-this").addEventListener("click", () => state.current && searchById(state.current.id));
+  $("lines").addEventListener("change", () => state.current && openDetail(state.current));
   $("prev-page").addEventListener("click", () => { state.page -= 1; showGallery(); });
   $("next-page").addEventListener("click", () => { state.page += 1; showGallery(); });
   $("add-form").addEventListener("submit", addImages);

@@ -28,9 +28,8 @@ FLAGS = [
 ]
 
 
-@pytest.fixture
-def page(served: dict[str, Path], fresh_index: Path) -> Iterator[tuple[object, Server, list[str]]]:
-    server = Server(fresh_index, served["checkpoint"])
+def _open(index: Path, checkpoint: Path) -> Iterator[tuple[object, Server, list[str]]]:
+    server = Server(index, checkpoint)
     server.wait_ready()
     requests: list[str] = []
     with sync_api.sync_playwright() as p:
@@ -43,6 +42,73 @@ def page(served: dict[str, Path], fresh_index: Path) -> Iterator[tuple[object, S
         finally:
             browser.close()
             server.stop()
+
+
+@pytest.fixture
+def page(served: dict[str, Path], fresh_index: Path) -> Iterator[tuple[object, Server, list[str]]]:
+    """The page against the tiny model, whose score adds the structural term (weight 1)."""
+    yield from _open(fresh_index, served["checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def unweighted(
+    served: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The tiny model as the default model is used: weight 0 (ranked by global similarity),
+    with score bands no pair reaches as close, and its own index."""
+    from index_builder import build_index, scan_folder
+    from model import Embedder, load_model, save_checkpoint
+
+    root = tmp_path_factory.mktemp("unweighted")
+    model = load_model(served["checkpoint"])
+    checkpoint = root / "weight0.safetensors"
+    save_checkpoint(model, checkpoint, model.config.with_structural_weight(0.0, bands=(-5.0, 5.0)))
+    index = root / "index"
+    build_index(scan_folder(served["gallery"]), index, Embedder(load_model(checkpoint)), workers=0)
+    return {"checkpoint": checkpoint, "index": index}
+
+
+@pytest.fixture
+def unweighted_page(
+    unweighted: dict[str, Path], tmp_path: Path
+) -> Iterator[tuple[object, Server, list[str]]]:
+    index = tmp_path / "index"
+    shutil.copytree(unweighted["index"], index)
+    yield from _open(index, unweighted["checkpoint"])
+
+
+def _drawn(tab: object, side: str, attribute: str = "data-contribution") -> list[float]:
+    return [
+        float(c.get_attribute(attribute))
+        for c in tab.query_selector_all(f'#pair .cell[data-side="{side}"]')  # type: ignore[attr-defined]
+    ]
+
+
+def _score_table_adds_up(tab: object, explanation: dict[str, object]) -> None:
+    """The score table's rows add up to the score printed above them (and to the API's)."""
+    rows = [
+        float(r.get_attribute("data-total") or "nan")
+        for r in tab.query_selector_all("#score-table tbody tr")  # type: ignore[attr-defined]
+    ]
+    printed = tab.inner_text("#score-line")  # type: ignore[attr-defined]
+    score = float(tab.get_attribute("#score-line", "data-score"))  # type: ignore[attr-defined]
+    assert printed.startswith(f"score {score:.4f} = global ")
+    assert sum(rows) == pytest.approx(score, abs=1e-9)
+    assert score == pytest.approx(explanation["score"], abs=1e-9)
+    shown = tab.inner_text("#score-table tfoot")  # type: ignore[attr-defined]
+    assert f"{score:.4f}" in shown
+
+
+def _boxes_do_not_intersect(boxes: list[dict[str, float]]) -> None:
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            apart = (
+                a["right"] <= b["left"]
+                or b["right"] <= a["left"]
+                or a["bottom"] <= b["top"]
+                or b["bottom"] <= a["top"]
+            )
+            assert apart, (a, b)
 
 
 def test_search_explain_hover_and_errors(
@@ -83,17 +149,23 @@ def test_search_explain_hover_and_errors(
         data={"b_id": str(hit["id"])},
         timeout=60,
     ).json()
-    for side in ("query", "result"):
-        drawn = [
-            float(c.get_attribute("data-contribution"))
-            for c in tab.query_selector_all(f'#pair .cell[data-side="{side}"]')
-        ]
-        assert drawn == pytest.approx(explanation["contributions"][side], abs=1e-9)
-    bars = [float(b.get_attribute("data-value")) for b in tab.query_selector_all("#bars .bar")]
-    assert sum(bars) == pytest.approx(explanation["score"], abs=1e-6)
+    contributions = explanation["contributions"]
+    for side in ("query", "result"):  # the heat maps are the whole score's split
+        assert _drawn(tab, side) == pytest.approx(contributions["total"][side], abs=1e-9)
+        assert _drawn(tab, side, "data-structural") == pytest.approx(
+            contributions["structural"][side], abs=1e-9
+        )
+        assert _drawn(tab, side, "data-global") == pytest.approx(
+            contributions["global"][side], abs=1e-9
+        )
+        assert sum(_drawn(tab, side)) == pytest.approx(explanation["score"], abs=1e-5)
+    _score_table_adds_up(tab, explanation)
+    heading = tab.inner_text("#detail-rule")
+    assert "re-ranked by structural matching (weight 1)" in heading.lower()
+    assert explanation["ranked_by"] in tab.inner_text("#results-note")
     assert len(tab.query_selector_all("#pair .match")) == 8
     first = explanation["matches"][0]["contribution"]
-    assert tab.text_content("#pair .rank-label") == f"1: {first:.4f}"
+    assert tab.text_content('#pair .rank-label[data-rank="1"] text') == f"1: {first:.4f}"
     assert len(tab.query_selector_all("#matches tbody tr")) == 8
 
     tab.hover('#pair .cell[data-side="query"][data-region="0"]')
@@ -102,6 +174,8 @@ def test_search_explain_hover_and_errors(
     assert info.startswith("query part 0 sends most flow to result part")
     best = max(range(4), key=lambda j: explanation["plan"][0][j])
     assert f"result part {best}:" in info
+    assert "share of the score" in info
+    assert "structural" in info
     tab.mouse.move(0, 0)  # the pointer leaves, so the focus alone decides what is shown
     tab.focus('#pair .cell[data-side="result"][data-region="3"]')  # keyboard reaches parts too
     assert tab.inner_text("#hover-info").startswith("result part 3 sends most flow")
@@ -226,3 +300,99 @@ def test_filters_threshold_more_results_examples_and_duplicates(
     groups = [g.inner_text() for g in tab.query_selector_all("#duplicates .dup-group")]
     original = query.relative_to(served["gallery"]).as_posix()
     assert any("copy.jpg" in g and original in g for g in groups)  # one group holds both
+
+
+def test_busy_explanation_labels_never_overlap(
+    page: tuple[object, Server, list[str]], served: dict[str, Path]
+) -> None:
+    """All 16 part pairs of the 2 x 2 grid drawn: many lines meet at each part, and the
+    labels placed for them still never overlap (those with no free place are left out)."""
+    tab, _, _ = page  # type: ignore[misc]
+    tab.set_input_files("#file", str(sorted(served["gallery"].rglob("*.png"))[3]))
+    tab.wait_for_selector("#results .result")
+    tab.click("#results .result")
+    tab.wait_for_selector("#detail:not([hidden]) #pair .cell")
+    assert len(tab.query_selector_all("#pair .match")) == 8
+    tab.fill("#lines", "16")  # the same explanation again, with all 16 part pairs
+    tab.dispatch_event("#lines", "change")
+    tab.wait_for_function("document.querySelectorAll('#pair .match').length === 16")
+    boxes = tab.evaluate(
+        "[...document.querySelectorAll('#pair .rank-label .label-box')].map((b) => {"
+        " const r = b.getBoundingClientRect();"
+        " return {left: r.left, top: r.top, right: r.right, bottom: r.bottom}; })"
+    )
+    assert 4 <= len(boxes) <= 16
+    _boxes_do_not_intersect(boxes)
+    # The texts lie inside their boxes, so the texts do not overlap either.
+    inside = tab.evaluate(
+        "[...document.querySelectorAll('#pair .rank-label')].every((g) => {"
+        " const b = g.querySelector('rect').getBoundingClientRect();"
+        " const t = g.querySelector('text').getBoundingClientRect();"
+        " return t.left >= b.left - 0.5 && t.right <= b.right + 0.5"
+        "   && t.top >= b.top - 0.5 && t.bottom <= b.bottom + 0.5; })"
+    )
+    assert inside
+    recorded = tab.evaluate("window.__labels")  # the placements, in the SVG's coordinates
+    assert len(recorded) == len(boxes)
+    _boxes_do_not_intersect(
+        [{"left": r["x0"], "top": r["y0"], "right": r["x1"], "bottom": r["y1"]} for r in recorded]
+    )
+    assert recorded[0]["rank"] == 1  # the strongest match is labelled first
+
+
+def test_weight_0_says_global_ranks_and_nothing_is_close(
+    unweighted_page: tuple[object, Server, list[str]], served: dict[str, Path]
+) -> None:
+    tab, server, _ = unweighted_page  # type: ignore[misc]
+    query = sorted(served["gallery"].rglob("*.png"))[2]
+    tab.wait_for_selector("#gallery .item")
+    tab.set_input_files("#file", str(query))
+    tab.wait_for_selector("#results .result")
+    api = httpx.post(
+        f"{server.url}/search",
+        files={"image": ("q.png", query.read_bytes())},
+        params={"k": 12, "rerank_k": 100},
+        timeout=60,
+    ).json()
+    assert api["nothing_close"] is True
+    assert api["ranked_by"] == "ranked by global similarity"
+    assert tab.is_visible("#nothing-close")
+    assert "Nothing in the gallery is close" in tab.inner_text("#nothing-close")
+    verdicts = [v.inner_text() for v in tab.query_selector_all("#results .result .verdict")]
+    assert verdicts == [h["verdict"] for h in api["results"]] == ["related"] * 12
+    note = tab.inner_text("#results-note")
+    assert "ranked by global similarity" in note
+    assert "re-ranked" not in note
+
+    tab.click("#results .result")
+    tab.wait_for_selector("#detail:not([hidden]) #pair .cell")
+    heading = tab.inner_text("#detail-rule")
+    assert "Ranked by global similarity" in heading
+    assert "re-ranked" not in heading.lower()
+    assert "correspondence, not ranking" in heading
+    assert "related" in heading  # the verdict
+    hit = api["results"][0]
+    explanation = httpx.post(
+        f"{server.url}/explain",
+        files={"a": ("q.png", query.read_bytes())},
+        data={"b_id": str(hit["id"])},
+        timeout=60,
+    ).json()
+    assert explanation["structural_weight"] == 0
+    # Weight 0: the heat maps are the global term's split alone, and still add up to the score.
+    for side in ("query", "result"):
+        assert _drawn(tab, side) == pytest.approx(
+            explanation["contributions"]["global"][side], abs=1e-9
+        )
+    _score_table_adds_up(tab, explanation)
+
+
+def test_without_score_bands_there_are_no_verdicts_and_no_message(
+    page: tuple[object, Server, list[str]], served: dict[str, Path]
+) -> None:
+    """The tiny model has no score bands: no verdicts, and no "nothing is close" message."""
+    tab, _, _ = page  # type: ignore[misc]
+    tab.set_input_files("#file", str(sorted(served["gallery"].rglob("*.png"))[1]))
+    tab.wait_for_selector("#results .result")
+    assert tab.is_hidden("#nothing-close")
+    assert tab.query_selector_all("#results .result .verdict") == []
