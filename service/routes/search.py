@@ -97,6 +97,9 @@ GroupSize = Annotated[
     int, Query(ge=1, le=100, description="hits per group (with group_by)"), DIGITS
 ]
 MAX_GROUPED_HITS = 1000
+# Explaining a hit may embed its gallery picture again (its global basis, when not cached): the
+# hits explained per query are bounded, as the hits returned are.
+MAX_EXPLAINED_HITS = 100
 
 
 def search_options(
@@ -114,6 +117,11 @@ def search_options(
     if size is not None and k * size > MAX_GROUPED_HITS:
         raise ApiError(422, "invalid_request", f"k x group_size may be at most "
                        f"{MAX_GROUPED_HITS}, not {k} x {size}")  # fmt: skip
+    hits = k * (size or 1)
+    if explain and hits > MAX_EXPLAINED_HITS:
+        raise ApiError(422, "invalid_request", f"with explain=true at most {MAX_EXPLAINED_HITS} "
+                       f"hits are explained per query, not {hits}: ask for fewer (k, or "
+                       "k x group_size), page on with offset, or set explain=false")  # fmt: skip
     return SearchOptions(k, rerank_k, explain, matches, offset, min_score, where, size)
 
 

@@ -77,6 +77,18 @@ def test_every_search_route_explains_the_whole_score(
     assert again == answers[0]
 
 
+def test_explained_hits_are_bounded(client: TestClient, served: dict[str, Path]) -> None:
+    files = {"image": ("q.png", _image(served))}
+    refused = client.post("/search", params={"k": 101}, files=files)
+    assert refused.status_code == 422
+    assert "at most 100 hits are explained" in refused.json()["error"]["message"]
+    grouped = client.post("/search", params={"k": 40, "group_by": "label", "group_size": 3},
+                          files=files)  # fmt: skip
+    assert grouped.status_code == 422
+    plain = client.post("/search", params={"k": 101, "explain": "false"}, files=files)
+    assert plain.status_code == 200
+
+
 def test_a_gallery_picture_gone_leaves_its_side_unsplit_and_says_so(
     served: dict[str, Path], fresh_index: Path, tmp_path: Path
 ) -> None:
