@@ -9,9 +9,10 @@ maximises ``Recall@1 + MAP@R`` of the re-ranked ranking, ties going to the small
 ``w = 0`` is among them, so on the validation classes the chosen rule is never worse than the
 global ranking by that measure.
 
-The same ranking calibrates the verdict on each hit (:func:`score_bands`): ``close`` where the
-validation hits scoring as high are mostly of the query's class, ``related`` where at least half
-are, ``unrelated`` below. :func:`verdict_rates` measures those bands on any labelled set.
+The same ranking calibrates the verdict on each hit (:func:`score_bands`): ``close`` above
+what the closest other-class candidate scores for 95 % of the validation queries, ``related``
+above what it scores for half of them, ``unrelated`` below. :func:`verdict_rates` measures
+those bands on any labelled set.
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ from model.metrics import relevant_counts, retrieval_metrics
 from model.network import Embedding
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
-# A hit is ``close`` when, on the validation classes, the hits scoring at least as much are of the
-# query's class this often; ``related`` at half. Measured over each query's first VERDICT_TOP hits
-# (what a search shows), from at least MIN_HITS of them (one lucky pair chooses nothing).
-CLOSE_PRECISION = 0.9
-RELATED_PRECISION = 0.5
+# Verdict bands (score_bands): a hit is ``close`` when it outscores the closest other-class
+# candidate of this share of the validation queries, ``related`` of this share; verdict_rates
+# measures them over each query's first VERDICT_TOP hits (what a search shows).
+CLOSE_QUANTILE = 0.95
+RELATED_QUANTILE = 0.5
 VERDICT_TOP = 10
-MIN_HITS = 20
 
 
 def objective(metrics: dict[str, float]) -> float:
@@ -90,26 +90,21 @@ def shown_hits(
     return torch.gather(score, 1, positions).flatten(), relevant.flatten()
 
 
-def score_bands(
-    scores: HeadScores, labels: torch.Tensor, weight: float, top: int = VERDICT_TOP
-) -> tuple[float, float]:
-    """(related, close): the lowest scores down to which the shown hits (:func:`shown_hits`),
-    taken best first, are still of the query's class ``RELATED_PRECISION`` and
-    ``CLOSE_PRECISION`` of the time. Where no such run of MIN_HITS exists the band is the
-    highest score possible, ``1 + weight``: nothing is called close on such evidence."""
-    score, relevant = shown_hits(scores, labels, weight, top)
-    order = torch.argsort(score, descending=True, stable=True)
-    score, relevant = score[order].double(), relevant[order].double()
-    precision = relevant.cumsum(0) / torch.arange(1, len(score) + 1, dtype=torch.float64)
-
-    def band(target: float) -> float:
-        ok = (precision >= target) & (torch.arange(len(score)) >= MIN_HITS - 1)
-        if not bool(ok.any()):
-            return 1.0 + weight
-        return float(score[int(ok.nonzero().max())])
-
-    close = band(CLOSE_PRECISION)
-    return min(band(RELATED_PRECISION), close), close
+def score_bands(scores: HeadScores, labels: torch.Tensor, weight: float) -> tuple[float, float]:
+    """(related, close): each query's closest impostor is the best-scoring candidate of another
+    class among its first ``scores.k`` (under the rule with ``weight``); a hit is ``close`` when
+    it outscores the closest impostor of CLOSE_QUANTILE of the queries, ``related`` when it
+    outscores that of RELATED_QUANTILE. Impostors, not precision, set the bands: precision
+    follows how many same-class images a set holds and how easy its classes are (five easy
+    validation species would call nearly every hit close), the impostors' scores much less."""
+    score = ranking_score(scores.global_similarity, scores.structural_similarity, weight)
+    other = labels[scores.order[:, : scores.k]] != labels[:, None]
+    has = other.any(dim=1)
+    if scores.k == 0 or not bool(has.any()):
+        return 1.0 + weight, 1.0 + weight  # no impostor seen: nothing is called close
+    best = torch.where(other, score, torch.tensor(float("-inf"))).max(dim=1).values[has]
+    best = best.double()
+    return float(best.quantile(RELATED_QUANTILE)), float(best.quantile(CLOSE_QUANTILE))
 
 
 def verdict_rates(
