@@ -11,8 +11,8 @@ global ranking by that measure.
 
 The same ranking calibrates the verdict on each hit (:func:`score_bands`): ``close`` above
 what the closest other-class candidate scores for 95 % of the validation queries, ``related``
-above what it scores for half of them, ``unrelated`` below. :func:`verdict_rates` measures
-those bands on any labelled set.
+above what it scores for half of them, ``unrelated`` below
+(``model.evaluation.verdict_rates`` measures those bands on any labelled set).
 """
 
 from __future__ import annotations
@@ -23,17 +23,16 @@ import torch
 
 from model.config import MatchingConfig
 from model.evaluation import HeadScores, head_scores, ranking_depth
-from model.matching import ranking_score, rerank_positions
+from model.matching import ranking_score
 from model.metrics import relevant_counts, retrieval_metrics
 from model.network import Embedding
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 # Verdict bands (score_bands): a hit is ``close`` when it outscores the closest other-class
-# candidate of this share of the validation queries, ``related`` of this share; verdict_rates
-# measures them over each query's first VERDICT_TOP hits (what a search shows).
+# candidate of this share of the validation queries, ``related`` of this share
+# (model.evaluation.verdict_rates measures them on any labelled set).
 CLOSE_QUANTILE = 0.95
 RELATED_QUANTILE = 0.5
-VERDICT_TOP = 10
 
 
 def objective(metrics: dict[str, float]) -> float:
@@ -77,19 +76,6 @@ def calibrate(
     return Calibration(best, global_metrics, rows, score_bands(scores, labels, best))
 
 
-def shown_hits(
-    scores: HeadScores, labels: torch.Tensor, weight: float, top: int = VERDICT_TOP
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's first ``top`` hits under the rule with ``weight``: their scores and whether
-    each is of the query's class, both (N * top,), flattened."""
-    score = ranking_score(scores.global_similarity, scores.structural_similarity, weight)
-    top = min(top, scores.k)
-    positions = rerank_positions(score, scores.k)[:, :top]  # (N, top) into the head
-    items = torch.gather(scores.order[:, : scores.k], 1, positions)
-    relevant = labels[items] == labels[:, None]
-    return torch.gather(score, 1, positions).flatten(), relevant.flatten()
-
-
 def score_bands(scores: HeadScores, labels: torch.Tensor, weight: float) -> tuple[float, float]:
     """(related, close): each query's closest impostor is the best-scoring candidate of another
     class among its first ``scores.k`` (under the rule with ``weight``); a hit is ``close`` when
@@ -105,24 +91,3 @@ def score_bands(scores: HeadScores, labels: torch.Tensor, weight: float) -> tupl
     best = torch.where(other, score, torch.tensor(float("-inf"))).max(dim=1).values[has]
     best = best.double()
     return float(best.quantile(RELATED_QUANTILE)), float(best.quantile(CLOSE_QUANTILE))
-
-
-def verdict_rates(
-    scores: HeadScores, labels: torch.Tensor, matching: MatchingConfig, top: int = VERDICT_TOP
-) -> dict[str, dict[str, float]]:
-    """How the model's bands sort each query's first ``top`` hits on a labelled set: per verdict,
-    the share of hits given it and the share of those of the query's class (percent)."""
-    if matching.close_score is None or matching.related_score is None:
-        return {}
-    score, relevant = shown_hits(scores, labels, matching.structural_weight, top)
-    close = score >= matching.close_score
-    related = (score >= matching.related_score) & ~close
-    out = {}
-    for name, chosen in (("close", close), ("related", related), ("unrelated", ~close & ~related)):
-        n = int(chosen.sum())
-        right = float(relevant[chosen].double().mean()) if n else 0.0
-        out[name] = {
-            "hits": round(100.0 * n / max(len(score), 1), 2),
-            "of_query_class": round(100.0 * right, 2),
-        }
-    return out

@@ -32,6 +32,7 @@ from model.network import Embedding, EmbeddingNet
 from model.runtime import Runtime
 
 PUBLISHED_WEIGHT = 1.0  # the structural weight of the published ranking rule
+VERDICT_TOP = 10  # verdicts are measured on each query's first hits: what a search shows
 
 
 @dataclass(frozen=True)
@@ -241,8 +242,6 @@ def evaluate_embeddings(
     published = scores.reranked(PUBLISHED_WEIGHT)
     report["reranked_published"] = retrieval_metrics(labels[published], labels, r)
     if matching is not None and matching.close_score is not None:
-        from model.calibration import verdict_rates  # calibration imports this module
-
         report["verdicts"] = verdict_rates(scores, labels, matching)
     if keypoints and geometry is not None and images.has_keypoints:
         report["pck"] = keypoint_report(
@@ -253,3 +252,37 @@ def evaluate_embeddings(
         top1 = rankings.reranked_order[:, 0]
         report["deletion"] = deletion_check(embedding, queries, top1, matching)
     return report
+
+
+def shown_hits(
+    scores: HeadScores, labels: torch.Tensor, weight: float, top: int = VERDICT_TOP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's first ``top`` hits under the rule with ``weight``: their scores and whether
+    each is of the query's class, both (N * top,), flattened."""
+    score = ranking_score(scores.global_similarity, scores.structural_similarity, weight)
+    top = min(top, scores.k)
+    positions = rerank_positions(score, scores.k)[:, :top]  # (N, top) into the head
+    items = torch.gather(scores.order[:, : scores.k], 1, positions)
+    relevant = labels[items] == labels[:, None]
+    return torch.gather(score, 1, positions).flatten(), relevant.flatten()
+
+
+def verdict_rates(
+    scores: HeadScores, labels: torch.Tensor, matching: MatchingConfig, top: int = VERDICT_TOP
+) -> dict[str, dict[str, float]]:
+    """How the model's bands sort each query's first ``top`` hits on a labelled set: per verdict,
+    the share of hits given it and the share of those of the query's class (percent)."""
+    if matching.close_score is None or matching.related_score is None:
+        return {}
+    score, relevant = shown_hits(scores, labels, matching.structural_weight, top)
+    close = score >= matching.close_score
+    related = (score >= matching.related_score) & ~close
+    out = {}
+    for name, chosen in (("close", close), ("related", related), ("unrelated", ~close & ~related)):
+        n = int(chosen.sum())
+        right = float(relevant[chosen].double().mean()) if n else 0.0
+        out[name] = {
+            "hits": round(100.0 * n / max(len(score), 1), 2),
+            "of_query_class": round(100.0 * right, 2),
+        }
+    return out

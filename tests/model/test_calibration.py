@@ -66,8 +66,8 @@ def test_a_useless_structural_term_gets_weight_zero() -> None:
 
 
 def test_score_bands_are_quantiles_of_the_closest_impostors() -> None:
-    from model.calibration import CLOSE_QUANTILE, RELATED_QUANTILE, score_bands, verdict_rates
-    from model.evaluation import head_scores
+    from model.calibration import CLOSE_QUANTILE, RELATED_QUANTILE, score_bands
+    from model.evaluation import head_scores, verdict_rates
 
     embedding, labels = clustered(8, 6, noise=1.2, seed=4)
     scores = head_scores(embedding, ranking_depth(labels, 10), 10)
