@@ -42,24 +42,6 @@ def pooling_cells(grid: int, height: int, width: int) -> torch.Tensor:
     return member / member.sum(dim=0, keepdim=True)
 
 
-def position_contributions(maps: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """Each map position's share of the global cosine.
-
-    maps: (B, D, h, w), the projected feature maps whose mean is each image's global vector
-    (before normalisation); other: (B, D), the other image's unit global vector ->
-    (B, h * w) float64, row b summing to ``<normalize(mean maps[b]), other[b]>``.
-    """
-    if maps.dim() != 4 or other.dim() != 2 or other.shape != maps.shape[:2]:
-        raise ValueError(
-            f"position_contributions needs maps (B, D, h, w) and other (B, D), got "
-            f"{tuple(maps.shape)} and {tuple(other.shape)}"
-        )
-    f = maps.double().flatten(2)  # (B, D, N)
-    norm = f.mean(dim=2).norm(dim=1, keepdim=True)  # (B, 1): |mean f|
-    dots = torch.einsum("bdn,bd->bn", f, other.double())
-    return dots / (f.shape[2] * norm.clamp_min(torch.finfo(torch.float64).tiny))
-
-
 def global_basis(maps: torch.Tensor, grid: int) -> torch.Tensor:
     """maps: (B, D, h, w), projected feature maps -> (B, R, D) float64, each image's global
     basis (see the module's docstring): it sums over R to the normalised mean of the map."""
@@ -72,6 +54,7 @@ def global_basis(maps: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def global_contributions(maps: torch.Tensor, other: torch.Tensor, grid: int) -> torch.Tensor:
-    """maps: (B, D, h, w); other: (B, D) -> (B, R) float64: each grid cell's share of the
-    global cosine (:func:`position_contributions` shared out by :func:`pooling_cells`)."""
+    """maps: (B, D, h, w); other: (B, D), the other images' unit global vectors -> (B, R)
+    float64: each grid cell's share of the global cosine, row b summing to
+    ``<normalize(mean maps[b]), other[b]>``."""
     return torch.einsum("brd,bd->br", global_basis(maps, grid), other.double())

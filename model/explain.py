@@ -6,9 +6,9 @@
 - structural: ``C = plan * similarity`` sums to ``structural_similarity``; its row sums are the
   query parts' contributions, its column sums the result parts';
 - global: the cosine of two mean-pooled maps splits over map positions, shared out among the
-  same grid cells (:mod:`model.attribution`); this needs each image's projected map
-  (``Embedding.maps``): a side without one (a stored item whose picture is gone) has no global
-  split, and the part of the score left unexplained is reported as that side's ``residual``;
+  same grid cells, through each image's global basis (:mod:`model.attribution`, made from its
+  projected map, ``Embedding.maps``): a side without one (a stored item whose picture is gone)
+  has no global split, and the part of the score left unexplained is its ``residual``;
 - total: ``global + w * structural`` per region, summing to ``score`` (less the residual).
 
 Everything a user needs to see why two images match, in plain Python types.
@@ -42,9 +42,6 @@ class PartMatch:
     contribution: float
 
 
-VERDICTS = ("close", "related", "unrelated")
-
-
 def verdict_of(score: float, matching: MatchingConfig) -> str | None:
     """``close``, ``related`` or ``unrelated`` by the model's calibrated score bands
     (``MatchingConfig.close_score`` and ``related_score``); None for a model without them."""
@@ -64,8 +61,8 @@ def ranking_rule(weight: float) -> str:
 
 @dataclass(frozen=True)
 class Side:
-    """One image's regions' contributions, per term: ``global_`` (None where the image's map
-    was not at hand), ``structural`` and ``total`` (= global + w * structural), and the
+    """One image's regions' contributions, per term: ``global_`` (None where the image's
+    global basis was not at hand), ``structural`` and ``total`` (= global + w * structural), and the
     ``residual``, ``score - sum(total)``: float rounding when the global split is exact."""
 
     global_: list[float] | None

@@ -147,8 +147,8 @@ def create_model(
 # The default model's weight of the structural term in the score, chosen on CUB-200-2011 classes
 # 1-20 (never the test classes 21-30) by `diml calibrate --data CUB --classes 1-20`: every weight
 # above 0 lowers both Recall@1 and MAP@R there (82.69 and 35.60 at 0; 81.17 and 33.57 at the
-# published 1), so the training-free model ranks by its global vector; its explanations still
-# show the flow and each part's contribution to the structural similarity.
+# published 1), so the training-free model ranks by its global vector; its explanations split
+# that global term over the regions and show the flow as correspondence.
 DEFAULT_STRUCTURAL_WEIGHT = 0.0
 # Its verdict's score bands (related, close), chosen on the same classes by the same command
 # (model.calibration.score_bands): a hit scoring at least 0.8533 outscores the closest

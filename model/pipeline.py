@@ -93,14 +93,15 @@ def explain_embeddings(
 ) -> Explanation:
     """How one embedded image ``b`` matches another ``a`` (each of length 1), with the grid and
     matching settings of the model ``config`` that made them. Each side's global term is split
-    over its regions with its global basis (R, D) from ``bases``, else from its embedding's map
-    where it kept one (``Embedding.maps``)."""
+    over its regions with its global basis (R, D) from ``bases`` where given (a stored item's),
+    else from its embedding's map where it kept one (``Embedding.maps``)."""
     with torch.inference_mode():
         match = match_pairs(a, b, config.matching)
-    if bases is None:
-        bases = (_basis(a, config.grid), _basis(b, config.grid))
+    given = bases or (None, None)
+    sides = tuple(_basis(e, config.grid) if basis is None else basis
+                  for e, basis in zip((a, b), given, strict=True))  # fmt: skip
     return explain(match, a_geometry, b_geometry, config.grid, config.matching, top=top,
-                   bases=bases, vectors=(a.vector[0], b.vector[0]))  # fmt: skip
+                   bases=(sides[0], sides[1]), vectors=(a.vector[0], b.vector[0]))  # fmt: skip
 
 
 def _basis(embedding: Embedding, grid: int) -> torch.Tensor | None:

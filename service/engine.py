@@ -56,6 +56,7 @@ from model.images import DEFAULT_MAX_PIXELS, geometry_of
 from model.matching import StructuralMatch, rerank_positions
 from model.network import EmbeddingNet
 from model.pipeline import explain_embeddings
+from service.bases import BasisCache, query_bases, split_pages
 from service.failures import (
     DeadlineExceededError,
     EmptyUploadError,
@@ -65,7 +66,6 @@ from service.failures import (
     UnusableImageError,
 )
 from service.limits import BudgetExhaustedError, MemoryBudget, in_thread, time_left
-from service.maps import BasisCache, query_bases, split_pages
 from service.metrics import StageTimer
 from service.search import (
     Hit,
@@ -369,7 +369,7 @@ class Engine:
         stored: list[torch.Tensor | None] | None = None,
     ) -> list[Page]:
         """``pages`` (page b answering ``queries[b]``) with their explanations' global term split
-        over both images' regions (:func:`service.maps.split_pages`); ``stored``: the bases of
+        over both images' regions (:func:`service.bases.split_pages`); ``stored``: the bases of
         queries that are gallery items (:meth:`stored_query`)."""
         items = [h.item for page in pages for h in page.hits if h.explanation is not None]
         if not items:

@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from model import Embedding, ImageGeometry, render_explanation
-from model.explain import bases_of
 from service.deps import DIGITS, MAX_ID, EngineDep, Read, single_parts, within_deadline
 from service.engine import Engine
 from service.errors import ApiError
@@ -23,7 +22,8 @@ router = APIRouter(tags=["explain"], dependencies=[Read])
 
 Format = Annotated[Literal["json", "png"], Query(description="json, or png for the picture")]
 Top = Annotated[int, Query(ge=0, le=256, description="strongest part matches to list"), DIGITS]
-# An image's embedding, geometry, picture (to draw) and global basis (to split the global term).
+# An image's embedding, geometry, picture (to draw) and, for a gallery item, its global basis
+# (an upload's embedding keeps its map, which gives its own).
 Side = tuple[Embedding, ImageGeometry, Image.Image | None, torch.Tensor | None]
 
 
@@ -35,10 +35,7 @@ async def _side(
                        f"'{name}_id' (a gallery id)")  # fmt: skip
     if upload is not None:
         query = await in_thread(engine.decode, await upload.read(), upload.filename or name)
-        embedding = await engine.embed([query])
-        bases = bases_of(embedding, engine.config.grid)
-        basis = None if bases is None else bases[0]
-        return embedding, query.geometry, query.picture, basis
+        return (await engine.embed([query])), query.geometry, query.picture, None
     assert item_id is not None
     embedding, geometry, item, basis = await engine.stored_query(item_id)
     image = await in_thread(engine.stored_picture, item) if picture else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -99,6 +100,15 @@ def _score_table_adds_up(tab: object, explanation: dict[str, object]) -> None:
     assert f"{score:.4f}" in shown
 
 
+def _explained(server: Server, query: Path, item_id: int) -> dict[str, Any]:
+    """What /explain answers for the query upload against a gallery item."""
+    answer = httpx.post(f"{server.url}/explain", files={"a": ("q.png", query.read_bytes())},
+                        data={"b_id": str(item_id)}, timeout=60)  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    explanation: dict[str, Any] = answer.json()
+    return explanation
+
+
 def _boxes_do_not_intersect(boxes: list[dict[str, float]]) -> None:
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
@@ -143,12 +153,7 @@ def test_search_explain_hover_and_errors(
     cards[1].click()
     tab.wait_for_selector("#detail:not([hidden]) #pair .cell")
     hit = api["results"][1]
-    explanation = httpx.post(
-        f"{server.url}/explain",
-        files={"a": ("q.png", query.read_bytes())},
-        data={"b_id": str(hit["id"])},
-        timeout=60,
-    ).json()
+    explanation = _explained(server, query, hit["id"])
     contributions = explanation["contributions"]
     for side in ("query", "result"):  # the heat maps are the whole score's split
         assert _drawn(tab, side) == pytest.approx(contributions["total"][side], abs=1e-9)
@@ -372,12 +377,7 @@ def test_weight_0_says_global_ranks_and_nothing_is_close(
     assert "correspondence, not ranking" in heading
     assert "related" in heading  # the verdict
     hit = api["results"][0]
-    explanation = httpx.post(
-        f"{server.url}/explain",
-        files={"a": ("q.png", query.read_bytes())},
-        data={"b_id": str(hit["id"])},
-        timeout=60,
-    ).json()
+    explanation = _explained(server, query, hit["id"])
     assert explanation["structural_weight"] == 0
     # Weight 0: the heat maps are the global term's split alone, and still add up to the score.
     for side in ("query", "result"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,6 @@ from model.attribution import (
     global_basis,
     global_contributions,
     pooling_cells,
-    position_contributions,
 )
 from model.config import MatchingConfig, ModelConfig, Preprocessing
 from model.explain import explain, ranking_rule, verdict_of, with_global_split
@@ -32,21 +33,30 @@ def test_pooling_cells_are_adaptive_pooling_shared_out(grid: int, size: int) -> 
     torch.testing.assert_close(means, pooled)
 
 
-def test_position_contributions_match_a_loop_and_sum_to_the_cosine() -> None:
+def test_global_contributions_match_a_loop_and_sum_to_the_cosine() -> None:
     maps = torch.randn(3, 8, 5, 6)
     other = F.normalize(torch.randn(3, 8), dim=-1)
-    got = position_contributions(maps, other)
+    grid, (h, w) = 4, maps.shape[2:]
+    got = global_contributions(maps, other, grid)
+    assert got.shape == (3, 16)
+
+    def cells_of(y: int, x: int) -> list[int]:  # adaptive pooling's cells holding (y, x)
+        rows = [i for i in range(grid) if (i * h) // grid <= y < math.ceil((i + 1) * h / grid)]
+        cols = [j for j in range(grid) if (j * w) // grid <= x < math.ceil((j + 1) * w / grid)]
+        return [i * grid + j for i in rows for j in cols]
+
     for b in range(3):
-        f = maps[b].double().flatten(1)  # (D, N)
-        mean = f.mean(dim=1)
-        expected = [float(f[:, p] @ other[b].double()) / (f.shape[1] * float(mean.norm()))
-                    for p in range(f.shape[1])]  # fmt: skip
+        f = maps[b].double()  # (D, h, w)
+        mean = f.mean(dim=(1, 2))
+        expected = [0.0] * (grid * grid)
+        for y in range(h):
+            for x in range(w):
+                share = float(f[:, y, x] @ other[b].double()) / (h * w * float(mean.norm()))
+                for c in cells_of(y, x):
+                    expected[c] += share / len(cells_of(y, x))
         torch.testing.assert_close(got[b], torch.tensor(expected, dtype=torch.float64))
         cosine = float(F.normalize(mean, dim=0) @ other[b].double())
         assert float(got[b].sum()) == pytest.approx(cosine, abs=1e-12)
-    cells = global_contributions(maps, other, grid=4)
-    assert cells.shape == (3, 16)
-    torch.testing.assert_close(cells.sum(dim=1), got.sum(dim=1))
     # The basis sums over the cells to the unit global vector.
     basis = global_basis(maps, grid=4)
     assert basis.shape == (3, 16, 8)
@@ -55,9 +65,9 @@ def test_position_contributions_match_a_loop_and_sum_to_the_cosine() -> None:
     )
 
 
-def test_position_contributions_check_shapes() -> None:
+def test_global_basis_checks_shapes() -> None:
     with pytest.raises(ValueError, match=r"maps \(B, D, h, w\)"):
-        position_contributions(torch.randn(2, 8, 5), torch.randn(2, 8))
+        global_basis(torch.randn(2, 8, 5), grid=4)
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
