@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's results tables on CUB-200-2011: train on classes 1-15, select epochs and calibrate
+# The results tables of docs/measured.md on CUB-200-2011: train on classes 1-15, select epochs and calibrate
 # the structural weight on classes 16-20 (validation), test on classes 21-30 (never seen in
 # training, selection or calibration).
 #   bash scripts/cub_results.sh [CUB_DIR] [OUT]          (default ../shared/data/cub-dev, out/cub)

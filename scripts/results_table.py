@@ -1,4 +1,4 @@
-"""Print the README's results tables from the JSON reports of `diml evaluate`.
+"""Print the results tables of docs/measured.md from the JSON reports of `diml evaluate`.
 
 .venv/bin/python scripts/results_table.py out/cub     (scripts/cub_results.sh runs it)
 """
