@@ -78,13 +78,14 @@ def split_pages(
     """``pages`` (page b answers query b) with each explanation's global term split: the query's
     side with ``bases`` (one per query, :func:`query_bases`), the result's with ``item_bases``
     by item id (None: its picture is gone), each against the other side's global vector (the
-    result's stored one, ``vectors`` by item id). An example search's hit is explained
-    against its positive."""
+    result's stored one, ``vectors`` by item id; a hit whose item is not there, deleted since
+    the search, keeps its global term whole). An example search's hit is explained against
+    its positive."""
     out = []
     for b, page in enumerate(pages):
         done: dict[int, Hit] = {}
         for hit in page.hits:
-            if hit.explanation is None:
+            if hit.explanation is None or hit.item.id not in vectors:  # deleted meanwhile
                 continue
             q = hit.positive if hit.positive is not None else b
             own = (bases[q], item_bases.get(hit.item.id))

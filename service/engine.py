@@ -85,6 +85,8 @@ from service.settings import ALLOWED_FORMATS, Settings
 
 log = logging.getLogger(__name__)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# model.files.replacing writes beside the file as .NAME.RANDOM.tmp, renamed when complete.
+_UPLOAD_TEMP = re.compile(r"\.[0-9a-f]{64}\.[^/]*\.tmp")
 GROUP_DEPTH = 4  # a grouped search first looks at this many candidates per hit it may return
 
 
@@ -98,6 +100,7 @@ def _check_deadline() -> float | None:
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
+T = TypeVar("T")
 
 
 class Batcher(Generic[Job, Result]):
@@ -224,6 +227,24 @@ class SearchBatcher(Batcher[SearchJob, list[Page]]):
 
     def process(self, jobs: list[SearchJob]) -> list[list[Page]]:
         return self.engine.search_jobs(jobs)
+
+
+class _GalleryChangedError(Exception):
+    """Items a search found were deleted before their grids were read (the coarse search and
+    the re-rank take the index lock apart, so that writers are not held up by the match)."""
+
+
+def _again_if_changed(search: Callable[[], T], tries: int = 3) -> T:
+    """``search()``, run again (it only reads) while the gallery changes under it."""
+    for _ in range(tries - 1):
+        try:
+            return search()
+        except _GalleryChangedError:
+            log.info("the gallery changed during a search: searching again")
+    try:
+        return search()
+    except _GalleryChangedError:
+        raise OverloadedError("the gallery is changing too fast to search") from None
 
 
 class Engine:
@@ -375,8 +396,8 @@ class Engine:
         if not items:
             return pages
         item_bases = await self.item_bases(items)
-        ids = np.array(sorted(item_bases), dtype=np.int64)
-        with self.lock:
+        with self.lock:  # an item deleted since the search is left unsplit, not an error
+            ids = np.array(sorted(self.index.items(sorted(item_bases))), dtype=np.int64)
             vectors = dict(zip(ids.tolist(), self.index.vectors(ids), strict=True))
         bases = query_bases(queries, self.config.grid, stored)
         return split_pages(pages, queries, bases, item_bases, vectors)
@@ -547,11 +568,20 @@ class Engine:
         """Every query against the same gallery items ``ids``: a StructuralMatch over
         (len(queries), len(ids)) on the CPU, the candidates' grids read once and shared."""
         with timer.stage("gather"), self.lock:
-            gathered = gather_shared(self.index, ids, self.device_search)
+            try:
+                gathered = gather_shared(self.index, ids, self.device_search)
+            except KeyError as e:  # deleted since the coarse search found it
+                raise _GalleryChangedError from e
         with timer.stage("rerank"):
             return rerank(queries, gathered, self.config, self.embedder.device).to("cpu")
 
     def search_grouped(
+        self, query: Embedding, geometry: ImageGeometry, options: SearchOptions, timer: StageTimer
+    ) -> Page:
+        """:meth:`_grouped`, again where the gallery changed under it."""
+        return _again_if_changed(lambda: self._grouped(query, geometry, options, timer))
+
+    def _grouped(
         self, query: Embedding, geometry: ImageGeometry, options: SearchOptions, timer: StageTimer
     ) -> Page:
         """One query's ranking (the same two-stage rule as :meth:`search_jobs`) grouped by
@@ -622,6 +652,19 @@ class Engine:
         return Page([h for _, hits in out for h in hits], options.offset, more, out)
 
     def search_examples(
+        self,
+        positives: Embedding,
+        positive_geometries: list[ImageGeometry],
+        negatives: Embedding | None,
+        exclude: list[int],
+        options: SearchOptions,
+        timer: StageTimer,
+    ) -> Page:
+        """:meth:`_examples`, again where the gallery changed under it."""
+        return _again_if_changed(lambda: self._examples(
+            positives, positive_geometries, negatives, exclude, options, timer))  # fmt: skip
+
+    def _examples(
         self,
         positives: Embedding,
         positive_geometries: list[ImageGeometry],
@@ -784,6 +827,10 @@ class Engine:
         folder = self.settings.uploads_dir
         if not folder.is_dir():
             return
+        for f in folder.iterdir():  # an upload's atomic write cut short (kill -9)
+            if f.is_file() and _UPLOAD_TEMP.fullmatch(f.name):
+                log.info("removing %s: an upload's write that never finished", f)
+                f.unlink(missing_ok=True)
         files = [f for f in folder.iterdir() if f.is_file() and _SHA256.fullmatch(f.name)]
         live = self.index.keys_by_sha256(f.name for f in files)
         for f in files:  # only files this service wrote: named by the sha256 of their bytes
