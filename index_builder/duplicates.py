@@ -8,17 +8,31 @@ different photographs of one kind of thing are close globally but match part by 
 well. Groups are the connected components of the confirmed pairs. The default thresholds are
 measured by ``bench/bench_duplicates.py`` (near-copies made from photos of the CUB validation
 classes against other photos of the same species).
+
+The work is kept in a :class:`NeighbourGraph`, so that asking again with other thresholds costs
+milliseconds, not a new search and match: :func:`neighbour_graph` records the pairs that each
+item makes with its ``neighbours`` nearest items (with what an earlier graph of the gallery had
+matched, so that after an add only the new pairs are matched); :func:`match_graph` matches the
+pairs whose global score reaches a threshold, most similar first, each pair once; and
+:meth:`NeighbourGraph.groups` keeps the pairs above both thresholds and joins them. For every pair
+of thresholds the groups are those that matching every proposed pair afresh would give.
+
+The index is read a batch at a time inside ``hold()``, the caller's lock: the matching runs
+outside it, so that a service goes on answering reads meanwhile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import dataclasses
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from index_builder.opening import AnyIndex
 from model.config import MatchingConfig
 from model.matching import match_pairs
 from model.network import Embedding
@@ -26,7 +40,24 @@ from model.network import Embedding
 GLOBAL_THRESHOLD = 0.8
 STRUCTURAL_THRESHOLD = 0.7
 NEIGHBOURS = 16
-BATCH = 512
+BATCH = 256  # pairs matched together; their grids are read in one hold of the caller's lock
+SEARCH_WORK = 2**20  # query x item products of one search batch, so that a hold stays short
+
+Check = Callable[[], object] | None
+Hold = Callable[[], AbstractContextManager[object]]
+
+
+class GalleryReads(Protocol):
+    """What finding duplicates reads from an index (a GalleryIndex or a QdrantIndex)."""
+
+    @property
+    def ids(self) -> np.ndarray: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray: ...
+
+    def grids(self, ids: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -42,98 +73,270 @@ class DuplicatePair:
 @dataclass(frozen=True)
 class DuplicateGroup:
     """Items that are near-copies of each other (ascending ids) and the confirmed pairs that
-    join them, most alike first."""
+    join them, most alike first. ``size`` and ``pair_count`` count the whole group: ``ids`` and
+    ``pairs`` may hold only the first of them (:meth:`DuplicateGroups.page`)."""
 
     ids: list[int]
     pairs: list[DuplicatePair]
+    size: int
+    pair_count: int
+
+
+@dataclass(frozen=True, eq=False)
+class NeighbourGraph:
+    """The pairs that every item makes with its nearest items, for one version of a gallery.
+
+    a, b: (P,) int64 item ids, ``a < b``, each pair once, in (a, b) order; found: (P,) float32,
+    the index's score of the pair (the larger of the two directions it was found in);
+    global_similarity, structural_similarity: (P,) float32, NaN until the pair is matched.
+    ``version`` names the gallery's version (the caller's value, compared for equality).
+    Immutable: matching more pairs makes a new graph, so that readers never see one half-made.
+    """
+
+    version: Hashable
+    a: np.ndarray
+    b: np.ndarray
+    found: np.ndarray
+    global_similarity: np.ndarray
+    structural_similarity: np.ndarray
+
+    def unmatched(self, threshold: float) -> np.ndarray:
+        """Positions of the pairs proposed at ``threshold`` and not matched yet, most similar
+        first (so that a match cut short leaves the higher thresholds answered)."""
+        todo = np.flatnonzero((self.found >= threshold) & np.isnan(self.structural_similarity))
+        return todo[np.argsort(-self.found[todo], kind="stable")]
+
+    def answers(self, threshold: float) -> bool:
+        """Whether every pair that ``threshold`` proposes is matched."""
+        return not np.any((self.found >= threshold) & np.isnan(self.structural_similarity))
+
+    def groups(self, threshold: float, structural_threshold: float) -> DuplicateGroups:
+        """The groups of near-copies at these thresholds; ValueError when some pair proposed at
+        ``threshold`` is not matched yet (:func:`match_graph` first)."""
+        if not self.answers(threshold):
+            raise ValueError(f"match the graph down to {threshold} before grouping at it")
+        keep = (
+            (self.found >= threshold)
+            & (self.global_similarity >= threshold)
+            & (self.structural_similarity >= structural_threshold)
+        )
+        return DuplicateGroups.of(self.a[keep], self.b[keep], self.global_similarity[keep],
+                                  self.structural_similarity[keep])  # fmt: skip
+
+
+def neighbour_graph(
+    index: GalleryReads,
+    neighbours: int = NEIGHBOURS,
+    version: Hashable = None,
+    known: NeighbourGraph | None = None,
+    hold: Hold = contextlib.nullcontext,
+    check: Check = None,
+) -> NeighbourGraph:
+    """Each item of ``index`` searched for its ``neighbours`` nearest items: the pairs they make,
+    none matched but those ``known`` had matched (an earlier graph of the same gallery: an item
+    id always names the same picture). The lock ``hold`` is taken for each batch of searches;
+    ``check`` is called between batches (a deadline that raises to stop)."""
+    with hold():
+        ids = np.array(index.ids, dtype=np.int64)
+    step = max(1, min(BATCH, SEARCH_WORK // max(len(ids), 1)))
+    found_a, found_b, scores = [], [], []
+    for start in range(0, len(ids), step):
+        chunk = ids[start : start + step]
+        with hold():
+            score, found = index.search(index.vectors(chunk), neighbours + 1)
+        rows, cols = np.nonzero((found >= 0) & (found != chunk[:, None]))
+        found_a.append(np.minimum(chunk[rows], found[rows, cols]))
+        found_b.append(np.maximum(chunk[rows], found[rows, cols]))
+        scores.append(score[rows, cols].astype(np.float32))
+        if check is not None:
+            check()
+    a, b = _concat(found_a), _concat(found_b)
+    pairs, inverse = _unique_rows(a, b)
+    best = np.full(len(pairs), -np.inf, dtype=np.float32)
+    np.maximum.at(best, inverse, _concat(scores, np.float32))
+    nan = np.full(len(pairs), np.nan, dtype=np.float32)
+    graph = NeighbourGraph(version, pairs[:, 0], pairs[:, 1], best, nan, nan.copy())
+    return graph if known is None else _carry_over(known, graph)
+
+
+def match_graph(
+    graph: NeighbourGraph,
+    index: GalleryReads,
+    matching: MatchingConfig,
+    threshold: float,
+    hold: Hold = contextlib.nullcontext,
+    check: Check = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[NeighbourGraph]:
+    """Match the pairs of ``graph`` that ``threshold`` proposes and are not matched yet, a batch
+    at a time (most similar first), yielding the graph after each batch so that a caller cut
+    short keeps what was done. Grids are read inside ``hold()``, matched outside it on
+    ``device``; ``check`` is called after each batch."""
+    todo = graph.unmatched(threshold)
+    for start in range(0, len(todo), BATCH):
+        at = todo[start : start + BATCH]
+        with hold():
+            read = _read_pairs(index, graph.a[at], graph.b[at])
+        left, right = _pair_embeddings(*read)
+        with torch.inference_mode():
+            match = match_pairs(left.to(device), right.to(device), matching)
+        global_sim = graph.global_similarity.copy()
+        structural = graph.structural_similarity.copy()
+        global_sim[at] = match.global_similarity[:, 0].cpu().numpy()
+        structural[at] = match.structural_similarity[:, 0].cpu().numpy()
+        graph = dataclasses.replace(graph, global_similarity=global_sim,
+                                    structural_similarity=structural)  # fmt: skip
+        yield graph
+        if check is not None:
+            check()
 
 
 def near_duplicates(
-    index: AnyIndex,
+    index: GalleryReads,
     matching: MatchingConfig,
     threshold: float = GLOBAL_THRESHOLD,
     structural_threshold: float = STRUCTURAL_THRESHOLD,
     neighbours: int = NEIGHBOURS,
-    check: Callable[[], object] | None = None,
+    check: Check = None,
 ) -> list[DuplicateGroup]:
-    """Every group of near-copies in ``index``, largest first (then by smallest id).
+    """Every group of near-copies in ``index``, largest first (then by smallest id), whole.
 
     ``neighbours``: how many nearest items of each item are looked at (a larger group is
     still found whole when its members are linked through each other). ``check`` is called
     between batches (a deadline that raises to stop).
     """
-    a, b = candidate_pairs(index, threshold, neighbours, check)
-    if len(a) == 0:
-        return []
-    global_sim = np.empty(len(a), dtype=np.float32)
-    structural = np.empty(len(a), dtype=np.float32)
-    for start in range(0, len(a), BATCH):
-        left, right = a[start : start + BATCH], b[start : start + BATCH]
-        with torch.inference_mode():
-            match = match_pairs(
-                stored_embedding(index, left), stored_embedding(index, right), matching
-            )
-        global_sim[start : start + len(left)] = match.global_similarity[:, 0].numpy()
-        structural[start : start + len(left)] = match.structural_similarity[:, 0].numpy()
-        if check is not None:
-            check()
-    keep = (global_sim >= threshold) & (structural >= structural_threshold)
-    a, b, global_sim, structural = a[keep], b[keep], global_sim[keep], structural[keep]
-    return _groups(a, b, global_sim, structural)
+    graph = neighbour_graph(index, neighbours, check=check)
+    for matched in match_graph(graph, index, matching, threshold, check=check):
+        graph = matched
+    groups = graph.groups(threshold, structural_threshold)
+    return groups.page(0, len(groups))
 
 
-def candidate_pairs(
-    index: AnyIndex,
-    threshold: float,
-    neighbours: int,
-    check: Callable[[], object] | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (a < b, each once) whose global similarity reaches ``threshold``."""
-    ids = np.asarray(index.ids, dtype=np.int64)
-    found_a, found_b = [], []
-    for start in range(0, len(ids), BATCH):
-        chunk = ids[start : start + BATCH]
-        scores, found = index.search(index.vectors(chunk), neighbours + 1)
-        rows, cols = np.nonzero((scores >= threshold) & (found >= 0) & (found != chunk[:, None]))
-        found_a.append(np.minimum(chunk[rows], found[rows, cols]))
-        found_b.append(np.maximum(chunk[rows], found[rows, cols]))
-        if check is not None:
-            check()
-    pairs = np.unique(np.stack([np.concatenate(found_a), np.concatenate(found_b)], 1), axis=0)
-    return pairs[:, 0], pairs[:, 1]
-
-
-def stored_embedding(index: AnyIndex, ids: np.ndarray) -> Embedding:
+def stored_embedding(index: GalleryReads, ids: np.ndarray) -> Embedding:
     """The stored parts (as float32) and global vectors of the items ``ids``."""
     grids = torch.from_numpy(index.grids(ids).astype(np.float32))
     return Embedding(grids, torch.from_numpy(index.vectors(ids)))
 
 
-def _groups(
-    a: np.ndarray, b: np.ndarray, global_sim: np.ndarray, structural: np.ndarray
-) -> list[DuplicateGroup]:
-    """Connected components of the pairs: each item takes the smallest id it is linked to,
-    repeated (with pointer jumping) until nothing changes."""
-    nodes, inverse = np.unique(np.r_[a, b], return_inverse=True)
-    left, right = inverse[: len(a)], inverse[len(a) :]
-    root = np.arange(len(nodes))
+@dataclass(frozen=True)
+class DuplicateGroups:
+    """Groups of near-copies, largest first (then by smallest id), kept as arrays: a page of
+    them becomes :class:`DuplicateGroup` values, the rest stay arrays, so that grouping a large
+    gallery again costs milliseconds.
+
+    ids: (N,) the grouped items, group after group, ascending in each; item_starts: (G + 1,)
+    where each group's ids begin; a, b, global_similarity, structural_similarity: (M,) the
+    confirmed pairs, group after group, most alike first; pair_starts: (G + 1,).
+    """
+
+    ids: np.ndarray
+    item_starts: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    global_similarity: np.ndarray
+    structural_similarity: np.ndarray
+    pair_starts: np.ndarray
+
+    @classmethod
+    def of(
+        cls, a: np.ndarray, b: np.ndarray, global_sim: np.ndarray, structural: np.ndarray
+    ) -> DuplicateGroups:
+        """The connected components of the pairs (a, b) of (M,) ids with their similarities."""
+        nodes, inverse = np.unique(np.r_[a, b].astype(np.int64), return_inverse=True)
+        left, right = inverse[: len(a)], inverse[len(a) :]
+        root = _components(left, right, len(nodes))
+        sizes = np.bincount(root, minlength=len(nodes))
+        roots = np.unique(root)  # each group's smallest node, ascending: its smallest id
+        order = roots[np.lexsort((roots, -sizes[roots]))]
+        rank = np.empty(len(nodes), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        node_order = np.lexsort((nodes, rank[root]))
+        pair_group = rank[root[left]]
+        pair_order = np.lexsort((b, a, -structural, pair_group))
+        starts = np.r_[0, np.cumsum(sizes[order])]
+        pair_starts = np.r_[0, np.cumsum(np.bincount(pair_group, minlength=len(order)))]
+        return cls(nodes[node_order], starts, a[pair_order], b[pair_order],
+                   global_sim[pair_order], structural[pair_order], pair_starts)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.item_starts) - 1
+
+    def page(
+        self, offset: int, limit: int, most_items: int | None = None, most_pairs: int | None = None
+    ) -> list[DuplicateGroup]:
+        """Groups ``offset`` to ``offset + limit``, each with at most ``most_items`` of its ids
+        (the smallest) and ``most_pairs`` of its pairs (the most alike)."""
+        return [self._group(g, most_items, most_pairs)
+                for g in range(min(offset, len(self)), min(offset + limit, len(self)))]  # fmt: skip
+
+    def _group(self, g: int, most_items: int | None, most_pairs: int | None) -> DuplicateGroup:
+        first, end = int(self.item_starts[g]), int(self.item_starts[g + 1])
+        first_pair, end_pair = int(self.pair_starts[g]), int(self.pair_starts[g + 1])
+        shown = slice(first_pair, end_pair if most_pairs is None
+                      else min(end_pair, first_pair + most_pairs))  # fmt: skip
+        pairs = [DuplicatePair(int(x), int(y), float(gs), float(s)) for x, y, gs, s in zip(
+            self.a[shown], self.b[shown], self.global_similarity[shown],
+            self.structural_similarity[shown], strict=True)]  # fmt: skip
+        ids = self.ids[first : end if most_items is None else min(end, first + most_items)]
+        return DuplicateGroup(ids.tolist(), pairs, end - first, end_pair - first_pair)
+
+
+def _components(left: np.ndarray, right: np.ndarray, count: int) -> np.ndarray:
+    """(count,) the connected component of each node as its smallest node: each node takes the
+    smallest node it is linked to, repeated (with pointer jumping) until nothing changes."""
+    root = np.arange(count)
     while True:
         before = root.copy()
         np.minimum.at(root, left, root[right])
         np.minimum.at(root, right, root[left])
         root = root[root]
         if np.array_equal(root, before):
-            break
-    groups = []
-    for r in np.unique(root):
-        members = root == r
-        inside = members[left]
-        pairs = [
-            DuplicatePair(int(x), int(y), float(g), float(s))
-            for x, y, g, s in zip(a[inside], b[inside], global_sim[inside], structural[inside],
-                                  strict=True)
-        ]  # fmt: skip
-        pairs.sort(key=lambda p: (-p.structural_similarity, p.a, p.b))
-        groups.append(DuplicateGroup(nodes[members].tolist(), pairs))
-    groups.sort(key=lambda g: (-len(g.ids), g.ids[0]))
-    return groups
+            return root
+
+
+def _read_pairs(
+    index: GalleryReads, a: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What matching the pairs (a, b) of (n,) ids needs, each item read once: the grids (m, R, D)
+    float16 and vectors (m, D) of the m distinct items, and (2n,) where each side's items are
+    among them (a's, then b's)."""
+    ids, inverse = np.unique(np.r_[a, b], return_inverse=True)
+    return index.grids(ids), index.vectors(ids), inverse.reshape(-1)
+
+
+def _pair_embeddings(
+    grids: np.ndarray, vectors: np.ndarray, inverse: np.ndarray
+) -> tuple[Embedding, Embedding]:
+    """Both sides of the pairs read by :func:`_read_pairs`, grids as float32."""
+    at = torch.from_numpy(inverse)
+    stored = Embedding(torch.from_numpy(grids)[at].float(), torch.from_numpy(vectors)[at])
+    half = len(inverse) // 2
+    return stored[:half], stored[half:]
+
+
+def _carry_over(known: NeighbourGraph, graph: NeighbourGraph) -> NeighbourGraph:
+    """``graph`` with the similarities ``known`` has for the pairs the two share."""
+    rows, inverse = _unique_rows(np.r_[known.a, graph.a], np.r_[known.b, graph.b])
+    slot = np.full(len(rows), -1, dtype=np.int64)
+    slot[inverse[: len(known.a)]] = np.arange(len(known.a))
+    old = slot[inverse[len(known.a) :]]
+    shared = old >= 0
+    global_sim, structural = graph.global_similarity.copy(), graph.structural_similarity.copy()
+    global_sim[shared] = known.global_similarity[old[shared]]
+    structural[shared] = known.structural_similarity[old[shared]]
+    return dataclasses.replace(graph, global_similarity=global_sim,
+                               structural_similarity=structural)  # fmt: skip
+
+
+def _unique_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct pairs (a, b) of (n,) int64, as (P, 2) in (a, b) order, and (n,) where each
+    pair is among them."""
+    rows = np.stack([a.astype(np.int64), b.astype(np.int64)], 1)
+    if len(rows) == 0:
+        return rows, np.zeros(0, dtype=np.int64)
+    unique, inverse = np.unique(rows, axis=0, return_inverse=True)
+    return unique, inverse.reshape(-1)
+
+
+def _concat(parts: list[np.ndarray], dtype: type = np.int64) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)

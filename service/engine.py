@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import hashlib
 import logging
@@ -22,7 +23,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -34,7 +35,13 @@ from PIL import Image
 from index_builder import IndexBusyError, Item, LabelFilter, Source
 from index_builder.build import Embedded, add_embedded
 from index_builder.device_search import DeviceSearch
-from index_builder.duplicates import DuplicateGroup, near_duplicates
+from index_builder.duplicates import (
+    NEIGHBOURS,
+    DuplicateGroups,
+    NeighbourGraph,
+    match_graph,
+    neighbour_graph,
+)
 from index_builder.files import write_atomic, writer_lock
 from index_builder.location import QdrantLocation
 from index_builder.opening import open_index
@@ -270,7 +277,7 @@ class Engine:
         if settings.allow_writes:
             try:
                 if folder is not None:
-                    self._exit.enter_context(writer_lock(folder))
+                    self._exit.enter_context(writer_lock(folder, create=False))
                 self.writable = True
             except IndexBusyError:
                 log.warning("%s is locked by another writer: serving read-only", settings.index)
@@ -290,7 +297,13 @@ class Engine:
         # Requests embedded and about to search (changed on the event loop's thread only).
         self.arriving = 0
         self.changes = 0  # gallery changes since start: what cached answers are keyed on
-        self._duplicates: tuple[tuple[float, float, int, int], list[DuplicateGroup]] | None = None
+        # Near-duplicates: the neighbour graph, its one update at a time (on its own thread,
+        # awaited from any event loop), the last grouping.
+        self._graph: NeighbourGraph | None = None
+        self._graph_worker = concurrent.futures.ThreadPoolExecutor(1, "diml-duplicates")
+        self._graph_update: concurrent.futures.Future[None] | None = None
+        self._graph_start = threading.Lock()
+        self._duplicate_groups: tuple[tuple[object, ...], DuplicateGroups] | None = None
         self.batcher = MicroBatcher(
             self.embedder,
             settings.max_batch_images,
@@ -318,6 +331,7 @@ class Engine:
     def close(self) -> None:
         self.batcher.close()
         self.searcher.close()
+        self._graph_worker.shutdown(wait=True, cancel_futures=True)
         with self.lock:
             if self.writable and self.index.backlog():
                 self.index.snapshot()
@@ -740,20 +754,88 @@ class Engine:
         """How ``b`` matches ``a`` (each of length 1), the global term split with ``bases``."""
         return explain_embeddings(a, ga, b, gb, self.config, top, bases)
 
-    def duplicates(self, threshold: float, structural_threshold: float) -> list[DuplicateGroup]:
-        """The gallery's groups of near-copies (:func:`index_builder.duplicates.near_duplicates`),
-        kept until the gallery changes so that paging through them costs nothing. Runs under
-        the index lock, within the request's deadline (DeadlineExceededError past it)."""
+    async def duplicates(self, threshold: float, structural_threshold: float) -> DuplicateGroups:
+        """The gallery's groups of near-copies, from the cached neighbour graph
+        (:mod:`index_builder.duplicates`): other thresholds cost a grouping of the cached pairs,
+        a change of the gallery a new neighbour search and the match of the new pairs only.
+
+        The index lock is held for one batch of reads at a time, never for the matching, so
+        that reads go on meanwhile. One update of the graph runs at a time, on a thread of its
+        own, within the deadline of the request that started it (it stops at the end of the
+        batch under way; what it matched is kept); other requests await it without holding a
+        thread, then answer from it or start the next update."""
+        while True:
+            groups = await in_thread(self._duplicates_now, threshold, structural_threshold)
+            if groups is not None:
+                return groups
+            update, started_here = self._graph_update_for(threshold)
+            waiting = asyncio.wrap_future(update)
+            # Its outcome counts as seen also when this request gives up before it ends.
+            waiting.add_done_callback(lambda done: done.cancelled() or done.exception())
+            try:
+                await asyncio.shield(waiting)
+            except Exception:
+                if started_here:  # its failure (the deadline) is this request's
+                    raise
+
+    def _graph_update_for(self, threshold: float) -> tuple[concurrent.futures.Future[None], bool]:
+        """The update under way, or a new one (True) that matches down to ``threshold`` within
+        this request's deadline."""
+        with self._graph_start:
+            if self._graph_update is None or self._graph_update.done():
+                context = contextvars.copy_context()  # the deadline goes with it
+                self._graph_update = self._graph_worker.submit(
+                    context.run, self._update_graph, threshold
+                )
+                return self._graph_update, True
+            return self._graph_update, False
+
+    def _duplicates_now(
+        self, threshold: float, structural_threshold: float
+    ) -> DuplicateGroups | None:
+        """The groups from the graph as it is; None when it must be updated first (the gallery
+        changed, or pairs proposed at ``threshold`` are not matched yet)."""
+        graph = self._graph
+        if graph is None or graph.version != self._version() or not graph.answers(threshold):
+            return None
+        key = (graph, threshold, structural_threshold)
+        last = self._duplicate_groups
+        if last is None or last[0] != key:
+            last = self._duplicate_groups = (key, graph.groups(threshold, structural_threshold))
+        return last[1]
+
+    def _update_graph(self, threshold: float) -> None:
+        """Bring the graph to the gallery's version and match it down to ``threshold``,
+        publishing it after every batch; again (from what was kept) when the gallery changes
+        meanwhile."""
+
+        def update() -> None:
+            version = self._version()
+            hold = functools.partial(self._unchanged, version)
+            graph = self._graph
+            if graph is None or graph.version != version:
+                graph = neighbour_graph(
+                    self.index, NEIGHBOURS, version, graph, hold, _check_deadline
+                )
+                self._graph = graph
+            for matched in match_graph(graph, self.index, self.config.matching, threshold, hold,
+                                       _check_deadline, self.embedder.device):  # fmt: skip
+                self._graph = matched
+
+        _again_if_changed(update)
+
+    def _version(self) -> Hashable:
+        """What names the gallery's state: the changes made here and (for a collection that
+        other replicas write to) the count. Item ids are never reused for other pictures."""
+        return self.changes, self.index.count
+
+    @contextlib.contextmanager
+    def _unchanged(self, version: Hashable) -> Iterator[None]:
+        """The index lock, while the gallery is still at ``version``."""
         with self.lock:
-            # Changes made here, and (for a collection other replicas write to) the count.
-            key = (threshold, structural_threshold, self.changes, self.index.count)
-            if self._duplicates is None or self._duplicates[0] != key:
-                groups = near_duplicates(
-                    self.index, self.config.matching, threshold, structural_threshold,
-                    check=_check_deadline,
-                )  # fmt: skip
-                self._duplicates = (key, groups)
-            return self._duplicates[1]
+            if self._version() != version:
+                raise _GalleryChangedError
+            yield
 
     # -- gallery changes -----------------------------------------------------------------------
 

@@ -545,7 +545,7 @@ async function showDuplicates() {
       const best = group.pairs[0];
       const caption = document.createElement("p");
       caption.className = "hint";
-      caption.textContent = `${group.items.length} items · closest pair: global ${best.global_similarity.toFixed(3)}, structural ${best.structural_similarity.toFixed(3)}`;
+      caption.textContent = `${group.size} items · closest pair: global ${best.global_similarity.toFixed(3)}, structural ${best.structural_similarity.toFixed(3)}`;
       const grid = document.createElement("div");
       grid.className = "grid small";
       for (const item of group.items) {
