@@ -6,6 +6,8 @@
 # Outside Docker, from a checkout:  bash docker/entrypoint.sh
 #   uses .venv/bin/diml when present, the repository's gallery/ and .diml/index.
 # Extra arguments go to `diml serve` (e.g. --port 8080, --device cuda).
+# `diml serve` runs the server (service/server.py: connection limit, request-head deadline)
+# and refuses to start, exit 2 with one line naming the fix, on settings that could not work.
 set -eu
 repo=$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)
 if [ -z "${DIML_BIN:-}" ] && [ -x "$repo/.venv/bin/diml" ]; then

@@ -24,6 +24,7 @@ from index_builder.gallery import FingerprintMismatchError
 from index_builder.location import Location, QdrantLocation, parse_location
 from index_builder.manifest import IndexFormatError
 from index_builder.opening import open_index, opened
+from index_builder.vector_index import VectorIndex
 from model import BackboneWeightsError, CheckpointError, Embedder, fingerprint, load_model
 from model.cli import add_inference_argument
 from model.devices import parse_device
@@ -150,16 +151,25 @@ def _build_on_ray(args: argparse.Namespace, sources: list[Source]) -> Report:
     )  # fmt: skip
 
 
+def _check_factory(factory: str | None, dim: int) -> None:
+    """Refuse a ``--factory`` that FAISS cannot read before anything is embedded or written:
+    the build meets it only at the end, after embedding every image into ``--out``."""
+    if factory is not None:
+        VectorIndex.create(factory, dim)
+
+
 def run_build(args: argparse.Namespace) -> int:
     try:
         sources = scan_folder(args.images) if args.images else read_list(args.list)
         if args.ray is not None:
             report = _build_on_ray(args, sources)
         else:
+            embedder = _embedder(args)
+            _check_factory(args.factory, embedder.model.dim)
             report = build_index(
                 sources,
                 args.out,
-                _embedder(args),
+                embedder,
                 factory=args.factory,
                 batch_size=args.batch_size,
                 workers=args.workers,
@@ -184,8 +194,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    sources = [Source(path.absolute(), path.name, args.label) for path in args.files]
     try:
+        sources = [Source(path.absolute(), path.name, args.label) for path in args.files]
         embedder = _embedder(args)
         with opened(args.index, fingerprint(embedder.model), writable=True) as index:
             report = add_images(index, sources, embedder)

@@ -29,9 +29,14 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 @contextlib.contextmanager
-def writer_lock(folder: Path) -> Iterator[None]:
-    """Hold the index's writer lock (one writer at a time; readers need none)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def writer_lock(folder: Path, create: bool = True) -> Iterator[None]:
+    """Hold the index's writer lock (one writer at a time; readers need none).
+
+    ``create``: make ``folder`` when it is missing (a build); without it, a missing folder
+    raises FileNotFoundError and nothing is created, so that a command on a wrong path
+    leaves no empty folder behind."""
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a+b") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -307,9 +307,11 @@ class GalleryIndex:
 @contextlib.contextmanager
 def writing(root: str | Path, expected_fingerprint: str | None = None) -> Iterator[GalleryIndex]:
     """Open the live version for writing under the writer lock; on the way out, write a new
-    FAISS snapshot when many items were added since the last one."""
+    FAISS snapshot when many items were added since the last one. A ``root`` without an index
+    raises :class:`IndexFormatError` before the lock is taken: nothing is created there."""
     root = Path(root)
-    with writer_lock(root):
+    live_version(root)
+    with writer_lock(root, create=False):
         index = GalleryIndex.open(root, expected_fingerprint, writable=True)
         try:
             index.recover()

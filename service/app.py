@@ -16,13 +16,15 @@ from fastapi.staticfiles import StaticFiles
 
 from index_builder import build_index, index_exists, scan_folder
 from model import Embedder, EmbeddingNet, configure_decoders, load_model
-from service import errors
+from service import errors, openapi
 from service.auth import AuthBeforeBody
 from service.engine import Engine
 from service.limits import BodyLimits, return_freed_images_to_the_system
 from service.metrics import Metrics, method_label
 from service.routes import duplicates, explain, gallery, health, search
+from service.routing import HeadAsGet
 from service.settings import Settings, get_settings
+from service.text import TextIsValid
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -63,6 +65,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     errors.install(app)
     for module in (search, explain, gallery, duplicates, health):
         app.include_router(module.router)
+    openapi.install(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -70,20 +73,23 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
         """The web page: search by image and see why each result matches."""
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    app.add_middleware(HeadAsGet)  # inside record, which counts HEAD as HEAD
+
     @app.middleware("http")
     async def record(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics: Metrics = request.app.state.metrics
         method = method_label(request.method)
+        response = await call_next(request)
+        route = request.scope.get("route")  # its template without convertors: /gallery/{item_id}
+        path = getattr(route, "path_format", None) or getattr(route, "path", "unmatched")
+        metrics: Metrics = request.app.state.metrics
         metrics.requests.labels(path, method, str(response.status_code)).inc()
         metrics.latency.labels(path, method).observe(time.perf_counter() - start)
         return response
 
+    app.add_middleware(TextIsValid)  # inside BodyLimits: sees the body once it is bounded
     app.add_middleware(
         BodyLimits,
         limit=settings.max_upload_bytes,
@@ -102,9 +108,9 @@ def _load(app: FastAPI, settings: Settings) -> None:
         app.state.loading = "loading the model and the index"
         engine = Engine(settings, model)
         engine.canary()
-    except Exception as e:
-        log.error("could not load the model and index: %s", e)
-        app.state.load_error = str(e)
+    except Exception as e:  # nothing retries: a restart, after the log's fix, is needed
+        log.error("%s failed, and the service will not become ready: %s", app.state.loading, e)
+        app.state.load_error = f"{app.state.loading} failed"  # said to clients: no paths
         return
     app.state.engine = engine
     app.state.loading = None

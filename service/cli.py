@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from index_builder.cli import add_index
 from model import configure_decoders
 from model.cli import add_explain
@@ -52,11 +54,12 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from index_builder import index_exists
+    """Check the settings, then serve. Settings that could not take effect, or name what is not
+    there, refuse to start (exit 2) with one line each saying what to change."""
     from service.app import create_app
+    from service.server import serve
     from service.settings import Settings
+    from service.startup import startup_problems
 
     overrides = {
         name: value
@@ -70,33 +73,37 @@ def run_serve(args: argparse.Namespace) -> int:
     }
     try:
         settings = Settings(**overrides)
-        exists = index_exists(settings.location)
-    except ValueError as e:  # pydantic's ValidationError says which setting and why
-        print(f"diml serve: {e}", file=sys.stderr)
+        problems = startup_problems(settings)
+    except ValidationError as e:
+        problems = _validation_problems(e)
+    except ValueError as e:
+        problems = [str(e)]
+    for problem in problems:
+        print(f"diml serve: {problem}", file=sys.stderr)
+    if problems:
         return 2
-    except Exception as e:  # a Qdrant server that cannot be reached
-        print(f"diml serve: cannot open the index {overrides.get('index', '')}: {e}",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    if settings.gallery is None and not exists:
-        print(
-            f"diml serve: no index at {settings.index}. Build one with `diml index build "
-            f"--images PHOTOS --out {settings.index}`, pass --gallery PHOTOS to index a folder "
-            "on the first start, or run `bash docker/entrypoint.sh` for the embedded gallery",
-            file=sys.stderr,
-        )
-        return 2
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        server_header=False,
-        log_level="info",
-        limit_concurrency=settings.max_connections,
-        timeout_keep_alive=settings.keep_alive_s,
-    )
+    serve(create_app(settings), settings, args.host, args.port)
     return 0
+
+
+FLAGS = {"index": "--index", "gallery": "--gallery", "checkpoint": "--checkpoint",
+         "device": "--device"}  # fmt: skip
+
+
+def _validation_problems(error: ValidationError) -> list[str]:
+    """pydantic's refusals, one line each, naming the setting as the user gives it (flag and
+    variable) without pydantic's decoration; an API key is never repeated."""
+    problems = []
+    for item in error.errors():
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["loc"]:
+            field = str(item["loc"][0])
+            name = f"DIML_{field.upper()}"
+            name = f"{FLAGS[field]} ({name})" if field in FLAGS else name
+            shown = "" if field.endswith("_keys") else f" {item['input']!r}"
+            message = f"{name}{shown}: {message}"
+        problems.append(message)
+    return problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,20 +1,20 @@
 """Request dependencies: the loaded engine, API-key scopes (from :mod:`service.auth`), stage
-timing, the request deadline."""
+timing, the request deadline and answers built within it."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Path, Request
-from pydantic import BeforeValidator
+from fastapi import Depends, Path, Request, Response
+from pydantic import BaseModel, BeforeValidator
 
 from service.auth import Read, Write
 from service.engine import DeadlineExceededError, Engine
 from service.errors import ApiError
-from service.limits import deadline
+from service.limits import check_deadline, deadline, in_thread
 from service.metrics import StageTimer
 from service.settings import Settings
 
@@ -24,6 +24,9 @@ T = TypeVar("T")
 def get_engine(request: Request) -> Engine:
     engine: Engine | None = getattr(request.app.state, "engine", None)
     if engine is None:
+        if failure := getattr(request.app.state, "load_error", None):  # it will not recover
+            raise ApiError(503, "load_failed", f"{failure}; the server log says why, and the "
+                           "service will not be ready until it is fixed and restarted")  # fmt: skip
         raise ApiError(503, "not_ready", "the model and index are still loading; retry shortly",
                        {"Retry-After": "5"})  # fmt: skip
     return engine
@@ -47,6 +50,38 @@ async def within_deadline(engine: Engine, work: Coroutine[Any, Any, T]) -> T:
             return await asyncio.wait_for(work, timeout=timeout)
     except TimeoutError as e:
         raise DeadlineExceededError from e
+
+
+async def answer(
+    engine: Engine,
+    timer: StageTimer,
+    schema: type[BaseModel],
+    work: Coroutine[Any, Any, T],
+    build: Callable[[T], Any],
+) -> Response:
+    """``work``, then the JSON answer that ``build`` makes of its result, all within the
+    request's deadline (503 ``deadline_exceeded`` past it, as :func:`within_deadline`).
+
+    The answer is built and serialised as ``response_model=schema`` with
+    ``response_model_exclude_unset=True`` would, but in a thread and before the deadline: a
+    large one no longer runs on after it (``build`` checks the deadline between its parts), nor
+    holds the event loop while it is validated and written. Timed as the ``respond`` stage."""
+
+    async def run() -> Response:
+        result = await work
+        with timer.stage("respond"):
+            body = await in_thread(_json, schema, build, result)
+        return Response(body, media_type="application/json",
+                        headers={"Server-Timing": timer.header()})  # fmt: skip
+
+    return await within_deadline(engine, run())
+
+
+def _json(schema: type[BaseModel], build: Callable[[T], Any], result: T) -> bytes:
+    content = build(result)
+    check_deadline()
+    model = schema.model_validate(content)
+    return model.model_dump_json(by_alias=True, exclude_unset=True).encode()
 
 
 def get_timer(request: Request) -> StageTimer:
@@ -90,6 +125,6 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 TimerDep = Annotated[StageTimer, Depends(get_timer)]
 
 __all__ = [
-    "DIGITS", "MAX_ID", "EngineDep", "ItemId", "Read", "TimerDep", "Write", "single_parts",
-    "within_deadline",
+    "DIGITS", "MAX_ID", "EngineDep", "ItemId", "Read", "TimerDep", "Write", "answer",
+    "single_parts", "within_deadline",
 ]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -10,8 +11,12 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from index_builder.location import Location, QdrantLocation, parse_location
+from model.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+
+
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 
 
 def _split(value: object) -> object:
@@ -42,8 +47,10 @@ class Settings(BaseSettings):
                                       "re-ranking, with device search (default: on CUDA when "
                                       "they take at most half its free memory)")  # fmt: skip
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="request body limit")
-    max_pixels: int = Field(40_000_000, gt=0, description="decoded image size limit")
-    max_aspect_ratio: float = Field(20.0, ge=1, description="longer side / shorter side limit")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="decoded image size limit "
+                            "(pixels, read from the header)")  # fmt: skip
+    max_aspect_ratio: float = Field(DEFAULT_MAX_ASPECT, ge=1, description="longer side / "
+                                    "shorter side limit")  # fmt: skip
     decode_memory_mb: int = Field(512, gt=0, description="memory that images being decoded "
                                   "may hold at once; past it, decodes wait, then 503")  # fmt: skip
     basis_cache_mb: int = Field(128, ge=0, description="memory for gallery items' global "
@@ -57,6 +64,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline")
     body_timeout_s: float = Field(60.0, gt=0, description="time to send a request body")
     body_idle_timeout_s: float = Field(10.0, gt=0, description="longest pause in a body")
+    header_timeout_s: float = Field(10.0, gt=0, description="time to send a request's line "
+                                    "and headers; past it, the connection closes")  # fmt: skip
     max_connections: int = Field(256, gt=0, description="open connections and requests at "
                                  "once; past it, 503")  # fmt: skip
     keep_alive_s: int = Field(5, gt=0, description="idle time before a kept-alive connection "
@@ -79,6 +88,41 @@ class Settings(BaseSettings):
         if isinstance(text, str):
             parse_location(text)  # a Qdrant URL it cannot read is refused here, saying why
         return text
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise ValueError("not a device; use cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _protection_needs_read_keys(self) -> Settings:
+        if self.protect_metrics and not self.read_keys:
+            raise ValueError("DIML_PROTECT_METRICS needs DIML_READ_KEYS: /metrics asks for a "
+                             "read key, and with none set every request is let in; set "
+                             "DIML_READ_KEYS, or DIML_PROTECT_METRICS=false")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _writes_can_happen(self) -> Settings:
+        """Write settings that could never be used: anonymous writes beside write keys (the
+        keys win) or on a read-only server, and write keys where nothing asks for a key."""
+        anonymous = f"DIML_ANONYMOUS_WRITES={self.anonymous_writes}"
+        if self.anonymous_writes != "off" and self.write_keys:
+            raise ValueError(f"{anonymous} applies only when no write key is set, and "
+                             "DIML_WRITE_KEYS is set, so every gallery change needs a key; "
+                             "drop DIML_ANONYMOUS_WRITES, or DIML_WRITE_KEYS")  # fmt: skip
+        if self.anonymous_writes != "off" and not self.allow_writes:
+            raise ValueError(f"{anonymous} opens gallery changes, and DIML_ALLOW_WRITES=false "
+                             "serves the index read-only; drop DIML_ANONYMOUS_WRITES, or set "
+                             "DIML_ALLOW_WRITES=true")  # fmt: skip
+        if self.write_keys and not self.allow_writes and not self.read_keys:
+            raise ValueError("DIML_WRITE_KEYS allow gallery changes, and DIML_ALLOW_WRITES="
+                             "false serves the index read-only with open searches (no "
+                             "DIML_READ_KEYS): the keys would do nothing; drop DIML_WRITE_KEYS, "
+                             "set DIML_ALLOW_WRITES=true, or add DIML_READ_KEYS")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _grids_need_device_search(self) -> Settings:

@@ -15,27 +15,24 @@ from service.schemas import ErrorBody, Health
 router = APIRouter(tags=["health"])
 
 
-@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", response_model=Health)
 async def healthz() -> dict[str, Any]:
     """The process is up (it may still be loading)."""
     return {"status": "alive"}
 
 
-@router.head("/readyz", include_in_schema=False)
 @router.get("/readyz", response_model=Health, responses={503: {"model": ErrorBody}})
 async def readyz(request: Request) -> Any:
     """200 once the model and index are loaded and a canary search passed; 503 before.
     Answered on the event loop, never behind work in the thread pool."""
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
-        failure = getattr(request.app.state, "load_error", None)
+        if failure := getattr(request.app.state, "load_error", None):  # it will not recover
+            return error_response(503, "load_failed", f"{failure}; the server log says why, "
+                                  "and the service will not be ready until it is fixed and "
+                                  "restarted")  # fmt: skip
         loading = getattr(request.app.state, "loading", None)
-        message = (
-            "loading failed; the server log says why"
-            if failure
-            else loading or "loading the model and the index"
-        )
+        message = loading or "loading the model and the index"
         return error_response(503, "not_ready", message, {"Retry-After": "5"})
     return JSONResponse(
         {
@@ -50,7 +47,15 @@ async def readyz(request: Request) -> Any:
     )
 
 
-@router.get("/metrics", response_class=Response, dependencies=[MetricsRead])
+METRICS: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+          "description": "the Prometheus text format"},
+    401: {"model": ErrorBody, "description": "DIML_PROTECT_METRICS is set, and no key came"},
+    403: {"model": ErrorBody, "description": "DIML_PROTECT_METRICS is set, and the key is wrong"},
+}  # fmt: skip
+
+
+@router.get("/metrics", response_class=Response, dependencies=[MetricsRead], responses=METRICS)
 def metrics(request: Request) -> Response:
     """Prometheus text format; needs a read key when DIML_PROTECT_METRICS is set."""
     return Response(

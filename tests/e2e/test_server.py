@@ -300,7 +300,7 @@ def test_the_key_is_checked_before_the_body_is_read(
     # A client without a key declares a 19 MB upload and sends none of it: the refusal must
     # come from the headers alone, at once, not after waiting for (or reading) the body.
     s = Server(fresh_index, served["checkpoint"], DIML_WRITE_KEYS="w", DIML_READ_KEYS="r",
-               DIML_MAX_UPLOAD_BYTES=str(20 * 2**20))  # fmt: skip
+               DIML_ANONYMOUS_WRITES="off", DIML_MAX_UPLOAD_BYTES=str(20 * 2**20))  # fmt: skip
     try:
         s.wait_ready()
         for method, path, status in (("POST", "/gallery", 401), ("POST", "/search", 401),

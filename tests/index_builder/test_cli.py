@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from model import save_checkpoint
 from service.cli import main
-from tests.index_builder.helpers import make_images
+from tests.index_builder.helpers import make_images, tiny_embedder
 
 
 def test_build_info_verify_add_remove_on_real_photos(
@@ -68,3 +69,27 @@ def test_verify_fails_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[
     capsys.readouterr()
     assert main(["index", "verify", str(out)]) == 1
     assert "checksum mismatch" in capsys.readouterr().err
+
+
+def test_failed_commands_leave_nothing_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_checkpoint(tiny_embedder().model, checkpoint)
+    image = make_images(tmp_path / "g", 1)[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for where in (tmp_path / "absent", empty):
+        assert main(["index", "remove", str(where), "1"]) == 2
+        assert "build one with `diml index build`" in capsys.readouterr().err
+        args = ["index", "add", str(where), str(image), "--checkpoint", str(checkpoint)]
+        assert main(args) == 2
+        assert "build one with `diml index build`" in capsys.readouterr().err
+    assert not (tmp_path / "absent").exists()
+    assert list(empty.iterdir()) == []  # no .lock
+    out = tmp_path / "out"
+    args = ["index", "build", "--out", str(out), "--checkpoint", str(checkpoint), "--quiet"]
+    assert main([*args, "--images", str(tmp_path / "nope")]) == 2
+    assert main([*args, "--images", str(tmp_path / "g"), "--factory", "Nonsense"]) == 2
+    assert "not a FAISS factory string" in capsys.readouterr().err
+    assert not out.exists()  # refused before a folder, a lock or an embedding was made

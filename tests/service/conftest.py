@@ -44,7 +44,7 @@ def settings_for(served: dict[str, Path], index: Path | None = None, **extra: ob
         "index": index or served["index"],
         "checkpoint": served["checkpoint"],
         "allow_writes": index is not None,
-        "anonymous_writes": "any" if index is not None else "off",
+        "anonymous_writes": "any" if index is not None and not extra.get("write_keys") else "off",
     }
     return Settings(**{**values, **extra})  # type: ignore[arg-type]
 

@@ -33,7 +33,8 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _client(index: Path, writable: bool = False) -> TestClient:
-    settings = Settings(index=index, allow_writes=writable, anonymous_writes="any")
+    settings = Settings(index=index, allow_writes=writable,
+                        anonymous_writes="any" if writable else "off")  # fmt: skip
     return TestClient(create_app(settings, load_in_background=False))
 
 
