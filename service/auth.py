@@ -35,16 +35,17 @@ def authorize(
         if not settings.protect_metrics:
             return
         need = "read"
-    key = _presented_key(headers)
     if need == "read":
         if not settings.read_keys:
             return
+        key = _presented_key(headers)
         if key is None:
             raise ApiError(401, "unauthorized", f"this server needs an API key: {ASK_FOR_KEY}")
         if not _matches(key, settings.read_keys + settings.write_keys):
             raise ApiError(403, "forbidden", "this API key is not valid here")
         return
     if settings.write_keys:
+        key = _presented_key(headers)
         if key is None:
             raise ApiError(401, "unauthorized", f"gallery changes need a write key: {ASK_FOR_KEY}")
         if not _matches(key, settings.write_keys):
@@ -59,10 +60,16 @@ def authorize(
 
 
 def _presented_key(headers: Mapping[str, str]) -> str | None:
-    auth = headers.get("authorization", "")
+    """The key a request presents, where a key is needed. An ``Authorization`` header of
+    another scheme is refused (401) rather than passed over for ``X-API-Key``: a credential
+    the server cannot check is not silently ignored."""
+    auth = headers.get("authorization")
+    if auth is None:
+        return headers.get("x-api-key")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return headers.get("x-api-key")
+    raise ApiError(401, "unauthorized", f"the Authorization header is not 'Bearer <key>': "
+                   f"{ASK_FOR_KEY}")  # fmt: skip
 
 
 def _matches(key: str, allowed: list[str]) -> bool:

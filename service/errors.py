@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import compile_path
 
 from service.failures import (
     DeadlineExceededError,
@@ -23,6 +22,7 @@ from service.failures import (
     ReadOnlyError,
     UnusableImageError,
 )
+from service.routing import allowed_methods
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,13 @@ def install(app: FastAPI) -> None:
         return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = STATUS_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         headers = getattr(exc, "headers", None)
-        if exc.status_code == 405 and (allowed := _allowed_methods(app, request.url.path)):
+        if exc.status_code == 405 and (allowed := allowed_methods(request.scope)):
+            if request.method == "OPTIONS":  # no route declares it: every path answers it
+                return Response(status_code=204, headers={"Allow": ", ".join(allowed)})
             headers = {**(headers or {}), "Allow": ", ".join(allowed)}
             message = f"{request.method} is not allowed here; use {', '.join(allowed)}"
         return error_response(exc.status_code, code, message, headers)
@@ -120,15 +122,3 @@ def install(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "the server failed; the error was logged")
-
-
-def _allowed_methods(app: FastAPI, path: str) -> list[str]:
-    """Every method some route serves at ``path`` (Starlette's 405 names only the first
-    route that matched the path), from the OpenAPI paths; HEAD wherever GET is."""
-    methods: set[str] = set()
-    for template, operations in app.openapi()["paths"].items():
-        if compile_path(template)[0].match(path):
-            methods |= {method.upper() for method in operations}
-    if "GET" in methods:
-        methods.add("HEAD")
-    return sorted(methods)

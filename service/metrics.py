@@ -8,7 +8,16 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-STAGES = ("decode", "embed", "coarse_search", "gather", "rerank", "explain", "explain_global")
+STAGES = (
+    "decode",
+    "embed",
+    "coarse_search",
+    "gather",
+    "rerank",
+    "explain",
+    "explain_global",
+    "respond",
+)
 # HTTP methods that get their own label value; any other string a client sends is "other", so
 # that invented methods cannot grow the metrics without bound (routes are bounded already:
 # route templates, or "unmatched").

@@ -170,8 +170,14 @@ class DuplicatePairOut(BaseModel):
 
 
 class DuplicateGroupOut(BaseModel):
-    items: list[GalleryItemOut] = Field(description="near-copies of each other, by id")
-    pairs: list[DuplicatePairOut] = Field(description="the confirmed pairs that join them")
+    items: list[GalleryItemOut] = Field(
+        description="near-copies of each other, by id (the first 100 of a larger group)"
+    )
+    pairs: list[DuplicatePairOut] = Field(
+        description="the confirmed pairs that join them, most alike first (at most 100)"
+    )
+    size: int = Field(description="items in the whole group")
+    pair_count: int = Field(description="confirmed pairs in the whole group")
 
 
 class DuplicatesPage(BaseModel):

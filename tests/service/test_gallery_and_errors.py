@@ -86,8 +86,8 @@ def test_gallery_pages(client: TestClient) -> None:
 
 
 def test_a_read_only_server_refuses_changes(served: dict[str, Path]) -> None:
-    with _client(served, anonymous_writes="any") as client:  # allowed, but not writable
-        response = client.delete("/gallery/1")
+    with _client(served, read_keys=["r"], write_keys=["w"]) as client:  # allowed, not writable
+        response = client.delete("/gallery/1", headers={"x-api-key": "w"})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "read_only"
 
@@ -203,6 +203,11 @@ def test_api_key_scopes(served: dict[str, Path], fresh_index: Path) -> None:
         assert client.delete("/gallery/1", headers=read).status_code == 403
         assert client.delete("/gallery/1").status_code == 401
         assert client.delete("/gallery/1", headers=write).status_code == 200
+        # A credential of another scheme is refused, not passed over for the valid X-API-Key.
+        basic = {"authorization": "Basic dXNlcjpwYXNz", "x-api-key": "r-key"}
+        refused = client.post("/search", files=image, headers=basic)
+        assert refused.status_code == 401
+        assert "Bearer" in refused.json()["error"]["message"]
 
 
 def test_writes_are_refused_when_only_read_keys_exist(
