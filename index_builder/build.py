@@ -34,6 +34,7 @@ from index_builder.gallery import (
     GalleryIndex,
 )
 from index_builder.gallery import publish as publish_version
+from index_builder.limits import text_problem
 from index_builder.location import Location, QdrantLocation, parse_location
 from index_builder.manifest import Manifest
 from index_builder.opening import AnyIndex
@@ -58,6 +59,10 @@ class Source:
     path: Path
     key: str
     label: str | None = None
+
+    def __post_init__(self) -> None:
+        if (problem := text_problem(self.key, self.label)) is not None:
+            raise ValueError(f"{self.path}: {problem}")
 
 
 @dataclass
@@ -124,7 +129,10 @@ def read_list(csv_path: Path) -> list[Source]:
             raise SourceListError(f"{csv_path}:{rows.line_num}: empty path")
         path = Path(raw) if Path(raw).is_absolute() else csv_path.parent.absolute() / raw
         key = (row.get("key") or "").strip() or raw
-        sources.append(Source(path, key, (row.get("label") or "").strip() or None))
+        try:
+            sources.append(Source(path, key, (row.get("label") or "").strip() or None))
+        except ValueError as e:
+            raise SourceListError(f"{csv_path}:{rows.line_num}: {e}") from e
     return sources
 
 

@@ -32,7 +32,13 @@ from PIL.JpegImagePlugin import JpegImageFile
 from model.config import Preprocessing
 from model.file_structure import MAX_PARSER_STEPS, jpeg_first_scan, parser_steps
 
+# The one default of both limits, for the index builder and the service (its DIML_MAX_PIXELS and
+# DIML_MAX_ASPECT_RATIO): whatever a build indexes, the service decodes again to explain it.
+# 64 M takes the 48-50 megapixel photos of today's phone cameras; what decoding may hold in
+# memory is bounded apart (JPEG decodes reduced; the service's decoding budget counts the rest).
 DEFAULT_MAX_PIXELS = 64_000_000
+# Longer side / shorter side: a panorama of 20:1 is still an image the model's centre crop can
+# describe; a strip of 1 x 10,000 pixels is a way to make every step cost its long side.
 DEFAULT_MAX_ASPECT = 20.0
 # Every scan of a JPEG passes over all of its coefficients, so a small file of many tiny scans
 # costs seconds of decoding per hundred (a 156 KB file of 2,000 scans at 4000 x 4000 took 17 s).

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
+from service.failures import DeadlineExceededError
 
 T = TypeVar("T")
 
@@ -39,6 +40,16 @@ def time_left() -> float | None:
     """Seconds until the current request's deadline (negative past it); None without one."""
     deadline = _DEADLINE.get()
     return None if deadline is None else deadline - time.monotonic()
+
+
+def check_deadline() -> float | None:
+    """Seconds left to the current request (None without a deadline); raises
+    :class:`~service.failures.DeadlineExceededError` past it. Long work calls it between its
+    steps, so that it stops at the deadline rather than runs on."""
+    left = time_left()
+    if left is not None and left <= 0:
+        raise DeadlineExceededError
+    return left
 
 
 def return_freed_images_to_the_system() -> None:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from model import Embedding, ImageGeometry, render_explanation
+from service.budget import check_explanation
 from service.deps import DIGITS, MAX_ID, EngineDep, Read, single_parts, within_deadline
 from service.engine import Engine
 from service.errors import ApiError
@@ -49,7 +50,10 @@ async def _explain(
     top: int,
     format: str,
 ) -> Any:
-    """Both sides (each an upload or a gallery id), then the explanation, within the deadline."""
+    """Both sides (each an upload or a gallery id), then the explanation, within the deadline;
+    a JSON one is first held to the response budget."""
+    if format == "json":
+        check_explanation(engine.config.grid, top)
     return await within_deadline(engine, _explain_sides(engine, a, b, top, format))
 
 
@@ -68,10 +72,14 @@ async def _explain_sides(
         assert b[2] is not None
         heights = (a[1].height, b[1].height)
         picture = await in_thread(render_explanation, a[2], b[2], explanation, top, heights)
-        buffer = io.BytesIO()
-        picture.save(buffer, "PNG")
-        return Response(buffer.getvalue(), media_type="image/png")
-    return JSONResponse(explanation.to_dict(matrices=True))
+        return Response(await in_thread(_png, picture), media_type="image/png")
+    return await in_thread(lambda: JSONResponse(explanation.to_dict(matrices=True)))
+
+
+def _png(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 PNG: dict[int | str, dict[str, Any]] = {

@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
-from pydantic import StringConstraints
+from pydantic import Field, StringConstraints
 
 from index_builder import LabelFilter
+from index_builder.limits import MAX_LABEL_LENGTH
 from model import Embedding, ImageGeometry, MatchingConfig, ModelInput
 from model.explain import bases_of, ranking_rule, verdict_of
 from model.matching import ranking_score
+from service.budget import check_search
 from service.deps import (
     DIGITS,
     MAX_ID,
@@ -20,13 +24,14 @@ from service.deps import (
     ItemId,
     Read,
     TimerDep,
+    answer,
     single_parts,
-    within_deadline,
 )
 from service.engine import Engine
 from service.errors import ApiError
-from service.limits import in_thread
+from service.limits import check_deadline, in_thread
 from service.metrics import StageTimer
+from service.routing import ITEM_ID
 from service.schemas import BatchSearchResponse, ErrorBody, ExamplesResponse, SearchResponse
 from service.search import Hit, Page, SearchOptions
 
@@ -64,7 +69,7 @@ MinScore = Annotated[
     ),
 ]
 MAX_LABELS = 100
-Label = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_LENGTH)]
 Labels = Annotated[
     list[Label] | None,
     Query(
@@ -102,7 +107,7 @@ MAX_GROUPED_HITS = 1000
 MAX_EXPLAINED_HITS = 100
 
 
-def search_options(
+def ranking_options(
     where: Where,
     k: K = 10,
     rerank_k: RerankK = 100,
@@ -110,27 +115,43 @@ def search_options(
     matches: Matches = 5,
     offset: Offset = 0,
     min_score: MinScore = None,
-    group_by: GroupBy = None,
-    group_size: GroupSize = 3,
 ) -> SearchOptions:
-    size = group_size if group_by == "label" else None
-    if size is not None and k * size > MAX_GROUPED_HITS:
+    """What every search takes (an example search takes only these: no grouping)."""
+    _check_explained(k, explain)
+    return SearchOptions(k, rerank_k, explain, matches, offset, min_score, where)
+
+
+ExampleOptions = Annotated[SearchOptions, Depends(ranking_options)]
+
+
+def search_options(
+    ranking: ExampleOptions, group_by: GroupBy = None, group_size: GroupSize = 3
+) -> SearchOptions:
+    """A search's options: the ranking's, grouped by label or not."""
+    if group_by != "label":
+        return ranking
+    if ranking.k * group_size > MAX_GROUPED_HITS:
         raise ApiError(422, "invalid_request", f"k x group_size may be at most "
-                       f"{MAX_GROUPED_HITS}, not {k} x {size}")  # fmt: skip
-    hits = k * (size or 1)
-    if explain and hits > MAX_EXPLAINED_HITS:
-        raise ApiError(422, "invalid_request", f"with explain=true at most {MAX_EXPLAINED_HITS} "
-                       f"hits are explained per query, not {hits}: ask for fewer (k, or "
-                       "k x group_size), page on with offset, or set explain=false")  # fmt: skip
-    return SearchOptions(k, rerank_k, explain, matches, offset, min_score, where, size)
+                       f"{MAX_GROUPED_HITS}, not {ranking.k} x {group_size}")  # fmt: skip
+    _check_explained(ranking.k * group_size, ranking.explain)
+    return dataclasses.replace(ranking, group_size=group_size)
 
 
 Options = Annotated[SearchOptions, Depends(search_options)]
 
 
+def _check_explained(hits: int, explain: bool) -> None:
+    if explain and hits > MAX_EXPLAINED_HITS:
+        raise ApiError(422, "invalid_request", f"with explain=true at most {MAX_EXPLAINED_HITS} "
+                       f"hits are explained per query, not {hits}: ask for fewer (k, or "
+                       "k x group_size), page on with offset, or set explain=false")  # fmt: skip
+
+
 def hit_json(hit: Hit, matching: MatchingConfig) -> dict[str, Any]:
     """A hit as the API answers it (``SearchHit``); its verdict is that of its score against
-    the query (an example search's: against the positive it matches best)."""
+    the query (an example search's: against the positive it matches best). Past the request's
+    deadline it raises instead: a long answer stops between two hits."""
+    check_deadline()
     item = hit.item
     pair_score = ranking_score(
         hit.global_similarity, hit.structural_similarity, matching.structural_weight
@@ -238,16 +259,15 @@ async def _split(
 async def search(
     engine: EngineDep,
     timer: TimerDep,
-    response: Response,
     image: Annotated[
         UploadFile, File(description="the query image (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     ],
     options: Options,
-) -> dict[str, Any]:
+) -> Response:
     """The gallery images most like the uploaded one, each with why it matches."""
-    results = await within_deadline(engine, _run(engine, [image], timer, options))
-    response.headers["Server-Timing"] = timer.header()
-    return page_json(results[0], engine.config.matching)
+    check_search(options, engine.config.grid)
+    work = _run(engine, [image], timer, options)
+    return await answer(engine, timer, SearchResponse, work, _first_page(engine))
 
 
 @router.post(
@@ -259,21 +279,25 @@ async def search(
 async def search_batch(
     engine: EngineDep,
     timer: TimerDep,
-    response: Response,
     images: Annotated[list[UploadFile], File(description="several query images")],
     options: Options,
-) -> dict[str, Any]:
+) -> Response:
     """Several queries in one request, answered in order."""
     limit = engine.settings.max_batch_images
     if not images or len(images) > limit:
         raise ApiError(422, "invalid_request", f"send between 1 and {limit} images")
-    results = await within_deadline(engine, _run(engine, images, timer, options))
-    response.headers["Server-Timing"] = timer.header()
-    return {"queries": [page_json(page, engine.config.matching) for page in results]}
+    check_search(options, engine.config.grid, len(images))
+    matching = engine.config.matching
+
+    def queries(pages: list[Page]) -> dict[str, Any]:
+        return {"queries": [page_json(page, matching) for page in pages]}
+
+    work = _run(engine, images, timer, options)
+    return await answer(engine, timer, BatchSearchResponse, work, queries)
 
 
 @router.post(
-    "/search/by-id/{item_id}",
+    f"/search/by-id/{ITEM_ID}",
     response_model=SearchResponse,
     response_model_exclude_unset=True,
     responses=ERRORS,
@@ -282,10 +306,10 @@ async def search_by_id(
     item_id: ItemId,
     engine: EngineDep,
     timer: TimerDep,
-    response: Response,
     options: Options,
-) -> dict[str, Any]:
+) -> Response:
     """More like this: the gallery item's own stored embedding as the query."""
+    check_search(options, engine.config.grid)
 
     async def run() -> list[Page]:
         if not options.explain:
@@ -294,13 +318,17 @@ async def search_by_id(
         embedding, geometry, _, basis = await engine.stored_query(item_id)
         return await _find(engine, embedding, [geometry], options, timer, stored=[basis])
 
-    results = await within_deadline(engine, run())
-    response.headers["Server-Timing"] = timer.header()
-    return page_json(results[0], engine.config.matching)
+    return await answer(engine, timer, SearchResponse, run(), _first_page(engine))
+
+
+def _first_page(engine: Engine) -> Callable[[list[Page]], dict[str, Any]]:
+    """What builds the answer to one query (``SearchResponse``) from its list of pages."""
+    matching = engine.config.matching
+    return lambda pages: page_json(pages[0], matching)
 
 
 ExampleIds = Annotated[
-    list[Annotated[int, DIGITS]] | None,
+    list[Annotated[int, Field(ge=0, le=MAX_ID), DIGITS]] | None,
     Query(max_length=64, description="gallery ids (repeat the parameter for several)"),
 ]
 ExampleFiles = Annotated[list[UploadFile], File(description="example images (repeatable)")]
@@ -315,13 +343,12 @@ ExampleFiles = Annotated[list[UploadFile], File(description="example images (rep
 async def search_examples(
     engine: EngineDep,
     timer: TimerDep,
-    response: Response,
-    options: Options,
+    options: ExampleOptions,
     positive: ExampleFiles = [],  # noqa: B006  (FastAPI copies defaults per request)
     negative: ExampleFiles = [],  # noqa: B006
     positive_id: ExampleIds = None,
     negative_id: ExampleIds = None,
-) -> dict[str, Any]:
+) -> Response:
     """More like the positive examples, less like the negative ones; each an upload or a
     gallery id. A candidate's score is its best score against the positives less its best
     against the negatives (each score global + w x structural); candidates are the union
@@ -336,10 +363,7 @@ async def search_examples(
                        "'positive' image or a 'positive_id'")  # fmt: skip
     if total > limit:
         raise ApiError(422, "invalid_request", f"give at most {limit} examples, not {total}")
-    if any(not 0 <= i <= MAX_ID for i in positive_ids + negative_ids):
-        raise ApiError(422, "invalid_request", f"gallery ids are 0 to {MAX_ID}")
-    if options.group_size is not None:
-        raise ApiError(422, "invalid_request", "group_by is not available with examples")
+    check_search(options, engine.config.grid)
 
     async def run() -> Page:
         pos, pos_geometries, bases = await _examples(
@@ -353,9 +377,8 @@ async def search_examples(
         )
         return (await _split(engine, [page], pos, timer, bases))[0]
 
-    page = await within_deadline(engine, run())
-    response.headers["Server-Timing"] = timer.header()
-    return page_json(page, engine.config.matching)
+    matching = engine.config.matching
+    return await answer(engine, timer, ExamplesResponse, run(), lambda p: page_json(p, matching))
 
 
 async def _examples(

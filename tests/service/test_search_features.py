@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from index_builder.limits import MAX_LABEL_LENGTH
 from tests.service.conftest import png
 
 
@@ -102,7 +103,7 @@ def test_every_hit_has_one_score_scale_and_min_score_drops_exactly_those_below(
         {"offset": "-1"},
         {"offset": "10001"},
         {"label": ""},
-        {"label": "x" * 201},
+        {"label": "x" * (MAX_LABEL_LENGTH + 1)},
         {"exclude_label": [str(i) for i in range(101)]},
     ],
 )
