@@ -26,6 +26,7 @@ Prints one line per round and a summary; exits 1 on any broken promise. About 6 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -37,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,24 +224,33 @@ def settle(http: httpx.Client, ledger: Ledger, uploads: Path, count: int) -> lis
     return broken
 
 
-def base_index(args: argparse.Namespace, work: Path) -> Path:
-    """The index the rounds start from: ``--index``, or the embedded gallery indexed once."""
-    if args.index is not None:
-        return Path(args.index)
-    built = work / "base.index"
-    command = [sys.executable, "-m", "service.cli", "index", "build",
-               "--images", str(REPO / "gallery"), "--out", str(built)]  # fmt: skip
-    if args.checkpoint:
-        command += ["--checkpoint", str(args.checkpoint)]
-    subprocess.run(command, check=True, cwd=REPO, capture_output=True)
-    return built
+def add_index_args(parser: argparse.ArgumentParser, json_help: str) -> None:
+    """The options this script and ``bench/soak.py`` share: the index, the model, the output."""
+    parser.add_argument("--index", type=Path, help="index to start from (copied; default: the "
+                        "embedded gallery's, built by the default model)")  # fmt: skip
+    parser.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the default)")
+    parser.add_argument("--json", type=Path, help=json_help)
+
+
+@contextlib.contextmanager
+def scratch_index(args: argparse.Namespace) -> Iterator[Path]:
+    """A copy of ``--index`` (or of the embedded gallery indexed by ``--checkpoint``) for the
+    run to change, deleted afterwards."""
+    with tempfile.TemporaryDirectory(prefix="diml-bench-") as work:
+        index = Path(work) / "index"
+        if args.index is not None:
+            shutil.copytree(args.index, index)
+        else:
+            command = [sys.executable, "-m", "service.cli", "index", "build",
+                       "--images", str(REPO / "gallery"), "--out", str(index)]  # fmt: skip
+            if args.checkpoint:
+                command += ["--checkpoint", str(args.checkpoint)]
+            subprocess.run(command, check=True, cwd=REPO, capture_output=True)
+        yield index
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    work = Path(tempfile.mkdtemp(prefix="diml-crash-"))
-    try:
-        index = work / "index"
-        shutil.copytree(base_index(args, work), index)
+    with scratch_index(args) as index:
         queries = [p.read_bytes() for p in sorted((REPO / "gallery").rglob("*.jpg"))[:8]]
         ledger = Ledger()
         rng = random.Random(args.seed)
@@ -277,8 +288,6 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 broken += settle(http, ledger, index / "uploads", count)
         finally:
             server.stop()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return {
         "kills": args.kills,
         "clients": args.clients,
@@ -294,10 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=100)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--index", type=Path, help="index to start from (copied; default: the "
-                        "embedded gallery's, built by the default model)")  # fmt: skip
-    parser.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the default)")
-    parser.add_argument("--json", type=Path, help="also write the summary here")
+    add_index_args(parser, "also write the summary here")
     args = parser.parse_args(argv)
     summary = run(args)
     counts = summary["requests"]

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -31,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from crash_test import base_index, new_picture  # noqa: E402
+from crash_test import add_index_args, new_picture, scratch_index  # noqa: E402
 
 from tests.live_server import Server  # noqa: E402
 
@@ -91,10 +89,7 @@ class Soak:
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    work = Path(tempfile.mkdtemp(prefix="diml-soak-"))
-    try:
-        index = work / "index"
-        shutil.copytree(base_index(args, work), index)
+    with scratch_index(args) as index:
         server = Server(index, args.checkpoint)
         try:
             server.wait_ready()
@@ -117,8 +112,6 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             elapsed = time.monotonic() - start
         finally:
             server.stop()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     after_warmup = [rss for t, rss in samples if t >= args.warmup_s]
     reference = after_warmup[0] if after_warmup else float("nan")
     peak = max(after_warmup) if after_warmup else float("nan")
@@ -153,10 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--warmup-s", type=float, default=60)
-    parser.add_argument("--index", type=Path, help="index to start from (copied; default: the "
-                        "embedded gallery's, built by the default model)")  # fmt: skip
-    parser.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the default)")
-    parser.add_argument("--json", type=Path, help="also write the summary (and RSS samples) here")
+    add_index_args(parser, "also write the summary (and RSS samples) here")
     args = parser.parse_args(argv)
     summary = run(args)
     print(f"{args.minutes:g} min, {args.clients} clients: "

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -108,6 +108,7 @@ def _check_deadline() -> float | None:
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class Batcher(Generic[Job, Result]):
@@ -252,6 +253,16 @@ def _again_if_changed(search: Callable[[], T], tries: int = 3) -> T:
         return search()
     except _GalleryChangedError:
         raise OverloadedError("the gallery is changing too fast to search") from None
+
+
+def _rerun_if_changed(search: Callable[P, T]) -> Callable[P, T]:
+    """A search method run again (:func:`_again_if_changed`) while the gallery changes under it."""
+
+    @functools.wraps(search)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        return _again_if_changed(lambda: search(*args, **kwargs))
+
+    return run
 
 
 class Engine:
@@ -410,9 +421,14 @@ class Engine:
         if not items:
             return pages
         item_bases = await self.item_bases(items)
-        with self.lock:  # an item deleted since the search is left unsplit, not an error
-            ids = np.array(sorted(self.index.items(sorted(item_bases))), dtype=np.int64)
-            vectors = dict(zip(ids.tolist(), self.index.vectors(ids), strict=True))
+        ids = np.array(sorted(item_bases), dtype=np.int64)
+        with self.lock:
+            try:
+                found = self.index.vectors(ids)
+            except KeyError:  # an item deleted since the search is left unsplit, not an error
+                ids = np.array(sorted(self.index.items(ids)), dtype=np.int64)
+                found = self.index.vectors(ids)
+        vectors = dict(zip(ids.tolist(), found, strict=True))
         bases = query_bases(queries, self.config.grid, stored)
         return split_pages(pages, queries, bases, item_bases, vectors)
 
@@ -589,13 +605,8 @@ class Engine:
         with timer.stage("rerank"):
             return rerank(queries, gathered, self.config, self.embedder.device).to("cpu")
 
+    @_rerun_if_changed
     def search_grouped(
-        self, query: Embedding, geometry: ImageGeometry, options: SearchOptions, timer: StageTimer
-    ) -> Page:
-        """:meth:`_grouped`, again where the gallery changed under it."""
-        return _again_if_changed(lambda: self._grouped(query, geometry, options, timer))
-
-    def _grouped(
         self, query: Embedding, geometry: ImageGeometry, options: SearchOptions, timer: StageTimer
     ) -> Page:
         """One query's ranking (the same two-stage rule as :meth:`search_jobs`) grouped by
@@ -665,20 +676,8 @@ class Engine:
         more = end if len(groups) > end else None
         return Page([h for _, hits in out for h in hits], options.offset, more, out)
 
+    @_rerun_if_changed
     def search_examples(
-        self,
-        positives: Embedding,
-        positive_geometries: list[ImageGeometry],
-        negatives: Embedding | None,
-        exclude: list[int],
-        options: SearchOptions,
-        timer: StageTimer,
-    ) -> Page:
-        """:meth:`_examples`, again where the gallery changed under it."""
-        return _again_if_changed(lambda: self._examples(
-            positives, positive_geometries, negatives, exclude, options, timer))  # fmt: skip
-
-    def _examples(
         self,
         positives: Embedding,
         positive_geometries: list[ImageGeometry],

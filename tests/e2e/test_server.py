@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import live_server
 from tests.hostile import (
     corpus,
     encode,
@@ -28,80 +26,10 @@ from tests.hostile import (
 )
 from tests.index_builder.helpers import make_images
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, index: Path, checkpoint: Path, **env: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        environment = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "DIML_MAX_UPLOAD_BYTES": "200000",
-            "DIML_ANONYMOUS_WRITES": "loopback",
-            **env,
-        }
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "serve",
-                "--index",
-                str(index),
-                "--checkpoint",
-                str(checkpoint),
-                "--port",
-                str(self.port),
-            ],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        # Drained as it comes: a server that writes more than the pipe holds would block.
-        self._output = bytearray()
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-
-    def _drain(self) -> None:
-        assert self.process.stdout is not None
-        while chunk := self.process.stdout.read1(65536):  # type: ignore[attr-defined]
-            self._output += chunk
-
-    def output(self) -> str:
-        """What the server wrote to stdout and stderr so far."""
-        return self._output.decode(errors="replace")
-
-    def wait_ready(self, timeout: float = 120) -> httpx.Response:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._reader.join(timeout=5)
-                raise AssertionError(f"the server exited: {self.output()[-2000:]}")
-            try:
-                response = httpx.get(f"{self.url}/readyz", timeout=2)
-                if response.status_code == 200:
-                    return response
-                assert response.status_code == 503
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("the server did not become ready")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self._reader.join(timeout=5)
+def Server(index: Path, checkpoint: Path, **env: str) -> live_server.Server:  # noqa: N802
+    """The shared runner, with uploads limited to 200 KB unless ``env`` says otherwise."""
+    return live_server.Server(index, checkpoint, **{"DIML_MAX_UPLOAD_BYTES": "200000", **env})
 
 
 @pytest.fixture
