@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from index_builder.location import QdrantLocation, parse_location
-from tests.e2e.test_server import _free_port
+from tests.live_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -154,7 +154,7 @@ def test_the_image_entrypoint_indexes_the_gallery_and_serves_it(tmp_path: Path) 
         shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     pip(venv, "--no-deps", str(project))
 
-    port = _free_port()
+    port = free_port()
     env = {
         "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
         "HOME": str(tmp_path),
