@@ -248,7 +248,7 @@ def format_report(report: dict[str, Any], name: str, classes: str | None) -> str
 
 def add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from model.config import LOSSES
-    from model.training import HEAD_INITS, TRAINABLE, TrainConfig
+    from model.training import HEAD_INITS, PRECISIONS, TRAINABLE, TrainConfig
 
     defaults = TrainConfig()
     p = commands.add_parser(
@@ -289,6 +289,13 @@ def add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         choices=HEAD_INITS,
         default=defaults.head_init,
         help="pca: the head starts from a PCA of the backbone's part features (default)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help="mixed (default): float16 autocast on CUDA, bfloat16 on a CPU with native bfloat16 "
+        "(AVX512-BF16 or AMX), float32 elsewhere; fp32: float32 everywhere",
     )
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -347,6 +354,7 @@ def run_train(args: argparse.Namespace) -> int:
             train=args.train,
             views=args.views,
             head_init=args.head_init,
+            precision=args.precision,
             seed=args.seed,
             rerank_k=args.rerank_k,
             batches_per_epoch=args.batches_per_epoch,

@@ -42,6 +42,7 @@ from model.calibration import calibrate, objective
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import LOSSES, ModelConfig, Preprocessing
 from model.datasets import ImageSet
+from model.devices import autocast_dtype
 from model.feature_cache import body_sequence, cache_maps, last_stage_start, pca_init
 from model.files import replacing, write_atomic
 from model.loading import ImageFiles, embed_records
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 TRAINABLE = ("tail", "head", "all")
 HEAD_INITS = ("pca", "random")
+PRECISIONS = ("mixed", "fp32")  # mixed: model.devices.autocast_dtype's, where the device has one
 
 
 class TrainingError(ValueError):
@@ -75,6 +77,7 @@ class TrainConfig:
     weight_decay: float = 4e-4
     train: str = "tail"
     views: int = 6
+    precision: str = "mixed"
     head_init: str = "pca"
     seed: int = 0
     rerank_k: int = 100
@@ -85,6 +88,7 @@ class TrainConfig:
             ("loss", self.loss, LOSSES),
             ("train", self.train, TRAINABLE),
             ("head-init", self.head_init, HEAD_INITS),
+            ("precision", self.precision, PRECISIONS),
         ):
             if value not in known:
                 raise TrainingError(f"unknown --{name} {value!r}; choose one of {', '.join(known)}")
@@ -219,7 +223,10 @@ class Trainer:
         if len(self.rest):
             groups.append({"params": self.rest.parameters(), "lr": config.lr})
         self.optimizer = torch.optim.Adam(groups, weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+        self.autocast = autocast_dtype(device)
+        # Only float16 needs its gradients scaled; bfloat16 has float32's range.
+        float16 = config.precision == "mixed" and self.autocast == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=float16)
         self.sampler = ClassBalancedBatches(
             train.labels, config.batch_size, config.per_class, config.seed, config.batches_per_epoch
         )
@@ -393,8 +400,10 @@ class Trainer:
             yield pixels.to(self.device, non_blocking=True), torch.tensor(index)
 
     def _step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cuda = self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=cuda):
+        dtype = self.autocast if self.config.precision == "mixed" else None
+        with torch.autocast(
+            self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+        ):
             embedding: Embedding = self.model.head(self.rest(inputs.float()))
         loss = self.criterion(Embedding(embedding.parts.float(), embedding.vector.float()), labels)
         self.optimizer.zero_grad(set_to_none=True)

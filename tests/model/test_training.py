@@ -188,3 +188,43 @@ def test_a_run_that_never_beats_the_start_keeps_the_start(
     best = load_checkpoint(out / "best.safetensors")
     assert best.config.dim is None
     assert best.config.grid == 2
+
+
+def test_mixed_precision_is_bfloat16_only_on_a_cpu_that_has_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from model.devices import autocast_dtype
+
+    assert autocast_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert autocast_dtype(torch.device("cpu")) is None
+    with pytest.raises(TrainingError, match="--precision"):
+        TrainConfig(precision="half")
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("mixed", torch.bfloat16), ("fp32", None)])
+def test_a_training_step_runs_the_backbone_in_the_chosen_precision(
+    cub_dev: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    precision: str,
+    expected: torch.dtype | None,
+) -> None:
+    import model.training
+
+    monkeypatch.setattr(model.training, "autocast_dtype", lambda device: torch.bfloat16)
+    tiny = ModelConfig(backbone="mobilenet_v2", dim=16, grid=2, preprocessing=Preprocessing(72, 64))
+    train, val = read_dataset(cub_dev, "cub", "1-2"), read_dataset(cub_dev, "cub", "3")
+    config = TrainConfig(
+        epochs=1, batch_size=8, per_class=4, batches_per_epoch=1, train="all", precision=precision
+    )
+    trainer = Trainer(tiny, config, train, val, tmp_path / "r", torch.device("cpu"), progress=False)
+    seen: list[torch.dtype] = []
+    conv = trainer.model.head.proj
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    trainer._step(torch.rand(8, 3, 64, 64), train.labels[:8])
+    assert seen == [expected or torch.float32]
+    assert trainer.scaler.is_enabled() is False  # bfloat16 needs no gradient scaling
