@@ -102,17 +102,19 @@ def ranking_score(global_similarity: Term, structural_similarity: Term, weight: 
     return global_similarity + weight * structural_similarity
 
 
-def rerank_positions(score: torch.Tensor, rerank_k: int) -> torch.Tensor:
+def rerank_positions(score: torch.Tensor, rerank_k: int | torch.Tensor) -> torch.Tensor:
     """The two-stage retrieval rule, for every entry point (evaluation and the service).
 
-    score: (B, K) ranking scores of candidates listed in global order -> (B, K) positions into
-    that list: the first ``rerank_k`` sorted by score, best first (stable: ties keep the global
-    order), then the rest in global order. A candidate to drop scores -inf.
+    score: (B, K) ranking scores of candidates listed in global order; rerank_k: an int, or
+    (B,) one per row -> (B, K) positions into that list: the first ``rerank_k`` sorted by
+    score, best first (stable: ties keep the global order), then the rest in global order. A
+    candidate to drop scores -inf; past the head a score is never read (it may be -inf).
     """
-    head = min(rerank_k, score.shape[1])
-    top = torch.sort(score[:, :head], dim=1, descending=True, stable=True).indices
-    rest = torch.arange(head, score.shape[1], device=score.device).expand(score.shape[0], -1)
-    return torch.cat([top, rest], dim=1)
+    positions = torch.arange(score.shape[1], device=score.device)
+    heads = torch.as_tensor(rerank_k, device=score.device).reshape(-1, 1)
+    # The rest all score -inf, after any head score: the stable sort keeps them in order.
+    keys = torch.where(positions < heads, score, float("-inf"))
+    return torch.sort(keys, dim=1, descending=True, stable=True).indices
 
 
 def structural_match(

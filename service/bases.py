@@ -11,16 +11,24 @@ that searches keep returning are embedded once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import torch
 
 from index_builder import Item
-from model import Embedding
+from model import Embedding, ModelInput
 from model.explain import bases_of, with_global_split
+from service.failures import NotFoundError
+from service.gallery import Gallery
+from service.limits import in_thread
 from service.search import Hit, Page
+
+log = logging.getLogger(__name__)
+Bases = list[torch.Tensor | None]  # one global basis (R, D) per query; None: none to split with
 
 
 class BasisCache:
@@ -54,8 +62,7 @@ class BasisCache:
                 self.size -= old.numel() * old.element_size()
 
 
-def query_bases(queries: Embedding, grid: int, stored: list[torch.Tensor | None] | None = None
-                ) -> list[torch.Tensor | None]:  # fmt: skip
+def query_bases(queries: Embedding, grid: int, stored: Bases | None = None) -> Bases:
     """Each query's global basis (R, D): ``stored[b]`` where given (a gallery item as the
     query), else from its map where its embedding kept one."""
     made = bases_of(queries, grid)
@@ -99,3 +106,65 @@ def split_pages(
                       for label, members in page.groups]  # fmt: skip
         out.append(dataclasses.replace(page, hits=hits, groups=groups))
     return out
+
+
+class GlobalSplit:
+    """Splits the global term of search explanations: items' bases from ``cache``, or by
+    decoding (``decode``) and embedding (``embed``, ``batch`` pictures at a time) their stored
+    pictures again; their global vectors from ``gallery``."""
+
+    def __init__(
+        self,
+        cache: BasisCache,
+        gallery: Gallery,
+        grid: int,
+        decode: Callable[[Item], ModelInput],
+        embed: Callable[[list[ModelInput]], Awaitable[Embedding]],
+        batch: int,
+    ) -> None:
+        self.cache, self.gallery, self.grid = cache, gallery, grid
+        self.decode, self.embed, self.batch = decode, embed, batch
+
+    async def item_bases(self, items: list[Item]) -> dict[int, torch.Tensor | None]:
+        """Each item's global basis (R, D) (:mod:`model.attribution`); None for an item whose
+        picture is gone."""
+        out: dict[int, torch.Tensor | None] = {}
+        missing: list[tuple[Item, ModelInput]] = []
+        for item in {item.id: item for item in items}.values():
+            out[item.id] = self.cache.get(item)
+            if out[item.id] is None:
+                try:
+                    missing.append((item, await in_thread(self.decode, item)))
+                except NotFoundError:
+                    log.info("gallery item %d: picture gone, its global term is not split", item.id)
+        for start in range(0, len(missing), self.batch):
+            chunk = missing[start : start + self.batch]
+            embedding = await self.embed([decoded for _, decoded in chunk])
+            bases = bases_of(embedding, self.grid)
+            assert bases is not None  # the batcher keeps the maps
+            for (item, _), basis in zip(chunk, bases.float(), strict=True):
+                self.cache.put(item, basis)
+                out[item.id] = basis
+        return out
+
+    async def pages(
+        self, pages: list[Page], queries: Embedding, stored: Bases | None = None
+    ) -> list[Page]:
+        """``pages`` (page b answering ``queries[b]``) with their explanations' global term split
+        over both images' regions (:func:`split_pages`); ``stored``: the bases of queries that
+        are gallery items."""
+        items = [h.item for page in pages for h in page.hits if h.explanation is not None]
+        if not items:
+            return pages
+        item_bases = await self.item_bases(items)
+        ids = np.array(sorted(item_bases), dtype=np.int64)
+        index = self.gallery.index
+        with self.gallery.lock:
+            try:
+                found = index.vectors(ids)
+            except KeyError:  # an item deleted since the search is left unsplit, not an error
+                ids = np.array(sorted(index.items(ids)), dtype=np.int64)
+                found = index.vectors(ids)
+        vectors = dict(zip(ids.tolist(), found, strict=True))
+        bases = query_bases(queries, self.grid, stored)
+        return split_pages(pages, queries, bases, item_bases, vectors)

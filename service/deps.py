@@ -12,8 +12,9 @@ from fastapi import Depends, Path, Request, Response
 from pydantic import BaseModel, BeforeValidator
 
 from service.auth import Read, Write
-from service.engine import DeadlineExceededError, Engine
+from service.engine import Engine
 from service.errors import ApiError
+from service.failures import DeadlineExceededError
 from service.limits import check_deadline, deadline, in_thread
 from service.metrics import StageTimer
 from service.settings import Settings

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -48,14 +48,20 @@ def method_label(method: str) -> str:
 
 
 class StageTimer:
-    """Times the stages of one request, for the histogram and the ``Server-Timing`` header."""
+    """Times the stages of one request, for the histogram and the ``Server-Timing`` header.
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+    ``before(name)``, when given, runs as each stage timed with :meth:`stage` starts: the seam
+    a test uses to act between two stages of a request (say, delete an item after the coarse
+    search found it), by overriding the ``service.deps.get_timer`` dependency."""
+
+    def __init__(self, metrics: Metrics, before: Callable[[str], None] | None = None) -> None:
+        self.metrics, self.before = metrics, before
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.before is not None:
+            self.before(name)
         start = time.perf_counter()
         try:
             yield

@@ -1,17 +1,12 @@
-"""The search pipeline after embedding, one function per named stage, each with a typed result:
+"""The values a search passes between its stages, and its first stages after embedding:
 
     coarse_search  -> Candidates       each query's global ranking, by its global vector
     gather         -> Gathered         the stored grids and vectors of the positions it needs
     rerank         -> StructuralMatch  one structural match for every query of a batch
-    rank           -> Ranking          the two-stage rule: the positions of each query's page
-    pick_pages     -> PagePairs        the pages' pairs of the match, on the host
-    explain_page   -> list[Hit]        a page's hits, explained when asked
 
-(decoding and embedding, the first two stages, run on the engine's batchers). The stages are
-plain functions of their inputs: they know no HTTP, no lock and no timer; the engine
-(:mod:`service.engine`) runs the first two under the index lock and times each stage, and the
-routes turn the results into JSON. The ranking rule itself is the model library's
-(:func:`model.matching.rerank_positions`), the one that ``diml evaluate`` measures.
+The ordering and explaining stages are :mod:`service.ranking`'s; the searches that run them
+all, :mod:`service.searching`'s. The stages are plain functions of their inputs: they know no
+HTTP, no lock and no timer.
 """
 
 from __future__ import annotations
@@ -25,10 +20,9 @@ import torch
 from index_builder import Item, LabelFilter
 from index_builder.device_search import DeviceSearch
 from index_builder.opening import AnyIndex
-from model import Embedding, Explanation, ImageGeometry, explain, structural_match
+from model import Embedding, Explanation, structural_match
 from model.config import ModelConfig
-from model.images import geometry_of
-from model.matching import StructuralMatch, rerank_positions
+from model.matching import StructuralMatch
 
 # (vectors (B, D), k, filter) -> (scores, ids), both (B, <= k), ids -1 past the end
 SearchFunction = Callable[[np.ndarray, int, LabelFilter | None], tuple[np.ndarray, np.ndarray]]
@@ -36,10 +30,18 @@ SearchFunction = Callable[[np.ndarray, int, LabelFilter | None], tuple[np.ndarra
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """k results from position ``offset`` of one ranking (the top ``rerank_k`` of the global
-    ranking re-ranked, the rest in global order), among the items ``where`` allows; hits that
-    score below ``min_score`` left out; explanations with the ``matches`` strongest part pairs
-    when ``explain``."""
+    """k results from position ``offset`` of one ranking, among the items ``where`` allows;
+    hits that score below ``min_score`` left out; explanations with the ``matches`` strongest
+    part pairs when ``explain``.
+
+    ``rerank_k``, in every search: each query's first ``rerank_k`` candidates by the global
+    vector are ordered by the score, ``global + w x structural``
+    (:func:`model.matching.rerank_positions`); those hits are ``reranked``. A search by one
+    query appends the rest of its global ranking, in global order (0: the global ranking
+    alone); a search by examples ranks the union of its positives' first ``max(rerank_k, 1)``
+    and nothing past them, having no single global order to append. With w = 0 the score is
+    the global similarity: a search by query keeps the global order and matches no head.
+    """
 
     k: int = 10
     rerank_k: int = 100
@@ -64,6 +66,9 @@ class Hit:
     global_rank: int
     explanation: Explanation | None = None
     positive: int | None = None  # example searches: the positive it matches best
+    # The score of the hit's own pair (the query, or that positive, and the item): what its
+    # verdict judges. An example search's ``score`` combines several pairs.
+    pair_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -104,15 +109,6 @@ class Gathered:
     items: dict[int, Item]
 
 
-@dataclass(frozen=True)
-class Ranking:
-    """Each query's page as positions of its global ranking, best first (``pages``), and where
-    each position's scores lie in the match (``column`` (B, depth), -1 where not matched)."""
-
-    pages: list[list[int]]
-    column: np.ndarray
-
-
 def coarse_search(
     search: SearchFunction, vectors: np.ndarray, filters: Sequence[LabelFilter], depth: int
 ) -> Candidates:
@@ -126,10 +122,10 @@ def coarse_search(
     return Candidates(ids, (ids >= 0).sum(axis=1))  # FAISS pads with -1 past the end
 
 
-def needed_positions(options: SearchOptions, count: int, reorders: bool) -> np.ndarray:
+def needed_positions(options: SearchOptions, head: int, count: int) -> np.ndarray:
     """The positions of a global ranking (of ``count`` candidates) that a page needs matched:
-    the re-ranked head when re-ranking reorders, and the page's positions past it."""
-    head = min(options.rerank_k, count) if reorders else 0
+    the first ``head`` (to be sorted by score), and the page's positions past them."""
+    head = min(head, count)
     end = min(options.offset + options.k, count)
     return np.r_[np.arange(head), np.arange(max(head, options.offset), end)]
 
@@ -191,109 +187,3 @@ def rerank(
         return structural_match(
             queries.parts.to(device), queries.vector.to(device), grids, vectors, config.matching
         )
-
-
-def rank(
-    match: StructuralMatch,
-    gathered: Gathered,
-    candidates: Candidates,
-    options: Sequence[SearchOptions],
-    reorders: bool,
-) -> Ranking:
-    """Each query's page under the two-stage rule: its top ``rerank_k`` by score, the rest in
-    global order (no head when re-ranking cannot reorder), then ``k`` from ``offset``.
-    Positions not matched are never sorted (their score is -inf and they lie past the head).
-    Only the scores leave the match's device here."""
-    b, depth = candidates.ids.shape
-    rows, cols = np.nonzero(gathered.valid)
-    at = gathered.positions[rows, cols]
-    score = torch.full((b, depth), float("-inf"))
-    score[rows, at] = match.score.cpu()[rows, cols]
-    column = np.full((b, depth), -1, dtype=np.int64)
-    column[rows, at] = cols
-    pages: list[list[int]] = [[] for _ in range(b)]
-    heads = [o.rerank_k if reorders else 0 for o in options]
-    for head in dict.fromkeys(heads):
-        chosen = [i for i, h in enumerate(heads) if h == head]
-        order = rerank_positions(score[chosen], head)
-        for i, positions in zip(chosen, order, strict=True):
-            ranking = positions[positions < int(candidates.counts[i])]
-            o = options[i]
-            pages[i] = ranking[o.offset : o.offset + o.k].tolist()
-    return Ranking(pages, column)
-
-
-@dataclass(frozen=True)
-class PagePairs:
-    """The pages' (query, candidate) pairs taken out of a batch's match: ``match`` over
-    (1, H) on the CPU, query b's hits at ``starts[b]:starts[b + 1]``, their item ``ids``."""
-
-    match: StructuralMatch
-    starts: np.ndarray
-    ids: list[np.ndarray]
-
-
-def pick_pages(match: StructuralMatch, gathered: Gathered, ranking: Ranking) -> PagePairs:
-    """Only the pages' pairs leave the match's device, in one transfer
-    (:meth:`StructuralMatch.pick`); the rest of the (B, W) match is never copied."""
-    sizes = [len(page) for page in ranking.pages]
-    columns = [ranking.column[b, page] for b, page in enumerate(ranking.pages)]
-    device = match.score.device
-    rows = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)).to(device)
-    cols = torch.from_numpy(np.concatenate(columns).astype(np.int64)).to(device)
-    ids = [gathered.ids[b, c] for b, c in enumerate(columns)]
-    return PagePairs(match.pick(rows, cols).to("cpu"), np.cumsum([0, *sizes]), ids)
-
-
-def explain_page(
-    pairs: PagePairs,
-    b: int,
-    ranking: Ranking,
-    items: dict[int, Item],
-    geometry: ImageGeometry,
-    options: SearchOptions,
-    config: ModelConfig,
-) -> list[Hit]:
-    """Query ``b``'s page as hits, explained when its options ask."""
-    columns = range(int(pairs.starts[b]), int(pairs.starts[b + 1]))
-    return explain_hits(pairs.match, 0, columns, ranking.pages[b], pairs.ids[b], items, geometry,
-                        options, config)  # fmt: skip
-
-
-def explain_hits(
-    match: StructuralMatch,
-    row: int,
-    columns: Sequence[int],
-    positions: Sequence[int],
-    ids: Sequence[int] | np.ndarray,
-    items: dict[int, Item],
-    geometry: ImageGeometry,
-    options: SearchOptions,
-    config: ModelConfig,
-) -> list[Hit]:
-    """Hits from row ``row`` of ``match`` (on the CPU): hit h is its column ``columns[h]``, at
-    ``positions[h]`` of the query's global ranking, item ``ids[h]``. Items removed since the
-    search and hits below ``min_score`` are left out."""
-    hits: list[Hit] = []
-    for c, position, item_id in zip(columns, positions, ids, strict=True):
-        item = items.get(int(item_id))
-        score = float(match.score[row, c])
-        if item is None or (options.min_score is not None and score < options.min_score):
-            continue
-        explanation = None
-        if options.explain:
-            explanation = explain(
-                match,
-                geometry,
-                geometry_of(item.width, item.height, config.preprocessing),
-                config.grid,
-                config.matching,
-                index=(row, c),
-                top=options.matches,
-            )
-        hits.append(Hit(
-            item, score, float(match.global_similarity[row, c]),
-            float(match.structural_similarity[row, c]), position < options.rerank_k,
-            position + 1, explanation,
-        ))  # fmt: skip
-    return hits

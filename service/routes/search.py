@@ -7,15 +7,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-import torch
 from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 from pydantic import Field, StringConstraints
 
 from index_builder import LabelFilter
 from index_builder.limits import MAX_LABEL_LENGTH
-from model import Embedding, ImageGeometry, MatchingConfig, ModelInput
-from model.explain import bases_of, ranking_rule, verdict_of
-from model.matching import ranking_score
 from service.budget import check_search
 from service.deps import (
     DIGITS,
@@ -29,11 +25,13 @@ from service.deps import (
 )
 from service.engine import Engine
 from service.errors import ApiError
-from service.limits import check_deadline, in_thread
+from service.limits import in_thread
 from service.metrics import StageTimer
+from service.responses import page_json
 from service.routing import ITEM_ID
 from service.schemas import BatchSearchResponse, ErrorBody, ExamplesResponse, SearchResponse
-from service.search import Hit, Page, SearchOptions
+from service.search import Page, SearchOptions
+from service.writes import Uploads
 
 router = APIRouter(tags=["search"], dependencies=[Read])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -147,106 +145,20 @@ def _check_explained(hits: int, explain: bool) -> None:
                        "k x group_size), page on with offset, or set explain=false")  # fmt: skip
 
 
-def hit_json(hit: Hit, matching: MatchingConfig) -> dict[str, Any]:
-    """A hit as the API answers it (``SearchHit``); its verdict is that of its score against
-    the query (an example search's: against the positive it matches best). Past the request's
-    deadline it raises instead: a long answer stops between two hits."""
-    check_deadline()
-    item = hit.item
-    pair_score = ranking_score(
-        hit.global_similarity, hit.structural_similarity, matching.structural_weight
-    )
-    out: dict[str, Any] = {
-        "id": item.id,
-        "key": item.key,
-        "label": item.label,
-        "score": hit.score,
-        "global_similarity": hit.global_similarity,
-        "structural_similarity": hit.structural_similarity,
-        "reranked": hit.reranked,
-        "global_rank": hit.global_rank,
-        "verdict": verdict_of(pair_score, matching),
-        "image_url": f"/gallery/{item.id}/image",
-    }
-    if hit.explanation is not None:
-        out["explanation"] = hit.explanation.to_dict(matrices=False)
-    if hit.positive is not None:
-        out["positive"] = hit.positive
-    return out
-
-
-def page_json(page: Page, matching: MatchingConfig) -> dict[str, Any]:
-    """One query's page as the API answers it (``SearchResponse``)."""
-    results = [hit_json(h, matching) for h in page.hits]
-    verdicts = [r["verdict"] for r in results]
-    out: dict[str, Any] = {
-        "results": results,
-        "offset": page.offset,
-        "next_offset": page.next_offset,
-        "structural_weight": matching.structural_weight,
-        "ranked_by": ranking_rule(matching.structural_weight),
-        "nothing_close": None if None in verdicts else "close" not in verdicts,
-    }
-    if page.groups is not None:
-        out["groups"] = [
-            {"label": label, "results": [hit_json(h, matching) for h in hits]}
-            for label, hits in page.groups
-        ]
-    return out
-
-
 async def _run(
-    engine: Engine,
-    uploads: list[UploadFile],
-    timer: StageTimer,
-    options: SearchOptions,
+    engine: Engine, uploads: list[UploadFile], timer: StageTimer, options: SearchOptions
 ) -> list[Page]:
-    queries = await _decode(engine, uploads, timer)
+    queries = await engine.decode_all(await _read(uploads), timer)
     grouped = options.group_size is not None
     with timer.stage("embed"):
         embedding = await engine.embed(queries, search_next=not grouped)
     geometries = [q.geometry for q in queries]
-    return await _find(engine, embedding, geometries, options, timer, embedded=not grouped)
+    return await engine.search(embedding, geometries, options, timer, embedded=not grouped)
 
 
-async def _decode(engine: Engine, uploads: list[UploadFile], timer: StageTimer) -> list[ModelInput]:
-    """Each upload read and decoded (named by its file name in any error)."""
-    with timer.stage("decode"):
-        return [await in_thread(engine.decode, await u.read(), u.filename or "image")
-                for u in uploads]  # fmt: skip
-
-
-async def _find(
-    engine: Engine,
-    embedding: Embedding,
-    geometries: list[ImageGeometry],
-    options: SearchOptions,
-    timer: StageTimer,
-    embedded: bool = False,
-    stored: list[torch.Tensor | None] | None = None,
-) -> list[Page]:
-    """Through the shared search batcher, or, for grouped searches, one query at a time; then
-    the explanations' global term split over both images' regions (``stored``: the global
-    bases of queries that are gallery items)."""
-    if options.group_size is None:
-        pages = await engine.find(embedding, geometries, options, timer, embedded=embedded)
-    else:
-        pages = [
-            await in_thread(engine.search_grouped, embedding[i : i + 1], geometry, options, timer)
-            for i, geometry in enumerate(geometries)
-        ]
-    return await _split(engine, pages, embedding, timer, stored)
-
-
-async def _split(
-    engine: Engine,
-    pages: list[Page],
-    queries: Embedding,
-    timer: StageTimer,
-    stored: list[torch.Tensor | None] | None = None,
-) -> list[Page]:
-    with timer.stage("explain_global"):
-        return await engine.split_global(pages, queries, stored)
+async def _read(uploads: list[UploadFile]) -> Uploads:
+    """Each upload's file name and bytes."""
+    return [(u.filename or "image", await u.read()) for u in uploads]
 
 
 @router.post(
@@ -314,9 +226,9 @@ async def search_by_id(
     async def run() -> list[Page]:
         if not options.explain:
             embedding, geometry, _ = await in_thread(engine.stored, item_id)
-            return await _find(engine, embedding, [geometry], options, timer)
+            return await engine.search(embedding, [geometry], options, timer)
         embedding, geometry, _, basis = await engine.stored_query(item_id)
-        return await _find(engine, embedding, [geometry], options, timer, stored=[basis])
+        return await engine.search(embedding, [geometry], options, timer, stored=[basis])
 
     return await answer(engine, timer, SearchResponse, run(), _first_page(engine))
 
@@ -366,43 +278,8 @@ async def search_examples(
     check_search(options, engine.config.grid)
 
     async def run() -> Page:
-        pos, pos_geometries, bases = await _examples(
-            engine, positive, positive_ids, timer, options.explain
-        )
-        neg = (await _examples(engine, negative, negative_ids, timer, False))[0] if (
-            negative or negative_ids) else None  # fmt: skip
-        exclude = positive_ids + negative_ids
-        page = await in_thread(
-            engine.search_examples, pos, pos_geometries, neg, exclude, options, timer
-        )
-        return (await _split(engine, [page], pos, timer, bases))[0]
+        pos, neg = (await _read(positive), positive_ids), (await _read(negative), negative_ids)
+        return await engine.search_examples(pos, neg, options, timer)
 
     matching = engine.config.matching
     return await answer(engine, timer, ExamplesResponse, run(), lambda p: page_json(p, matching))
-
-
-async def _examples(
-    engine: Engine, uploads: list[UploadFile], ids: list[int], timer: StageTimer, bases: bool
-) -> tuple[Embedding, list[ImageGeometry], list[torch.Tensor | None]]:
-    """Uploads (decoded and embedded together), then stored items, as one Embedding, and with
-    ``bases`` every example's global basis (None where a stored item's picture is gone)."""
-    parts: list[Embedding] = []
-    geometries: list[ImageGeometry] = []
-    stored: list[torch.Tensor | None] = []
-    if uploads:
-        decoded = await _decode(engine, uploads, timer)
-        with timer.stage("embed"):
-            embedded = await engine.embed(decoded)
-        parts.append(embedded.without_maps())
-        geometries += [d.geometry for d in decoded]
-        made = bases_of(embedded, engine.config.grid) if bases else None
-        stored += [None] * len(decoded) if made is None else list(made)
-    for item_id in ids:
-        if bases:
-            embedding, geometry, _, basis = await engine.stored_query(item_id)
-            stored.append(basis)
-        else:
-            embedding, geometry, _ = await in_thread(engine.stored, item_id)
-        parts.append(embedding)
-        geometries.append(geometry)
-    return Embedding.cat(parts), geometries, stored

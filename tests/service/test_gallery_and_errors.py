@@ -13,7 +13,8 @@ from PIL import Image
 
 from model import Embedding
 from service.app import create_app
-from service.engine import MicroBatcher, OverloadedError
+from service.batching import MicroBatcher
+from service.failures import OverloadedError
 from service.metrics import STAGES
 from tests.hostile import dds_header, png_header
 from tests.index_builder.helpers import make_images

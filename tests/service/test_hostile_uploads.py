@@ -14,8 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.engine import DeadlineExceededError
-from service.failures import NotFoundError
+from service.failures import DeadlineExceededError, NotFoundError
 from service.limits import BudgetExhaustedError, MemoryBudget, deadline
 from tests.hostile import (
     element_bombs,
@@ -108,7 +107,7 @@ def test_a_full_decoding_budget_answers_503_not_out_of_memory(served: dict[str, 
                      load_in_background=False)  # fmt: skip
     with TestClient(app) as client:
         engine = client.app.state.engine  # type: ignore[attr-defined]
-        with engine.decode_budget.reserve(8 * 2**20, timeout=1):  # another decode holds it all
+        with engine.decoder.budget.reserve(8 * 2**20, timeout=1):  # another decode holds it all
             response = client.post("/search", files={"image": ("q.png", png())})
         assert response.status_code == 503
         assert response.json()["error"]["code"] in ("overloaded", "deadline_exceeded")
@@ -125,11 +124,11 @@ def test_the_pictures_of_stored_images_are_decoded_within_the_budget(
     pair = {"a_id": 0, "b_id": 1, "format": "png"}
     with TestClient(app) as client:
         engine = client.app.state.engine  # type: ignore[attr-defined]
-        with engine.decode_budget.reserve(8 * 2**20, timeout=1):  # another decode holds it all
+        with engine.decoder.budget.reserve(8 * 2**20, timeout=1):  # another decode holds it all
             response = client.get("/explain", params=pair)
         assert response.status_code == 503
         assert response.json()["error"]["code"] in ("overloaded", "deadline_exceeded")
-        assert engine.decode_budget.used == 0
+        assert engine.decoder.budget.used == 0
         drawn = client.get("/explain", params=pair)
         assert drawn.status_code == 200
         assert drawn.headers["content-type"] == "image/png"

@@ -280,7 +280,7 @@ def test_concurrent_searches_are_batched_and_answer_as_alone(client: TestClient)
     each gets what it would have got alone (its own k, rerank_k and explanations)."""
     import asyncio
 
-    from service.engine import SearchJob
+    from service.batching import SearchJob
     from service.metrics import StageTimer
     from service.search import SearchOptions
 
@@ -307,7 +307,7 @@ def test_concurrent_searches_are_batched_and_answer_as_alone(client: TestClient)
 
         async def together() -> list:  # type: ignore[type-arg]
             pairs = zip(stored, options, strict=True)
-            calls = [engine.find(e, [g], o, timer(), embedded=True) for (e, g, _), o in pairs]
+            calls = [engine.find(SearchJob(e, [g], o, timer()), True) for (e, g, _), o in pairs]
             return await asyncio.gather(*calls)
 
         started = time.perf_counter()
@@ -341,7 +341,7 @@ def test_the_staged_search_ranks_as_the_two_stage_rule_says(
 
     from index_builder import LabelFilter
     from model.matching import structural_match
-    from service.engine import SearchJob
+    from service.batching import SearchJob
     from service.metrics import StageTimer
     from service.search import SearchOptions
 

@@ -150,9 +150,8 @@ def test_group_by_label_gives_each_labels_best_hits_in_ranking_order(
     assert [g["label"] for g in second["groups"]] == [groups[1][0]]
     assert second["next_offset"] == 2
     # Starting too shallow, the search goes deeper until the groups are full.
-    import service.engine
-
-    monkeypatch.setattr(service.engine, "GROUP_DEPTH", 0.25)
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    monkeypatch.setattr(engine.retrieval, "group_depth", 0.25)
     deep = _grouped(client, item=4, k=3, group_size=4, rerank_k=0)
     assert [len(g["results"]) for g in deep["groups"]] == [4, 4, 4]
 
