@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_hostile.py [--json out.json] [--only NAME]
 
-For each file of ``tests/hostile.py`` quoted in the README's Limits, in a fresh process each:
+For each file of ``tests/hostile.py`` quoted in docs/limits.md, in a fresh process each:
 Pillow's own ``Image.open``, ``load`` and ``ImageOps.exif_transpose`` (which reads the metadata)
 with its default settings, no pixel limit: what an unguarded decoder pays in seconds and peak
 resident growth, and whether it succeeded; then ``model.images.load_for_model`` with

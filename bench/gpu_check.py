@@ -1,7 +1,7 @@
 """The device check: one command that measures the search path on a GPU and writes JSON.
 
-    python bench/gpu_check.py --cub ../shared/data/cub-dev --out gpu_check.json   # a GPU
-    python bench/gpu_check.py --device cpu --quick                               # smoke run
+    .venv/bin/python bench/gpu_check.py --cub ../shared/data/cub-dev --out gpu_check.json   # a GPU
+    .venv/bin/python bench/gpu_check.py --device cpu --quick                         # smoke run
 
 Sections (each one's failure is recorded in the JSON and the others still run):
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the service image and run it, on a machine with no Docker engine and no base image to pull.
 #
-#   sudo bash docker/verify-image.sh [--gpu] [--report FILE] [--env KEY=VALUE]...
+#   bash docker/verify-image.sh (as root) [--gpu] [--report FILE] [--env KEY=VALUE]...
 #
 # 1. A Debian base image made here: mmdebstrap (bookworm, python3, python3-venv, ca-certificates)
 #    from the host's apt sources, imported with buildah (reused while it exists).

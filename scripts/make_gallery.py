@@ -1,6 +1,6 @@
 """Make the embedded default gallery (``gallery/``) from sample photos that Python packages ship.
 
-Twenty scenes, each with licences that allow redistribution (README, "The default gallery"),
+Twenty scenes, each with licences that allow redistribution (docs/gallery.md),
 and four real views of each: the photo, its mirror image, an off-centre crop, and a smaller
 rescaled copy, so that every search has three true matches to find. One sub-folder per scene
 (its label).
@@ -55,7 +55,7 @@ def _matplotlib(name: str) -> Callable[[], np.ndarray]:
     return load
 
 
-# scene -> loader; provenance and licence of each are in the README.
+# scene -> loader; provenance and licence of each are in docs/gallery.md.
 SCENES: dict[str, Callable[[], np.ndarray]] = {
     "astronaut": _skimage("astronaut"),
     "camera": _skimage("camera"),

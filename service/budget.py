@@ -15,7 +15,7 @@ that fit. The estimate is an upper bound, counted from the JSON's own layout:
   per match; the R x R matrices of ``/explain`` 50 bytes a cell; a page 225 bytes.
 
 Real answers are smaller: a random double takes 18-20 characters, and keys are short (an
-explanation of a 4 x 4 grid with 5 matches measured 5.6 KB against 7.9 KB here). The README's
+explanation of a 4 x 4 grid with 5 matches measured 5.6 KB against 7.9 KB here). The documented
 defaults, a batch of 16 images with k=10, 5 matches and explanations, estimate 2.1 MB.
 """
 

@@ -1,12 +1,12 @@
-"""The README's examples hold: its Python examples run as written, on the embedded gallery's
-photos (the evaluation example on the CUB development subset, its names swapped for what exists
-here), and its `diml explain` table is what the command prints. The `/search` example is checked
-against the service in tests/service/test_embedded_gallery.py."""
+"""The documentation's examples hold: the Python examples of docs/python.md run as written from
+the root of a clone, on the embedded gallery's photos (the evaluation example on the CUB
+development subset, with fewer classes and a checkpoint made here), and the `diml explain`
+table of docs/cli.md is what the command prints. The README's commands and the HTTP examples
+run in tests/test_docs.py."""
 
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +19,37 @@ from model.datasets import read_dataset
 from service.cli import main
 from tests.conftest import REPO
 
+PYTHON_DOC = REPO / "docs" / "python.md"
+
 
 def python_examples() -> list[str]:
-    """The README's ```python blocks, in order."""
-    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    """The ```python blocks of docs/python.md, in order."""
+    return re.findall(r"```python\n(.*?)```", PYTHON_DOC.read_text(), re.S)
 
 
 def run(code: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run ``code`` in ``folder``, which stands for the root of a clone: it sees the gallery."""
+    (folder / "gallery").symlink_to(REPO / "gallery")
     monkeypatch.chdir(folder)
-    namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(code, "README.md", "exec"), namespace)
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    exec(compile(code, str(PYTHON_DOC), "exec"), namespace)
     return namespace
 
 
 def example(word: str) -> str:
     """The one Python example that contains ``word``."""
     found = [code for code in python_examples() if word in code]
-    assert len(found) == 1, f"expected one README Python example with {word!r}, found {len(found)}"
+    assert len(found) == 1, f"expected one Python example with {word!r}, found {len(found)}"
     return found[0]
 
 
-def test_the_readme_has_the_examples_this_file_runs() -> None:
+def test_the_docs_have_the_examples_this_file_runs() -> None:
     assert len(python_examples()) == 3
 
 
 def test_the_explanation_example_writes_its_picture(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shutil.copy(REPO / "gallery" / "cat" / "cat-photo.jpg", tmp_path / "a.jpg")
-    shutil.copy(REPO / "gallery" / "cat" / "cat-crop.jpg", tmp_path / "b.jpg")
     found = run(example("render_explanation(a, b"), tmp_path, monkeypatch)
     explanation = found["explanation"]
     assert len(explanation.matches) == 5
@@ -59,8 +61,8 @@ def test_the_explanation_example_writes_its_picture(
 def test_the_index_example_ranks_by_the_models_rule(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # What the command the page names before the example makes.
     build_index(scan_folder(REPO / "gallery"), tmp_path / "gallery.index", Embedder(load_model()))
-    shutil.copy(REPO / "gallery" / "cat" / "cat-small.jpg", tmp_path / "query.jpg")
     found = run(example("GalleryIndex.open"), tmp_path, monkeypatch)
     ranked, ids = found["ranked"], found["ids"][0]
     index = found["index"]
@@ -78,9 +80,9 @@ def test_the_evaluation_example_reports_what_it_prints(
 ) -> None:
     code = example("evaluate(")
     swaps = {
-        '"CUB_200_2011"': repr(str(cub_dev)),
-        '"101-200"': '"21-22"',
-        '"runs/ms-diml/best.safetensors"': '"model.safetensors"',
+        '"../shared/data/cub-dev"': repr(str(cub_dev)),
+        '"21-30"': '"21-22"',  # two classes of the ten, for time
+        '"runs/cub/best.safetensors"': '"model.safetensors"',  # made below, not trained
     }
     for old, new in swaps.items():
         assert old in code, f"the evaluation example no longer has {old}"
@@ -98,15 +100,19 @@ def _numbers(line: str) -> list[float]:
 
 
 def test_the_explain_example_is_what_the_command_prints(
-    cub_dev: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    cub_dev: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    readme = (REPO / "README.md").read_text()
-    shown = re.search(r"\$ \.venv/bin/diml explain (\S+) (\S+)\n(.*?)```", readme, re.S)
-    assert shown is not None, "the README's diml explain example is gone"
-    first, second, printed = shown.groups()
-    folder = next(cub_dev.glob(f"images/*/{first}")).parent
-    monkeypatch.chdir(folder)
-    assert main(["explain", first, second]) == 0
+    page = (REPO / "docs" / "cli.md").read_text()
+    shown = re.search(
+        r"\$ birds=(\S+)\n\$ \.venv/bin/diml explain \$birds/(\S+) \$birds/(\S+)\n(.*?)```",
+        page,
+        re.S,
+    )
+    assert shown is not None, "the diml explain example of docs/cli.md is gone"
+    birds, first, second, printed = shown.groups()
+    assert birds.startswith("../shared/data/cub-dev/"), "the example reads the CUB photos"
+    folder = cub_dev / birds.removeprefix("../shared/data/cub-dev/")
+    assert main(["explain", str(folder / first), str(folder / second)]) == 0
     got = capsys.readouterr().out.strip().splitlines()
     want = printed.strip().splitlines()
     assert len(got) == len(want)

@@ -148,7 +148,7 @@ def test_fine_tuning_the_whole_network_with_augmentations(cub_dev: Path, tmp_pat
 
 
 def test_the_default_recipe_trains_a_512_d_head_and_128_d_is_the_compact_choice() -> None:
-    # The dimension chosen on the validation classes (README, Measured); the rest of the
+    # The dimension chosen on the validation classes (docs/measured.md); the rest of the
     # default recipe is TrainConfig's.
     base = ["train", "--data", "d", "--classes", "1-15", "--val-classes", "16-20", "--out", "o"]
     args = build_parser().parse_args(base)

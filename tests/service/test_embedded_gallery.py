@@ -206,17 +206,19 @@ def test_group_by_label_on_the_embedded_gallery(client: TestClient) -> None:
     assert all(h["label"] == g["label"] for g in groups for h in g["results"])
 
 
-def test_the_readme_search_example_is_what_the_service_answers(client: TestClient) -> None:
-    readme = (REPO / "README.md").read_text()
-    start = readme.index(
-        "$ curl -s -F image=@gallery/cat/cat-mirror.jpg 'http://127.0.0.1:8000/search?k=5"
+def test_the_docs_search_example_is_what_the_service_answers(client: TestClient) -> None:
+    page = (REPO / "docs" / "http-api.md").read_text()
+    start = page.index(
+        "$ curl -sS --fail-with-body -F image=@gallery/cat/cat-mirror.jpg "
+        "'http://127.0.0.1:8000/search?k=5"
     )
-    shown = readme[start : readme.index("```", start)]
+    shown = page[start : page.index("```", start)]
     hits = re.findall(
         r'"id": (\d+), "key": "([^"]+)",(?: "label": "[^"]+",)? "score": ([\d.]+)', shown
     )
     pairs = re.findall(r'"query_region": (\d+), "result_region": (\d+)', shown)
-    assert (len(hits), len(pairs)) == (5, 3), "the README's /search example changed its form"
+    changed = "the /search example in docs/http-api.md changed its form"
+    assert (len(hits), len(pairs)) == (5, 3), changed
     with (GALLERY / "cat" / "cat-mirror.jpg").open("rb") as f:
         answer = client.post("/search", files={"image": f}, params={"k": 5, "matches": 3}).json()
     results = answer["results"]
