@@ -1,4 +1,10 @@
-"""Shared fixtures: real CUB photos when ../shared/data/cub-dev is present, skips otherwise."""
+"""Shared fixtures (real CUB photos when ../shared/data/cub-dev is present, skips otherwise) and
+the two test lanes.
+
+``pytest`` runs the fast lane (a few minutes on 2 cores): it leaves out the tests that start a
+server, a browser or Docker (tests/e2e), read the CUB photos, train, or are marked slow.
+``pytest --full`` runs everything; CI and the README use it.
+"""
 
 from __future__ import annotations
 
@@ -38,10 +44,38 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help="run every test: servers, browsers, Docker, the CUB photos, training (CI does)",
+    )
+
+
+def _slow(item: pytest.Item) -> bool:
+    """Out of the fast lane: marked slow, end to end, or reading the CUB photos."""
+    return (
+        "slow" in item.keywords
+        or Path(str(item.path)).is_relative_to(REPO / "tests" / "e2e")
+        or "cub_dev" in getattr(item, "fixturenames", ())
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--full"):
+        fast = [item for item in items if not _slow(item)]
+        if len(fast) < len(items):
+            config.hook.pytest_deselected(items=[item for item in items if _slow(item)])
+            items[:] = fast
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if config.getoption("--full"):
+        return "lane: full (every test)"
+    return "lane: fast (no servers, browsers, Docker, CUB photos or slow tests; --full runs all)"

@@ -37,12 +37,16 @@ def test_search_on_cuda_answers_as_on_the_cpu(served: dict[str, Path]) -> None:
     _, cpu = _answers(served, "cpu")
     cuda_ready, cuda = _answers(served, "cuda")
     assert cuda_ready["device"].startswith("cuda"), cuda_ready
+    tolerance = 2e-2  # the fp16 backbone on CUDA: scores agree to about 1e-2
     for on_cpu, on_cuda in zip(cpu, cuda, strict=True):
         assert on_cuda[0]["id"] == on_cpu[0]["id"]  # each query finds itself first
-        assert {h["id"] for h in on_cuda} & {h["id"] for h in on_cpu}
+        cuda_by_id = {h["id"]: h for h in on_cuda}
+        last = on_cpu[-1]["score"]
         for a in on_cpu:
-            b = next((h for h in on_cuda if h["id"] == a["id"]), None)
-            if b is not None:  # fp16 backbone on CUDA: scores agree to about 1e-2
-                assert b["score"] == pytest.approx(a["score"], abs=2e-2)
-                explained = b["explanation"]["structural_similarity"]  # the same pair explained
-                assert explained == pytest.approx(b["structural_similarity"], abs=1e-4)
+            b = cuda_by_id.get(a["id"])
+            if b is None:  # only a hit at the edge of the top 5 may be swapped for a near tie
+                assert a["score"] < last + 2 * tolerance, (a, on_cuda)
+                continue
+            assert b["score"] == pytest.approx(a["score"], abs=tolerance)
+            explained = b["explanation"]["structural_similarity"]  # the same pair explained
+            assert explained == pytest.approx(b["structural_similarity"], abs=1e-4)
