@@ -61,9 +61,8 @@ def test_tail_training_learns_selects_on_validation_resumes_and_feeds_evaluate(
     val = read_dataset(cub_dev, "cub", "5-6")
     config = TrainConfig(
         loss="ms-diml", epochs=2, batch_size=32, per_class=4, views=1, batches_per_epoch=8,
-        rerank_k=20,
+        rerank_k=20, train="tail",
     )  # fmt: skip
-    assert config.train == "tail"
     assert config.head_init == "pca"
     out = tmp_path / "run"
     trainer = Trainer(CONFIG, config, train, val, out, torch.device("cpu"), progress=False)
@@ -147,14 +146,22 @@ def test_fine_tuning_the_whole_network_with_augmentations(cub_dev: Path, tmp_pat
     assert not torch.equal(next(trainer.model.backbone.parameters()), before)
 
 
-def test_the_default_recipe_trains_a_512_d_head_and_128_d_is_the_compact_choice() -> None:
+def test_the_default_recipe_trains_the_whole_network_with_a_512_d_head() -> None:
     # The dimension chosen on the validation classes (docs/measured.md); the rest of the
     # default recipe is TrainConfig's.
     base = ["train", "--data", "d", "--classes", "1-15", "--val-classes", "16-20", "--out", "o"]
     args = build_parser().parse_args(base)
     assert args.dim == 512
-    assert (args.train, args.head_init, args.loss) == ("tail", "pca", "ms-diml")
+    assert (args.train, args.head_init, args.loss) == ("all", "pca", "ms-diml")
     assert build_parser().parse_args([*base, "--dim", "128"]).dim == 128
+
+
+def test_each_recipe_has_its_own_number_of_epochs_unless_one_is_given() -> None:
+    assert TrainConfig().epochs == 30  # the whole network
+    assert TrainConfig(train="tail").epochs == TrainConfig(train="head").epochs == 20
+    assert TrainConfig(train="tail", epochs=3).epochs == 3
+    with pytest.raises(TrainingError, match="--epochs"):
+        TrainConfig(epochs=-1)
 
 
 def test_cli_refuses_overlapping_classes_and_names_bad_files(
