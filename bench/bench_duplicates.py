@@ -35,8 +35,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from index_builder import GalleryIndex, build_index, scan_folder, writing
-from index_builder.build import Embedded, Source, add_embedded
+from index_builder import (
+    Embedded,
+    GalleryIndex,
+    Source,
+    add_embedded,
+    build_index,
+    scan_folder,
+    writing,
+)
 from index_builder.duplicates import (
     GLOBAL_THRESHOLD,
     STRUCTURAL_THRESHOLD,

@@ -5,7 +5,7 @@
 For each file of ``tests/hostile.py`` quoted in docs/limits.md, in a fresh process each:
 Pillow's own ``Image.open``, ``load`` and ``ImageOps.exif_transpose`` (which reads the metadata)
 with its default settings, no pixel limit: what an unguarded decoder pays in seconds and peak
-resident growth, and whether it succeeded; then ``model.images.load_for_model`` with
+resident growth, and whether it succeeded; then ``model.preprocessing.load_for_model`` with
 ``configure_decoders()`` and the service's default pixel limit, as the service runs it (the kind
 of refusal, or "loaded", and its seconds). Fresh processes keep one file's memory out of the
 next one's figure. About two minutes on a 2-core machine, most of it the unguarded decodes.
@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model.images import MAX_PYTHON_DECODED_BYTES  # noqa: E402
+from model.image_limits import MAX_PYTHON_DECODED_BYTES  # noqa: E402
 from tests.hostile import (  # noqa: E402 - the builders live with the tests
     ELEMENT_BOMBS,
     jpeg_with_scans,
@@ -93,7 +93,9 @@ print(json.dumps({"seconds": seconds, "peak_mb": grown, "outcome": outcome}))
 LOADER = """
 import json, sys, time
 from model.config import Preprocessing
-from model.images import ImageLoadError, configure_decoders, load_for_model
+from model.decoding import configure_decoders
+from model.image_limits import ImageLoadError
+from model.preprocessing import load_for_model
 from service.settings import Settings
 configure_decoders()
 data = open(sys.argv[1], "rb").read()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from index_builder import GalleryIndex, build_index, scan_folder
-from index_builder.build import default_workers
+from index_builder.embedding import default_workers
 from index_builder.vector_index import VectorIndex, default_factory
 from model import Embedder, load_image, load_model, preprocess
 from model.runtime import RUNTIMES, Runtime

@@ -55,7 +55,7 @@ from bench_matching import synthetic, timed  # noqa: E402
 from bench_service import free_port, send, serve, wait_ready  # noqa: E402
 
 from index_builder import GalleryIndex, build_index, scan_folder  # noqa: E402
-from index_builder.build import default_workers  # noqa: E402
+from index_builder.embedding import default_workers  # noqa: E402
 from index_builder.gallery import writing  # noqa: E402
 from index_builder.table import NewItem  # noqa: E402
 from model import (  # noqa: E402  # noqa: E402

@@ -8,22 +8,17 @@ import json
 import sys
 from pathlib import Path
 
-from index_builder.build import (
-    DEFAULT_MAX_BYTES,
-    Report,
-    Source,
-    SourceListError,
-    add_images,
-    build_index,
-    read_list,
-    scan_folder,
-)
+from index_builder.adding import add_images
+from index_builder.build import build_index
 from index_builder.duplicates import GLOBAL_THRESHOLD, STRUCTURAL_THRESHOLD, near_duplicates
 from index_builder.files import IndexBusyError, write_atomic
-from index_builder.gallery import FingerprintMismatchError
+from index_builder.interface import FingerprintMismatchError
+from index_builder.limits import DEFAULT_MAX_BYTES
 from index_builder.location import Location, QdrantLocation, parse_location
 from index_builder.manifest import IndexFormatError
 from index_builder.opening import open_index, opened
+from index_builder.records import Report, Source
+from index_builder.sources import SourceListError, read_list, scan_folder
 from index_builder.vector_index import VectorIndex
 from model import BackboneWeightsError, CheckpointError, Embedder, fingerprint, load_model
 from model.cli import add_inference_argument

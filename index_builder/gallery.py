@@ -18,56 +18,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
-import shutil
-import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from index_builder.files import crashpoint, fsync_dir, write_atomic, writer_lock
-from index_builder.manifest import IndexFormatError, Manifest, now
+from index_builder.files import crashpoint, writer_lock
+from index_builder.interface import FingerprintMismatchError, LabelFilter, require_fingerprint
+from index_builder.manifest import IndexFormatError, Manifest
 from index_builder.segments import SegmentStore
 from index_builder.table import Item, ItemTable, NewItem
 from index_builder.vector_index import VectorIndex
+from index_builder.versions import live_version
 from model.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-CURRENT = "CURRENT"
 BUILDING = ".building"
 SNAPSHOT_META = "snapshot"
 SNAPSHOT_SEGMENT_META = "snapshot_segment"
 SNAPSHOT_BACKLOG = 1000
-
-
-@dataclass(frozen=True)
-class LabelFilter:
-    """Which items a search may return: those with one of ``labels`` (None: any label, items
-    without one included) and none of ``exclude``."""
-
-    labels: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
-
-    def __bool__(self) -> bool:
-        return self.labels is not None or bool(self.exclude)
-
-
-class FingerprintMismatchError(ValueError):
-    """The index was built by another model than the one asked for."""
-
-
-def require_fingerprint(where: object, found: str, expected: str | None) -> None:
-    """Refuse an index that ``found``'s model built when the model loaded is ``expected``."""
-    if expected is not None and found != expected:
-        raise FingerprintMismatchError(
-            f"{where}: the index was built by model {found[:16]}, but the model loaded here is "
-            f"{expected[:16]}; rebuild the index with this model (`diml index build`) or use "
-            "the checkpoint it was built with"
-        )
 
 
 class GalleryIndex:
@@ -320,43 +291,3 @@ def writing(root: str | Path, expected_fingerprint: str | None = None) -> Iterat
                 index.snapshot()
         finally:
             index.close()
-
-
-def has_index(root: Path) -> bool:
-    """Whether ``root`` holds a published index (a build in progress does not count)."""
-    return (root / CURRENT).is_file()
-
-
-def live_version(root: Path) -> Path:
-    """The folder that ``root/CURRENT`` names."""
-    pointer = root / CURRENT
-    try:
-        name = pointer.read_text().strip()
-    except FileNotFoundError as e:
-        if not root.exists():
-            raise IndexFormatError(
-                f"{root}: no such index folder; build one with `diml index build`"
-            ) from e
-        raise IndexFormatError(
-            f"{root}: not an index (no {CURRENT} file); build one with `diml index build`"
-        ) from e
-    folder = root / name
-    if "/" in name or not folder.is_dir():
-        raise IndexFormatError(f"{root}: {CURRENT} names {name!r}, which is missing; rebuild")
-    return folder
-
-
-def publish(root: Path, ready: Path) -> Path:
-    """Make the complete artefact in ``ready`` the live version, atomically; old ones go."""
-    name = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
-    final = root / name
-    ready.rename(final)
-    fsync_dir(root)
-    crashpoint("build:renamed")
-    write_atomic(root / CURRENT, (name + "\n").encode())
-    crashpoint("build:published")
-    for old in root.glob("v-*"):
-        if old.name != name and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-    log.info("published %s (%s)", final, now())
-    return final

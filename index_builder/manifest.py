@@ -6,11 +6,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from index_builder.files import write_atomic
+
+if TYPE_CHECKING:
+    from model.network import EmbeddingNet
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -33,6 +36,15 @@ class Manifest:
     model_config: dict[str, Any]
     created: str = field(default_factory=lambda: now())
     schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def of_model(cls, model: EmbeddingNet, fingerprint: str, factory: str, count: int) -> Manifest:
+        """The manifest of an index of ``count`` embeddings by ``model`` (whose
+        :func:`model.checkpoint.fingerprint` is ``fingerprint``) in a ``factory`` index."""
+        config = model.config
+        return cls(fingerprint=fingerprint, backbone=config.backbone, grid=config.grid,
+                   dim=model.dim, factory=factory, count=count,
+                   model_config=config.to_dict())  # fmt: skip
 
     @property
     def regions(self) -> int:

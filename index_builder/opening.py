@@ -8,9 +8,11 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from index_builder.gallery import GalleryIndex, has_index, writing
+from index_builder.gallery import GalleryIndex, writing
 from index_builder.location import Location, QdrantLocation, parse_location
-from index_builder.qdrant_index import QdrantIndex, qdrant_exists
+from index_builder.qdrant_collection import qdrant_exists
+from index_builder.qdrant_index import QdrantIndex
+from index_builder.versions import has_index
 
 AnyIndex = GalleryIndex | QdrantIndex
 

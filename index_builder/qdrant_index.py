@@ -13,20 +13,21 @@ Collection layout, per point (one gallery item):
 
 The model's fingerprint, backbone, grid and dims are the collection's metadata, checked on open
 (another model is refused, naming both, as the folder index does). Label filters run in Qdrant
-(a keyword payload index on ``label``). qdrant-client is imported only here: the ``cluster``
+(a keyword payload index on ``label``). qdrant-client is imported only here and in
+:mod:`index_builder.qdrant_collection` (which makes collections of this layout): the ``cluster``
 extra installs it.
 """
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from index_builder.gallery import FingerprintMismatchError, LabelFilter, require_fingerprint
+from index_builder.interface import FingerprintMismatchError, LabelFilter, require_fingerprint
 from index_builder.location import QdrantLocation
 from index_builder.manifest import IndexFormatError, Manifest, now
+from index_builder.qdrant_collection import connect, item_id, item_of, make_collection
 from index_builder.table import Item, NewItem
 
 if TYPE_CHECKING:
@@ -38,30 +39,6 @@ PAGE = 1024
 # the recall it gives in Qdrant's own engine.
 SEARCH_EF = 128
 LABELS = 100_000  # the most labels listed
-
-
-def _client(location: QdrantLocation) -> QdrantClient:
-    try:
-        from qdrant_client import QdrantClient
-    except ImportError as e:  # the default install stays small
-        raise IndexFormatError(
-            f"{location}: Qdrant locations need qdrant-client: "
-            "pip install 'diml-retrieval[cluster]'"
-        ) from e
-    return QdrantClient(**location.client_arguments())  # type: ignore[arg-type]
-
-
-def item_id(sha256: str) -> int:
-    """An item's id from its bytes' sha256: its first 60 bits (below 2^63, as ids must be)."""
-    return int(sha256[:15], 16)
-
-
-def qdrant_exists(location: QdrantLocation) -> bool:
-    client = _client(location)
-    try:
-        return bool(client.collection_exists(location.collection))
-    finally:
-        client.close()
 
 
 class QdrantIndex:
@@ -80,38 +57,12 @@ class QdrantIndex:
     def create(cls, location: QdrantLocation, manifest: Manifest) -> QdrantIndex:
         """Create the collection for ``manifest``'s model, or open it when it exists for the same
         model (a build resumes by upserting); another model's collection is refused."""
-        from qdrant_client import models
 
-        client = _client(location)
+        client = connect(location)
         if client.collection_exists(location.collection):
             client.close()
             return cls.open(location, manifest.fingerprint, writable=True)
-        meta = {k: v for k, v in vars(manifest).items() if k != "count"}
-        shards, replicas = _distribution(location)
-        client.create_collection(
-            location.collection,
-            vectors_config={
-                "global": models.VectorParams(size=manifest.dim, distance=models.Distance.DOT),
-                "parts": models.VectorParams(
-                    size=manifest.dim,
-                    distance=models.Distance.DOT,
-                    datatype=models.Datatype.FLOAT16,
-                    multivector_config=models.MultiVectorConfig(
-                        comparator=models.MultiVectorComparator.MAX_SIM
-                    ),
-                    hnsw_config=models.HnswConfigDiff(m=0),
-                    on_disk=True,
-                ),
-            },
-            metadata=meta,
-            shard_number=shards,
-            replication_factor=replicas,
-        )
-        if location.path is None:  # local mode filters without payload indexes (and warns)
-            for name in ("label", "sha256", "item"):
-                schema = models.PayloadSchemaType.INTEGER if name == "item" else (
-                    models.PayloadSchemaType.KEYWORD)  # fmt: skip
-                client.create_payload_index(location.collection, name, schema)
+        make_collection(client, location, manifest)
         return cls(location, client, manifest, writable=True)
 
     @classmethod
@@ -119,7 +70,7 @@ class QdrantIndex:
         cls, location: QdrantLocation, expected_fingerprint: str | None = None,
         writable: bool = False,
     ) -> QdrantIndex:  # fmt: skip
-        client = _client(location)
+        client = connect(location)
         if not client.collection_exists(location.collection):
             client.close()
             raise IndexFormatError(
@@ -265,7 +216,7 @@ class QdrantIndex:
         return self._vectors(ids, "global", np.float32)
 
     def items(self, ids: list[int] | np.ndarray) -> dict[int, Item]:
-        return {i: _item(p.payload) for i, p in self._points(ids, False).items()}
+        return {i: item_of(p.payload) for i, p in self._points(ids, False).items()}
 
     def page(self, offset: int, limit: int) -> list[Item]:
         """Up to ``limit`` items in id order from position ``offset`` (scrolls the ids before
@@ -356,20 +307,3 @@ class QdrantIndex:
     def _require_writable(self) -> None:
         if not self.writable:
             raise PermissionError(f"{self.location}: opened read-only")
-
-
-def _distribution(location: QdrantLocation) -> tuple[int | None, int | None]:
-    """Shards and replicas of a new collection on a server or cluster (``DIML_QDRANT_SHARDS``
-    and ``DIML_QDRANT_REPLICAS``; the server's defaults when unset); local mode has neither."""
-    if location.path is None:
-        shards, replicas = (
-            os.environ.get(n) for n in ("DIML_QDRANT_SHARDS", "DIML_QDRANT_REPLICAS")
-        )
-        return (int(shards) if shards else None), (int(replicas) if replicas else None)
-    return None, None
-
-
-def _item(payload: dict[str, Any] | None) -> Item:
-    p = payload or {}
-    return Item(int(p["item"]), p["key"], p.get("path"), p.get("label"), p["sha256"],
-                int(p["width"]), int(p["height"]), p["added"])  # fmt: skip

@@ -2,17 +2,20 @@
 
 Three stages, as clip-retrieval's reader / mapper / writer:
 
-- read and decode: Ray tasks on CPU workers (:func:`index_builder.build.decode_source`, the
-  same decoding and limits as a local build);
+- read and decode: Ray tasks on CPU workers (:func:`index_builder.embedding.decode_source`,
+  the same decoding and limits as a local build);
 - embed: a pool of actors, each holding the model once (on a GPU each when ``device`` is CUDA),
-  through :class:`model.pipeline.Embedder`, the one embedding loop;
+  through the one embedding loop (:func:`index_builder.embedding.embed_decoded`);
 - write: into a Qdrant server, a pool of writer actors (as many as embedding actors), each
   with the collection open, adds its batches as a local build does
-  (:func:`index_builder.build.add_embedded`: duplicates skipped and reported, a rerun passing
+  (:func:`index_builder.adding.add_embedded`: duplicates skipped and reported, a rerun passing
   over what it wrote), so that vectors and grids never travel through this process; only a
   line per image comes back for the report. A ``qdrant-local:`` folder can be opened by one
   process only: there, batches stream back to this process, which writes them
-  (:func:`index_builder.build.write_qdrant`).
+  (:func:`index_builder.qdrant_build.write_qdrant`).
+
+Between stages a batch travels as Ray's numpy columns; each stage reads them back as the
+records of :mod:`index_builder.records`.
 
 Two writers adding the same bytes at the same moment both write the one point their content
 names (ids come from the bytes); the report then names the key the collection kept and lists
@@ -33,65 +36,86 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from index_builder.build import (
-    Report,
-    Source,
-    add_embedded,
-    create_collection,
-    decode_source,
-    embedded_batch,
-    write_qdrant,
-)
+from index_builder.adding import add_embedded
+from index_builder.embedding import decode_source, embed_decoded, with_embedding
+from index_builder.limits import DEFAULT_MAX_BYTES
 from index_builder.location import QdrantLocation
-from index_builder.qdrant_index import QdrantIndex, item_id
+from index_builder.qdrant_build import create_collection, write_qdrant
+from index_builder.qdrant_collection import item_id
+from index_builder.qdrant_index import QdrantIndex
+from index_builder.records import Decoded, EmbeddedBatch, Report, Source
 from model.checkpoint import fingerprint
 from model.config import Preprocessing
-from model.network import EmbeddingNet
+from model.network import Embedding, EmbeddingNet
 
 log = logging.getLogger(__name__)
 
 
 def _decode(batch: dict[str, np.ndarray], spec: Preprocessing, max_bytes: int) -> dict[str, Any]:
-    rows = [decode_source(Path(p), spec, max_bytes) for p in batch["path"]]
-    crop = spec.crop
-    pixels = np.zeros((len(rows), 3, crop, crop), dtype=np.float32)
-    for i, row in enumerate(rows):
-        if row["pixels"] is not None:
-            pixels[i] = row["pixels"].numpy()
+    """The decode stage: sources (columns ``index``, ``path``, ``key``, ``label``) -> the same
+    with their :class:`Decoded` columns and ``pixels`` (n, 3, crop, crop), zero where failed."""
+    decoded = [decode_source(source, spec, max_bytes) for source in _sources(batch)]
+    pixels = np.zeros((len(decoded), 3, spec.crop, spec.crop), dtype=np.float32)
+    for i, d in enumerate(decoded):
+        if d.pixels is not None:
+            pixels[i] = d.pixels.numpy()
     return {
-        **{k: batch[k] for k in ("index", "path", "key", "label") if k in batch},
-        "ok": np.array([r["pixels"] is not None for r in rows]),
-        "sha256": np.array([r["sha256"] for r in rows], dtype=object),
-        "reason": np.array([r["reason"] for r in rows], dtype=object),
-        "width": np.array([r["size"][0] if r["size"] else 0 for r in rows]),
-        "height": np.array([r["size"][1] if r["size"] else 0 for r in rows]),
+        **{k: batch[k] for k in ("index", "path", "key", "label")},
+        "ok": np.array([not d.reason for d in decoded], dtype=bool),
+        "sha256": np.array([d.sha256 for d in decoded], dtype=object),
+        "reason": np.array([d.reason for d in decoded], dtype=object),
+        "width": np.array([d.width for d in decoded]),
+        "height": np.array([d.height for d in decoded]),
         "pixels": pixels,
     }
+
+
+def _sources(batch: dict[str, np.ndarray]) -> list[Source]:
+    rows = zip(batch["path"], batch["key"], batch["label"], strict=True)
+    return [Source(Path(str(path)), str(key), str(label) or None) for path, key, label in rows]
+
+
+def _decoded(batch: dict[str, np.ndarray]) -> list[Decoded]:
+    """A batch's columns as :class:`Decoded` records, with their pixels while it has them."""
+    given = batch.get("pixels")  # Ray may hand read-only arrays, which torch will not wrap
+    pixels = None if given is None else torch.from_numpy(np.require(given, requirements="W"))
+    columns = ("ok", "sha256", "width", "height", "reason")
+    rows = zip(_sources(batch), *(batch[c] for c in columns), strict=True)
+    return [
+        Decoded(source, pixels[i] if ok and pixels is not None else None,
+                str(sha), int(width), int(height), "" if ok else str(reason))
+        for i, (source, ok, sha, width, height, reason) in enumerate(rows)
+    ]  # fmt: skip
+
+
+def _embedded(batch: dict[str, np.ndarray]) -> EmbeddedBatch:
+    """An embedded batch's columns (zero vectors and grids where decoding failed) as the
+    embedding loop gives one."""
+    ok = batch["ok"].astype(bool)
+    parts, vectors = (torch.from_numpy(batch[c][ok]) for c in ("grid", "vector"))
+    return with_embedding(_decoded(batch), Embedding(parts, vectors) if ok.any() else None)
 
 
 class _Embed:
     """A Ray actor: the model loaded once, embedding the decoded images of each batch."""
 
     def __init__(self, checkpoint: str | None, device: str, inference: str) -> None:
-        import torch
-
         from model import Embedder, load_model
 
-        self.torch = torch
         target = torch.device(device)
         model = load_model(Path(checkpoint) if checkpoint else None, device=target)
         self.embedder = Embedder(model, target, half=target.type == "cuda", runtime=inference)  # type: ignore[arg-type]
         self.shape = (model.config.grid**2, model.dim)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        embedded = embed_decoded(_decoded(batch), self.embedder.embed_pixels)
         ok = batch["ok"].astype(bool)
         vectors = np.zeros((len(ok), self.shape[1]), dtype=np.float32)
         grids = np.zeros((len(ok), *self.shape), dtype=np.float16)
-        if ok.any():
-            embedding = self.embedder.embed_pixels(self.torch.from_numpy(batch["pixels"][ok]))
-            vectors[ok] = embedding.vector.float().cpu().numpy()
-            grids[ok] = embedding.parts.half().cpu().numpy()
+        if embedded.decoded:
+            vectors[ok], grids[ok] = embedded.vectors, embedded.grids
         out = {k: v for k, v in batch.items() if k != "pixels"}
         return {**out, "vector": vectors, "grid": grids}
 
@@ -105,13 +129,9 @@ class Write:
         self.index = QdrantIndex.open(location, fingerprint, writable=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        sources = {int(i): Source(Path(str(path)), str(key), str(label) or None)
-                   for i, path, key, label in zip(batch["index"], batch["path"], batch["key"],
-                                                  batch["label"], strict=True)}  # fmt: skip
-        records, vectors, grids = _records(batch)
-        embedded, failed = embedded_batch(sources, records, vectors, grids)
-        report = add_embedded(self.index, embedded, resume=True)
-        reasons = {s["path"]: s["reason"] for s in failed + report.skipped}
+        embedded = _embedded(batch)
+        report = add_embedded(self.index, embedded.embedded(), resume=True)
+        reasons = {s["path"]: s["reason"] for s in embedded.skipped() + report.skipped}
         added = set(report.ids)
         outcome = [
             reasons.get(str(path)) or ("added" if item_id(str(sha)) in added else "kept")
@@ -153,7 +173,7 @@ def _embedded_dataset(
     device: str = "cpu",
     inference: str = "auto",
     batch_size: int = 32,
-    max_bytes: int = 50 * 1024 * 1024,
+    max_bytes: int = DEFAULT_MAX_BYTES,
     address: str | None = None,
     actors: int = 1,
 ) -> Any:
@@ -185,27 +205,13 @@ def _embedded_dataset(
 
 def ray_batches(
     sources: Sequence[Source], model: EmbeddingNet, checkpoint: Path | None, **options: Any
-) -> Iterator[tuple[list[dict[str, Any]], np.ndarray, np.ndarray]]:
+) -> Iterator[EmbeddedBatch]:
     """Decode on Ray tasks, embed on Ray actors (options: those of :func:`_embedded_dataset`);
-    yields batches as :func:`index_builder.build.embed_sources` does."""
+    yields batches as :func:`index_builder.embedding.embed_sources` does."""
     batch_size = options.get("batch_size", 32)
     embedded = _embedded_dataset(sources, model, checkpoint, **options)
     for batch in embedded.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        yield _records(batch)
-
-
-def _records(batch: dict[str, np.ndarray]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
-    """An embedded batch as :func:`index_builder.build.embed_sources` yields one: a record per
-    image (``pixels`` None where it failed), the vectors and grids of those that did not."""
-    ok = batch["ok"].astype(bool)
-    records = [
-        {"index": int(i), "pixels": True if good else None, "sha256": str(sha),
-         "reason": str(reason), "size": (int(w), int(h))}
-        for i, good, sha, reason, w, h in zip(batch["index"], ok, batch["sha256"],
-                                              batch["reason"], batch["width"], batch["height"],
-                                              strict=True)
-    ]  # fmt: skip
-    return records, batch["vector"][ok], batch["grid"][ok]
+        yield _embedded(batch)
 
 
 def build_with_ray(
@@ -232,9 +238,7 @@ def build_with_ray(
     if location.path is not None and writers > 1:
         raise ValueError(f"{location} is opened by one process at a time: one writer at most")
     if writers == 0:
-        return write_qdrant(
-            sources, location, model, ray_batches(sources, model, checkpoint, **options)
-        )
+        return write_qdrant(location, model, ray_batches(sources, model, checkpoint, **options))
     started = time.perf_counter()
     create_collection(location, model).close()  # made (or checked) before any writer opens it
     batch_size, fp = options.get("batch_size", 32), fingerprint(model)

@@ -13,17 +13,9 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.config import MatchingConfig, ModelConfig, Preprocessing
+from model.decoding import configure_decoders, load_image, to_rgb
 from model.explain import Explanation, PartMatch, explain
-from model.images import (
-    ImageGeometry,
-    ImageLoadError,
-    ModelInput,
-    configure_decoders,
-    load_for_model,
-    load_image,
-    preprocess,
-    to_rgb,
-)
+from model.image_limits import ImageLoadError
 from model.matching import (
     StructuralMatch,
     match_all,
@@ -34,6 +26,7 @@ from model.matching import (
 from model.network import Embedding, EmbeddingHead, EmbeddingNet, create_model, default_config
 from model.optimal_transport import SinkhornResult, sinkhorn
 from model.pipeline import Embedder
+from model.preprocessing import ImageGeometry, ModelInput, load_for_model, preprocess
 from model.render import render_explanation
 
 __all__ = [

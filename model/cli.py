@@ -11,9 +11,10 @@ from pathlib import Path
 
 from model.backbones import BackboneWeightsError
 from model.checkpoint import CheckpointError, load_model
+from model.decoding import load_image
 from model.devices import parse_device
 from model.explain import Explanation
-from model.images import ImageLoadError, load_image
+from model.image_limits import ImageLoadError
 from model.pipeline import Embedder
 from model.render import render_explanation
 from model.runtime import RUNTIMES

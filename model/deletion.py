@@ -66,7 +66,8 @@ def deletion_check(
 def pixel_cells(grid: int, size: int) -> torch.Tensor:
     """(size, size) long: the grid cell (row-major, 0..R-1) of each pixel of a ``size x size``
     model input, by the pixel's centre: row ``floor((y + 0.5) * grid / size)``, likewise the
-    column. These are the cells of :meth:`~model.images.ImageGeometry.cell_boxes` in the crop."""
+    column. These are the cells of :meth:`~model.preprocessing.ImageGeometry.cell_boxes` in the
+    crop."""
     if grid < 1 or size < grid:
         raise ValueError(f"pixel_cells needs 1 <= grid <= size, got grid={grid}, size={size}")
     line = ((2 * torch.arange(size) + 1) * grid) // (2 * size)  # (size,)

@@ -24,9 +24,9 @@ import torch
 
 from model.attribution import global_basis
 from model.config import MatchingConfig
-from model.images import ImageGeometry
 from model.matching import StructuralMatch, ranking_score
 from model.network import Embedding
+from model.preprocessing import ImageGeometry
 
 Box = tuple[float, float, float, float]
 

@@ -5,7 +5,7 @@ candidates is carried from its query cell to a candidate cell, and is correct wi
 ``alpha * max(box width, height)`` of the same part in the candidate (PCK). Carried by the flow
 (the cell with the most flow, and the flow-weighted mean of the cell centres), by
 nearest-feature matching (argmax of S) and by the identity (the same cell). Geometry rows are
-:meth:`model.images.ImageGeometry.row`.
+:meth:`model.preprocessing.ImageGeometry.row`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 
 from model.config import MatchingConfig
 from model.datasets import ImageSet
-from model.images import GEOMETRY_COLUMNS
 from model.matching import match_pairs
 from model.network import Embedding
+from model.preprocessing import GEOMETRY_COLUMNS
 
 PCK_ALPHAS = (0.1, 0.2)
 PCK_CANDIDATES = 3

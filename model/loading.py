@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from model.config import Preprocessing
 from model.datasets import Record
-from model.images import geometry_of, load_for_model, load_image
+from model.decoding import load_image
 from model.network import Embedding, EmbeddingNet
 from model.pipeline import Embedder
+from model.preprocessing import geometry_of, load_for_model
 from model.runtime import Runtime
 
 

@@ -11,9 +11,9 @@ from PIL import Image
 from model.checkpoint import fingerprint
 from model.config import ModelConfig
 from model.explain import Explanation, bases_of, explain
-from model.images import ImageGeometry, preprocess
 from model.matching import match_pairs
 from model.network import Embedding, EmbeddingNet
+from model.preprocessing import ImageGeometry, preprocess
 from model.runtime import OnnxBackbone, Runtime, RuntimeUnavailableError, choose
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from pathlib import Path
 from index_builder import Item
 from model import ImageLoadError, ModelInput, load_for_model
 from model.config import Preprocessing
-from model.images import DEFAULT_MAX_PIXELS
+from model.image_limits import DEFAULT_MAX_PIXELS
 from service.failures import EmptyUploadError, NotFoundError, OverloadedError, UnusableImageError
 from service.limits import BudgetExhaustedError, MemoryBudget, check_deadline
 from service.settings import ALLOWED_FORMATS, Settings

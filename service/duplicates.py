@@ -12,13 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from index_builder.duplicates import (
-    NEIGHBOURS,
-    DuplicateGroups,
-    NeighbourGraph,
-    match_graph,
-    neighbour_graph,
-)
+from index_builder.duplicate_groups import DuplicateGroups
+from index_builder.duplicates import NEIGHBOURS, NeighbourGraph, match_graph, neighbour_graph
 from model import MatchingConfig
 from service.gallery import Gallery, again_if_changed
 from service.limits import check_deadline, in_thread

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from index_builder import Item
-from index_builder.duplicates import DuplicateGroups
+from index_builder.duplicate_groups import DuplicateGroups
 from model import (
     Embedder,
     Embedding,
@@ -39,9 +39,9 @@ from model import (
 )
 from model.config import ModelConfig
 from model.explain import bases_of
-from model.images import geometry_of
 from model.network import EmbeddingNet
 from model.pipeline import explain_embeddings
+from model.preprocessing import geometry_of
 from service.bases import Bases, BasisCache, GlobalSplit
 from service.batching import MicroBatcher, SearchBatcher, SearchJob
 from service.decoding import Decoder

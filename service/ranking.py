@@ -23,8 +23,8 @@ import torch
 from index_builder import Item
 from model import ImageGeometry, explain
 from model.config import ModelConfig
-from model.images import geometry_of
 from model.matching import StructuralMatch, rerank_positions
+from model.preprocessing import geometry_of
 from service.search import Gathered, Hit, SearchOptions
 
 

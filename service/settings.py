@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from index_builder.location import Location, QdrantLocation, parse_location
-from model.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+from model.image_limits import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 

@@ -8,11 +8,10 @@ import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-import numpy as np
-
-from index_builder import IndexBusyError, Item, Source
-from index_builder.build import Embedded, add_embedded
+from index_builder import Decoded, Embedded, IndexBusyError, Item, Source, add_embedded
+from index_builder.embedding import with_embedding
 from index_builder.files import write_atomic, writer_lock
 from index_builder.location import QdrantLocation
 from model import Embedding, ModelInput
@@ -70,45 +69,34 @@ class Writes:
         """
         if not self.writable:
             raise ReadOnlyError
-        embedded: list[tuple[ModelInput, np.ndarray, np.ndarray]] = []
+        sources = await in_thread(_sources, uploads, self.settings.uploads_dir, key, label)
+        embedded: list[Embedded] = []
         step = self.settings.max_batch_images
         for start in range(0, len(uploads), step):
             chunk = uploads[start : start + step]
             inputs = [await in_thread(self.decode, data, name) for name, data in chunk]
             embedding = await self.embed(inputs)
-            vectors, grids = embedding.vector.numpy(), embedding.parts.half().numpy()
-            embedded += zip(inputs, vectors, grids, strict=True)
-        return await in_thread(self.commit, uploads, embedded, key, label)
+            chosen = zip(sources[start : start + step], inputs, strict=True)
+            decoded = [_decoded(source, m) for source, m in chosen]
+            embedded += with_embedding(decoded, embedding).embedded()
+        return await in_thread(self.commit, uploads, embedded)
 
-    def commit(
-        self,
-        uploads: Uploads,
-        embedded: list[tuple[ModelInput, np.ndarray, np.ndarray]],
-        key: str | None,
-        label: str | None,
-    ) -> Added:
-        """Keep each new upload's bytes under ``uploads/<sha256>`` and add them in one step.
-        Bytes already in the gallery get no file; the files this call wrote are deleted again
-        when the add fails."""
-        folder = self.settings.uploads_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        shas = [hashlib.sha256(data).hexdigest() for _, data in uploads]
-        ready, written = [], []
+    def commit(self, uploads: Uploads, embedded: list[Embedded]) -> Added:
+        """Keep each new upload's bytes (its ``embedded`` source's path, ``uploads/<sha256>``)
+        and add them in one step. Bytes already in the gallery get no file; the files this
+        call wrote are deleted again when the add fails."""
+        self.settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+        written = []
         gallery = self.gallery
         with gallery.lock:
-            known = gallery.index.keys_by_sha256(shas)  # skipped by the add: no file
+            known = gallery.index.keys_by_sha256(e.sha256 for e in embedded)  # skipped: no file
             try:
-                for i, ((name, data), sha, (decoded, vector, grid)) in enumerate(
-                    zip(uploads, shas, embedded, strict=True)
-                ):
-                    path = folder / sha
-                    if sha not in known and not path.exists():
+                for (_, data), e in zip(uploads, embedded, strict=True):
+                    path = e.source.path
+                    if e.sha256 not in known and not path.exists():
                         write_atomic(path, data)
                         written.append(path)
-                    item_key = key if key and len(uploads) == 1 else (f"{key}-{i}" if key else name)
-                    size = decoded.geometry.width, decoded.geometry.height
-                    ready.append(Embedded(Source(path, item_key, label), sha, *size, vector, grid))
-                report = add_embedded(gallery.index, ready)
+                report = add_embedded(gallery.index, embedded)
             except BaseException:
                 for path in written:
                     path.unlink(missing_ok=True)
@@ -118,7 +106,7 @@ class Writes:
             gallery.changes += 1
             added = gallery.index.items(report.ids)
             count = gallery.index.count
-        names = {str(folder / sha): name for (name, _), sha in zip(uploads, shas, strict=True)}
+        names = {str(e.source.path): name for (name, _), e in zip(uploads, embedded, strict=True)}
         skipped = [{"filename": names.get(s["path"], ""), "reason": s["reason"]}
                    for s in report.skipped]  # fmt: skip
         return [added[i] for i in report.ids], skipped, count
@@ -153,3 +141,18 @@ class Writes:
             if f.name not in live and hashlib.sha256(f.read_bytes()).hexdigest() == f.name:
                 log.info("removing %s: no gallery item holds it", f)
                 f.unlink(missing_ok=True)
+
+
+def _sources(uploads: Uploads, folder: Path, key: str | None, label: str | None) -> list[Source]:
+    """Each upload as a source to index: its bytes kept as ``folder/<sha256>``; its key
+    ``key`` alone, ``key-i`` for one of several, else the upload's file name."""
+    keys = [name if not key else key if len(uploads) == 1 else f"{key}-{i}"
+            for i, (name, _) in enumerate(uploads)]  # fmt: skip
+    return [Source(folder / hashlib.sha256(data).hexdigest(), item_key, label)
+            for (_, data), item_key in zip(uploads, keys, strict=True)]  # fmt: skip
+
+
+def _decoded(source: Source, decoded: ModelInput) -> Decoded:
+    """An upload's source (named by the sha256 of its bytes) and what the service decoded."""
+    size = decoded.geometry.width, decoded.geometry.height
+    return Decoded(source, decoded.pixels, source.path.name, *size)

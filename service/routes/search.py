@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -27,7 +28,7 @@ from service.engine import Engine
 from service.errors import ApiError
 from service.limits import in_thread
 from service.metrics import StageTimer
-from service.responses import page_json
+from service.responses import page_out
 from service.routing import ITEM_ID
 from service.schemas import BatchSearchResponse, ErrorBody, ExamplesResponse, SearchResponse
 from service.search import Page, SearchOptions
@@ -201,8 +202,8 @@ async def search_batch(
     check_search(options, engine.config.grid, len(images))
     matching = engine.config.matching
 
-    def queries(pages: list[Page]) -> dict[str, Any]:
-        return {"queries": [page_json(page, matching) for page in pages]}
+    def queries(pages: list[Page]) -> BatchSearchResponse:
+        return BatchSearchResponse(queries=[page_out(page, matching) for page in pages])
 
     work = _run(engine, images, timer, options)
     return await answer(engine, timer, BatchSearchResponse, work, queries)
@@ -233,10 +234,10 @@ async def search_by_id(
     return await answer(engine, timer, SearchResponse, run(), _first_page(engine))
 
 
-def _first_page(engine: Engine) -> Callable[[list[Page]], dict[str, Any]]:
+def _first_page(engine: Engine) -> Callable[[list[Page]], SearchResponse]:
     """What builds the answer to one query (``SearchResponse``) from its list of pages."""
     matching = engine.config.matching
-    return lambda pages: page_json(pages[0], matching)
+    return lambda pages: page_out(pages[0], matching)
 
 
 ExampleIds = Annotated[
@@ -282,4 +283,5 @@ async def search_examples(
         return await engine.search_examples(pos, neg, options, timer)
 
     matching = engine.config.matching
-    return await answer(engine, timer, ExamplesResponse, run(), lambda p: page_json(p, matching))
+    answer_page = functools.partial(page_out, matching=matching, schema=ExamplesResponse)
+    return await answer(engine, timer, ExamplesResponse, run(), answer_page)

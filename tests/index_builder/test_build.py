@@ -14,15 +14,15 @@ from index_builder import (
     IndexBusyError,
     IndexFormatError,
     Source,
+    SourceListError,
     add_images,
     build_index,
     read_list,
     scan_folder,
     writing,
 )
-from index_builder.build import SourceListError
 from index_builder.files import writer_lock
-from index_builder.gallery import has_index
+from index_builder.versions import has_index
 from model import fingerprint
 from tests.index_builder.helpers import build_tiny, make_images, tiny_embedder
 

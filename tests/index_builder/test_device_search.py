@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from index_builder import GalleryIndex, writing
-from index_builder.build import add_images, scan_folder
+from index_builder import GalleryIndex, add_images, scan_folder, writing
 from index_builder.device_search import DeviceSearch
 from model import fingerprint
 from tests.index_builder.helpers import build_tiny, make_images, tiny_embedder

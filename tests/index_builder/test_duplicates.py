@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from index_builder import duplicates
+from index_builder.duplicate_groups import DuplicateGroups
 from index_builder.duplicates import (
-    DuplicateGroups,
     NeighbourGraph,
     match_graph,
     near_duplicates,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from index_builder import FingerprintMismatchError, Source, add_images, build_index, scan_folder
-from index_builder.gallery import LabelFilter
+from index_builder.interface import LabelFilter
 from index_builder.opening import index_exists, open_index, opened
 from model import fingerprint
 from tests.index_builder.helpers import make_images, tiny_embedder

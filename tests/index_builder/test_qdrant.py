@@ -25,7 +25,7 @@ from index_builder import (
     parse_location,
     scan_folder,
 )
-from index_builder.qdrant_index import item_id
+from index_builder.qdrant_collection import item_id
 from model import fingerprint, save_checkpoint
 from tests.index_builder.helpers import make_images, tiny_embedder
 
@@ -238,7 +238,7 @@ def test_the_write_stage_of_a_ray_build_adds_as_a_local_build_and_settles_races(
     batches give the collection the in-process build gave, with the same skip report (a copy
     of an image, a file that is no image); a rerun adds nothing; two writers that added the
     same bytes at once are reported as one added and one duplicate of the key kept."""
-    from index_builder.build import create_collection
+    from index_builder.qdrant_build import create_collection
     from index_builder.ray_build import Write, _decode, _Embed, settle
     from model import load_model
 

@@ -16,9 +16,9 @@ from model.attribution import (
 )
 from model.config import MatchingConfig, ModelConfig, Preprocessing
 from model.explain import explain, ranking_rule, verdict_of, with_global_split
-from model.images import preprocess
 from model.matching import match_pairs
 from model.network import Embedding, EmbeddingHead
+from model.preprocessing import preprocess
 
 
 @pytest.mark.parametrize(("grid", "size"), [(4, 7), (4, 8), (7, 7), (3, 10), (2, 5), (5, 3)])

@@ -13,10 +13,10 @@ from model.config import MatchingConfig, ModelConfig, Preprocessing
 from model.datasets import read_dataset
 from model.deletion import grey_cells, pixel_cells, query_region_totals, ranking_score_deletion
 from model.evaluation import evaluate
-from model.images import ImageGeometry
 from model.matching import match_pairs
 from model.network import EmbeddingNet
 from model.pipeline import Embedder, explain_embeddings
+from model.preprocessing import ImageGeometry
 
 CROP = 32
 

@@ -9,9 +9,9 @@ from PIL import Image
 
 from model.config import MatchingConfig, Preprocessing
 from model.explain import explain
-from model.images import preprocess
 from model.matching import match_all
 from model.network import Embedding
+from model.preprocessing import preprocess
 from model.render import render_explanation
 
 MATCHING = MatchingConfig()

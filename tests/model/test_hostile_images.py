@@ -25,20 +25,18 @@ from hypothesis import strategies as st
 from PIL import Image, TiffTags
 
 from model.config import Preprocessing
+from model.decoding import configure_decoders, load_image
 from model.file_structure import MAX_PARSER_STEPS
-from model.images import (
+from model.image_limits import (
     MAX_JPEG_SCANS,
     MAX_PNG_TEXT_BYTES,
     MAX_PYTHON_DECODED_BYTES,
     MAX_PYTHON_DECODED_PIXELS,
     ImageLoadError,
-    configure_decoders,
     jpeg_coefficient_bytes,
     jpeg_scans_separately,
-    load_for_model,
-    load_image,
-    preprocess,
 )
+from model.preprocessing import load_for_model, preprocess
 from tests.hostile import (
     ELEMENT_BOMBS,
     TIFF_TYPE_SIZES,
@@ -341,7 +339,7 @@ def _peak_growth_mb(data: bytes, tmp_path: Path) -> tuple[float, float]:
 import contextlib
 from pathlib import Path
 from model.config import Preprocessing
-from model.images import load_for_model
+from model.preprocessing import load_for_model
 def kb(field):
     status = Path("/proc/self/status").read_text().splitlines()
     return int(next(line.split()[1] for line in status if line.startswith(field)))

@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from model.config import Preprocessing
-from model.images import ImageLoadError, geometry_of, load_image, preprocess, to_rgb
+from model.decoding import load_image, to_rgb
+from model.image_limits import ImageLoadError
+from model.preprocessing import geometry_of, preprocess
 from tests.hostile import dds_header, png_header
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 
 from model.config import MatchingConfig, ModelConfig, Preprocessing
 from model.explain import Explanation
-from model.images import preprocess
 from model.network import Embedding
 from model.pipeline import explain_embeddings
+from model.preprocessing import preprocess
 from model.render import (
     HEIGHT,
     heading,

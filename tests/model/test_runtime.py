@@ -74,8 +74,7 @@ def test_without_onnxruntime_auto_means_pytorch(
 def test_an_index_built_with_onnx_takes_adds_and_searches_embedded_by_pytorch(
     tmp_path: Path,
 ) -> None:
-    from index_builder import GalleryIndex, add_images, build_index, scan_folder
-    from index_builder.build import Source
+    from index_builder import GalleryIndex, Source, add_images, build_index, scan_folder
     from tests.index_builder.helpers import make_images, tiny_embedder
 
     onnx = tiny_embedder()

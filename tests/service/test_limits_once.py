@@ -5,6 +5,7 @@ to where it is read back (the search filters, the service's decoding of stored i
 
 from __future__ import annotations
 
+import argparse
 import inspect
 from pathlib import Path
 
@@ -13,10 +14,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from index_builder import Source, read_list
-from index_builder.build import SourceListError
-from index_builder.limits import MAX_KEY_LENGTH, MAX_LABEL_LENGTH
-from model.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, load_for_model
+from index_builder import Source, SourceListError, add_images, build_index, read_list
+from index_builder.cli import add_index
+from index_builder.embedding import decode_source, embed_sources
+from index_builder.limits import DEFAULT_MAX_BYTES, MAX_KEY_LENGTH, MAX_LABEL_LENGTH
+from index_builder.ray_build import _embedded_dataset
+from model.image_limits import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+from model.preprocessing import load_for_model
 from service.app import create_app
 from service.settings import Settings
 from tests.service.conftest import png, settings_for
@@ -97,6 +101,17 @@ def test_index_builds_and_adds_hold_keys_and_labels_to_the_same_limits(tmp_path:
     listed.write_text(f"path,label\na.png,{'l' * MAX_LABEL_LENGTH}\nb.png,{'l' * 256}\n")
     with pytest.raises(SourceListError, match=r"list.csv:3: .*label"):
         read_list(listed)
+
+
+def test_the_file_size_limit_has_one_default() -> None:
+    """Every build and add (in this process or on Ray) and the CLI skip files over the same
+    size (the Ray build once wrote its own 50 MB)."""
+    for function in (build_index, add_images, embed_sources, decode_source, _embedded_dataset):
+        assert inspect.signature(function).parameters["max_bytes"].default == DEFAULT_MAX_BYTES
+    parser = argparse.ArgumentParser()
+    add_index(parser.add_subparsers())
+    args = parser.parse_args(["index", "build", "--images", "g", "--out", "i"])
+    assert args.max_bytes == DEFAULT_MAX_BYTES
 
 
 def test_image_limits_have_one_default() -> None:
