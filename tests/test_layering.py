@@ -61,6 +61,7 @@ def test_the_checker_catches_a_wrong_arrow() -> None:
     assert violations("model", "def f():\n    import service.app\n") == {"service"}
 
 
+@pytest.mark.slow
 def test_model_imports_without_web_or_faiss_modules() -> None:
     import subprocess
 

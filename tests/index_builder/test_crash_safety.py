@@ -14,6 +14,8 @@ from index_builder import GalleryIndex
 from index_builder.files import CRASH_ENV
 from tests.index_builder.helpers import build_tiny, make_images, tiny_embedder
 
+pytestmark = pytest.mark.slow  # builds killed at each commit point: the full lane
+
 REPO = Path(__file__).resolve().parents[2]
 
 

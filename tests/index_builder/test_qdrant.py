@@ -137,6 +137,7 @@ def test_a_rerun_resumes_and_another_model_is_refused(
         open_index(copy, "0" * 64)
 
 
+@pytest.mark.slow
 def test_the_cli_and_the_service_take_a_qdrant_location(
     built: dict[str, object], tmp_path: Path
 ) -> None:
@@ -190,6 +191,7 @@ def test_the_cli_and_the_service_take_a_qdrant_location(
         assert client.get("/duplicates").status_code == 200
 
 
+@pytest.mark.slow
 def test_a_build_on_ray_writes_the_same_collection(
     built: dict[str, object], tmp_path: Path
 ) -> None:

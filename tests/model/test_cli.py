@@ -140,6 +140,7 @@ def test_a_missing_device_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "not a device" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_console_script_is_installed(tmp_path: Path) -> None:
     diml = Path(sys.executable).with_name("diml")
     if not diml.exists():

@@ -372,6 +372,7 @@ MEMORY_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(MEMORY_CASES))
 def test_decoding_memory_follows_what_the_model_needs(case: str, tmp_path: Path) -> None:
     make, bound_mb = MEMORY_CASES[case]
@@ -394,6 +395,7 @@ RESERVED_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RESERVED_CASES))
 def test_the_memory_reserved_for_a_decode_covers_what_it_holds(case: str, tmp_path: Path) -> None:
     """The service admits concurrent decodes by what they reserve: it must not undercount."""
@@ -528,6 +530,7 @@ def test_pillow_images_in_memory_still_load() -> None:
     assert load_for_model(Image.open(image), SPEC).geometry.width == 500
 
 
+@pytest.mark.slow
 def test_the_hostile_file_bench_runs(tmp_path: Path) -> None:
     # bench/bench_hostile.py, on its quickest file: the numbers the README quotes come from it.
     out = tmp_path / "rows.json"

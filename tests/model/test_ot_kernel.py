@@ -79,6 +79,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_HEADERS = Path(sysconfig.get_paths()["include"], "Python.h").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_fused_kernel_matches_the_pytorch_solver_in_the_interpreter() -> None:
     _check(_run_check({"TRITON_INTERPRET": "1"}))

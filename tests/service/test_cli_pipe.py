@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_the_command_quietly(served: dict[str, Path]) -> None:
     diml = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())"]
     command = [*diml, "index", "info", "--json", str(served["index"])]

@@ -81,6 +81,7 @@ def test_one_part_per_single_image_field(client: TestClient) -> None:
     assert both.status_code == 422
 
 
+@pytest.mark.slow
 def test_serve_without_an_index_says_how_to_start_and_leaves_nothing(tmp_path: Path) -> None:
     missing = tmp_path / "gallery.index"
     done = subprocess.run(

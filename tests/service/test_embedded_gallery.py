@@ -78,6 +78,7 @@ def test_the_duplicates_of_the_embedded_gallery_are_its_20_scenes(client: TestCl
     assert bad.status_code == 422
 
 
+@pytest.mark.slow
 def test_duplicates_follow_gallery_changes_and_the_cli_agrees(
     embedded: Path, tmp_path: Path
 ) -> None:

@@ -35,6 +35,8 @@ from schemathesis.engine import Status, events, from_schema  # noqa: E402
 
 import tests.service.schemathesis_images  # noqa: E402, F401  (image parts are images)
 
+pytestmark = pytest.mark.slow  # generated requests and the schemathesis command line: the full lane
+
 
 def test_generated_requests_pass_every_check(served: dict[str, Path], fresh_index: Path) -> None:
     # schemathesis runs the app's lifespan itself: the engine loads once, in its client.
