@@ -102,7 +102,9 @@ class TrainConfig:
                 f"got --batch-size {self.batch_size} --per-class {self.per_class}"
             )
         if self.epochs < 0:
-            raise TrainingError(f"--epochs must be >= 1, got {self.epochs}")
+            raise TrainingError(
+                f"--epochs must be >= 1 (or 0: the recipe's own), got {self.epochs}"
+            )
         if self.epochs == 0:
             object.__setattr__(self, "epochs", DEFAULT_EPOCHS[self.train])
         if self.views < 0:

@@ -1,13 +1,15 @@
 """Shared fixtures (real CUB photos when ../shared/data/cub-dev is present, skips otherwise) and
 the two test lanes.
 
-``pytest`` runs the fast lane (a few minutes on 2 cores): it leaves out the tests that start a
-server, a browser or Docker (tests/e2e), read the CUB photos, train, or are marked slow.
+``pytest`` runs the fast lane (about 90 s on 2 cores): it leaves out the tests that start a
+server, a browser or Docker (tests/e2e), read the CUB photos, or are marked slow (training,
+subprocesses, measurements).
 ``pytest --full`` runs everything; CI and the README use it.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -63,10 +65,10 @@ def _slow(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not config.getoption("--full"):
-        fast = [item for item in items if not _slow(item)]
-        if len(fast) < len(items):
-            config.hook.pytest_deselected(items=[item for item in items if _slow(item)])
-            items[:] = fast
+        slow = [_slow(item) for item in items]
+        if any(slow):
+            config.hook.pytest_deselected(items=list(itertools.compress(items, slow)))
+            items[:] = [item for item, out in zip(items, slow, strict=True) if not out]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
