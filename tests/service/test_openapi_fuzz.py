@@ -12,8 +12,10 @@ images (:mod:`tests.service.schemathesis_images`).
 
 "Schema-valid request accepted" is not asked of requests that break a rule the schema cannot
 state (:func:`_schema_cannot_say`): a side of /explain is an image or an id, an example search
-needs a positive example, grouped and explained hits are bounded (k x group_size), and
-schemathesis sends a one-item list of files as a text part.
+needs a positive example and at most ``max_batch_images`` examples in all (the schema bounds
+each list, not their sum), grouped and explained hits are bounded (k x group_size), and
+schemathesis sends a one-item list of files as a text part. Generation is derandomized: CI
+sees the same requests on every run, and a failure there reproduces here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import pytest
 
 from service.app import create_app
 from service.routes.search import MAX_EXPLAINED_HITS, MAX_GROUPED_HITS
+from service.settings import Settings
 from tests.service.conftest import settings_for
 
 schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathesis")
@@ -75,7 +78,7 @@ def _fuzz(
     statuses: set[int],
     accepted: list[Any],
 ) -> None:
-    @settings(max_examples=25, deadline=None, database=None,
+    @settings(max_examples=25, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(case=op.as_strategy())  # type: ignore[attr-defined]
     def check(case: object) -> None:
@@ -154,8 +157,8 @@ def _schema_cannot_say(check: str, case: object) -> bool:
     """Whether ``check`` failed on a schema-valid ``case`` that breaks a rule the OpenAPI schema
     cannot state, and that the server refuses with 422 naming it: a side of /explain is an
     image or an id, not both nor neither; an example search needs a positive example (an
-    upload or a query parameter); grouped and explained hits are bounded (k x group_size); and
-    the repeated file parts above."""
+    upload or a query parameter) and at most ``max_batch_images`` examples in all; grouped
+    and explained hits are bounded (k x group_size); and the repeated file parts above."""
     if check != "positive_data_acceptance":
         return False
     name = case.operation.label  # type: ignore[attr-defined]
@@ -168,5 +171,8 @@ def _schema_cannot_say(check: str, case: object) -> bool:
     if name == "POST /explain":
         return any((side in body) == (f"{side}_id" in body) for side in "ab")
     if name == "POST /search/examples":
-        return not (body.get("positive") or query.get("positive_id"))
+        examples = [*body.get("positive", []), *body.get("negative", [])]
+        examples += [*query.get("positive_id", []), *query.get("negative_id", [])]
+        too_many = len(examples) > Settings().max_batch_images
+        return too_many or not (body.get("positive") or query.get("positive_id"))
     return False
