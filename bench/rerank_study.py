@@ -41,14 +41,15 @@ Plan = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def embedded(
-    model: EmbeddingNet, data: Path, classes: str, cache: Path
+    model: EmbeddingNet, data: Path, classes: str, cache: Path, stored: bool = True
 ) -> tuple[Embedding, torch.Tensor]:
+    """The classes' embeddings, parts as the index stores them (``stored=False``: float16)."""
     images = read_dataset(data, classes=classes)
-    path = cache / f"{fingerprint(model)[:12]}-{classes}.pt"
+    path = cache / f"{fingerprint(model)[:12]}-{classes}{'' if stored else '-float16'}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         return Embedding(saved["parts"], saved["vector"]), images.labels
-    embedding, _ = embed_records(model, images.records, torch.device("cpu"))
+    embedding, _ = embed_records(model, images.records, torch.device("cpu"), stored=stored)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"parts": embedding.parts, "vector": embedding.vector}, path)
     return embedding, images.labels

@@ -6,7 +6,7 @@ Layout of ``INDEX_DIR``::
     v-<time>-<tag>/         one complete artefact:
         manifest.json       schema, model fingerprint, backbone, grid, dim, factory, count
         items.sqlite        the item table (source of truth), segment records, skipped files
-        segments/           global vectors (float32) and part grids (float16), memory-mapped
+        segments/           global vectors (float32), part grids (int8 + a scale a part), mmapped
         index-<S>.faiss     FAISS snapshot holding every item of segments <= S
     .building/              a build in progress (resumed by the next build with same inputs)
 

@@ -29,6 +29,7 @@ from index_builder.location import QdrantLocation
 from index_builder.manifest import IndexFormatError, Manifest, now
 from index_builder.qdrant_collection import connect, item_id, item_of, make_collection
 from index_builder.table import Item, NewItem
+from model.quantization import round_trip
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
@@ -247,11 +248,14 @@ class QdrantIndex:
 
     def add(self, items: list[NewItem], vectors: np.ndarray, grids: np.ndarray) -> list[int]:
         """Upsert the items (ids from their bytes) with vectors (n, D) and grids (n, R, D); once
-        this returns, the points are written (``wait=True``)."""
+        this returns, the points are written (``wait=True``). The grids are the values a folder
+        index keeps (int8 and a scale per part, :func:`~model.quantization.round_trip`), so
+        both backends rank and explain with the same numbers."""
         from qdrant_client import models
 
         self._require_writable()
         self.manifest.check_rows(len(items), vectors, grids)
+        grids = round_trip(grids)
         added = now()
         ids = [item_id(it.sha256) for it in items]
         points = [

@@ -18,6 +18,7 @@ from model.decoding import load_image
 from model.network import Embedding, EmbeddingNet
 from model.pipeline import Embedder
 from model.preprocessing import geometry_of, load_for_model
+from model.quantization import round_trip
 from model.runtime import Runtime
 
 
@@ -77,10 +78,13 @@ def embed_records(
     progress: Callable[[int], None] | None = None,
     runtime: Runtime = "torch",
     embedder: Embedder | None = None,
+    stored: bool = True,
 ) -> tuple[Embedding, torch.Tensor]:
     """Embed every record at test-time preprocessing -> (Embedding on CPU, geometry rows (N, 5)).
 
-    Parts are kept in float16 (as the index stores them) to halve the memory of large sets.
+    Parts are kept as the index stores them (int8 and a scale per part, read back as float16:
+    :mod:`model.quantization`), so what is evaluated is what is served; ``stored=False`` keeps
+    them in float16 (a study of storage starts from those).
     ``runtime``: the :class:`~model.pipeline.Embedder`'s (``torch`` for a model in training);
     ``embedder``: one already made by :func:`records_embedder` (``runtime`` is then its own).
     """
@@ -88,7 +92,8 @@ def embed_records(
     parts, vectors, rows = [], [], []
     for pixels, geometry in batches(records, model.config.preprocessing, batch_size, workers):
         embedding = embedder.embed_pixels(pixels)
-        parts.append(embedding.parts.half().cpu())
+        found = embedding.parts.float().cpu()
+        parts.append(torch.from_numpy(round_trip(found.numpy())) if stored else found.half())
         vectors.append(embedding.vector.float().cpu())
         rows.append(geometry)
         if progress is not None:

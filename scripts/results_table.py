@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from model.quantization import stored_bytes
+
 ROWS = {
     "imagenet": "ImageNet MobileNetV2, head-less (no training)",
     "imagenet-g7": "ImageNet MobileNetV2, head-less (no training)",
@@ -26,9 +28,9 @@ MAIN = ("recall@1", "map@r")  # the seed tables' two
 
 
 def bytes_per_item(report: dict[str, Any]) -> int:
-    """What the index stores per image: the float16 part grid and the float32 global vector."""
+    """What the index stores per image for matching (model.quantization.stored_bytes)."""
     dim, parts = report["dim"], report["grid"] ** 2
-    return parts * dim * 2 + dim * 4
+    return stored_bytes(parts, dim)
 
 
 def main(folder: Path) -> None:

@@ -24,6 +24,7 @@ from index_builder import (
 from index_builder.files import writer_lock
 from index_builder.versions import has_index
 from model import fingerprint
+from model.quantization import LEVELS, unpack
 from tests.index_builder.helpers import build_tiny, make_images, tiny_embedder
 
 
@@ -65,7 +66,9 @@ def test_round_trip_every_item_finds_itself_first(gallery: Path, tmp_path: Path)
     grids = index.grids(index.ids[::-1])
     assert grids.dtype == np.float16
     assert grids.shape == (12, 4, 16)
-    np.testing.assert_allclose(grids[::-1], embedding.parts.numpy(), atol=2e-3)
+    parts = embedding.parts.numpy()  # stored in int8: within half a step of its part's scale
+    step = np.abs(parts).max(axis=-1, keepdims=True) / LEVELS
+    assert (np.abs(grids[::-1] - parts) <= step / 2 + 1e-3).all()
     item = items[int(index.ids[0])]
     assert item.key == "class0/img0_0000.png"
     assert item.label == "class0"
@@ -75,6 +78,33 @@ def test_round_trip_every_item_finds_itself_first(gallery: Path, tmp_path: Path)
     assert info["count"] == 12
     assert info["bytes_per_item"] > 4 * 16 * 2
     index.close()
+
+
+def test_grids_are_stored_in_int8_and_older_float16_segments_still_read(
+    gallery: Path, tmp_path: Path
+) -> None:
+    build_tiny(gallery, tmp_path / "index", segment_size=5)
+    index = GalleryIndex.open(tmp_path / "index")
+    ids = np.arange(12, dtype=np.int64)
+    assert index.store.arrays(0)[1].dtype.names == ("codes", "scales")
+    before = index.grids(ids)
+    regions, dim = before.shape[1:]
+    path = index.store.paths(0)[1]  # 5 items: R x D codes and R float32 scales each, + header
+    assert np.load(path, mmap_mode="r").dtype.itemsize == regions * (dim + 4)
+    assert path.stat().st_size <= 5 * regions * (dim + 4) + 256
+    # An index written before int8 storage: segment 0 as (n, R, D) float16.
+    old = unpack(np.load(path))
+    index.close()
+    np.save(path, old)
+    index = GalleryIndex.open(tmp_path / "index")
+    np.testing.assert_array_equal(index.grids(ids), before)
+    index.close()
+    with writing(tmp_path / "index", fingerprint(tiny_embedder().model)) as writer:
+        extra = make_images(tmp_path / "more", 2, seed=7)
+        add_images(writer, [Source(p, p.name) for p in extra], tiny_embedder())
+        assert writer.count == 14
+        assert writer.grids(ids).dtype == np.float16
+        np.testing.assert_array_equal(writer.grids(ids), before)
 
 
 def test_the_grid_store_is_memory_mapped_and_gathers_only_candidates(
@@ -90,7 +120,7 @@ def test_the_grid_store_is_memory_mapped_and_gathers_only_candidates(
     expected = np.stack(
         [index.store.arrays(int(s))[1][r] for s, r in zip(segments, rows, strict=True)]
     )
-    np.testing.assert_array_equal(index.grids(chosen), expected)
+    np.testing.assert_array_equal(index.grids(chosen), unpack(expected))
     with pytest.raises(KeyError, match="no live item with id 99"):
         index.grids(np.array([99]))
     index.close()
