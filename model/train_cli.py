@@ -322,8 +322,8 @@ def add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--dim",
         type=int,
         default=ModelConfig.dim,
-        help="part and global vector dimension (default %(default)s: 18 KB stored per image at "
-        "4 x 4; 128 for a compact model, 4.5 KB)",
+        help="part and global vector dimension (default %(default)s: 12.9 KB an index keeps per "
+        "photo at 4 x 4; 128 for a compact model, 3.7 KB, 1.8 points of MAP@R lower)",
     )
     p.add_argument(
         "--grid", type=int, default=ModelConfig.grid, help="parts per side (default %(default)s)"
