@@ -18,16 +18,17 @@ a per-coordinate ``sigma`` of 0.05 would give a noise 1.8 times as long as the u
 D = 1280 (cosine to its photo 0.49: the copies would be mostly noise) but only 0.57 times at
 D = 128, and the two models' galleries would not be comparable. ``sigma`` = 0.1 (the default)
 keeps each copy at cosine 0.995 from its photo and about 0.99 from the photo's other copies:
-distinct vectors (the int8 grid steps are a fiftieth of that), still far closer to their photo
-than the photo's nearest other photo is (median cosine 0.835 with the default model). So the
-gallery is 1,701 tight clusters of near-copies: realistic for the sizes of the stored arrays and
-the work of every stage, optimistic for the coarse stage's recall (the nearest neighbours of a
-query sit in few IVF lists), and no measure of retrieval quality. The global vector and the
-parts are perturbed independently (the vector is then no longer exactly the mean of the parts;
-nothing in the search relies on it). Items carry no picture, so the service cannot re-embed a
-hit to split its explanation's global term over the hit's regions (it logs that and leaves the
-term whole): ``/search`` here costs what a gallery whose hits' bases are cached costs, not the
-first explanation of a hit (about 30 ms more for ten hits, docs/measured.md).
+distinct vectors (storing a part in int8 moves it by an eighth of the noise's length at
+D = 1280), still far closer to their photo than the photo's nearest other photo is (median
+cosine 0.835 with the default model). So the gallery is 1,701 tight clusters of near-copies:
+realistic for the sizes of the stored arrays and the work of every stage, optimistic for the
+coarse stage's recall (the nearest neighbours of a query sit in few IVF lists), and no measure
+of retrieval quality. The global vector and the parts are perturbed independently (the vector
+is then no longer exactly the mean of the parts; nothing in the search relies on it). Items
+carry no picture, so the service cannot re-embed a hit to split its explanation's global term
+over the hit's regions (it logs that and leaves the term whole): ``/search`` here costs what a
+gallery whose hits' bases are cached costs, not the first explanation of a hit (about 30 ms
+more for ten hits, docs/measured.md).
 
 For each size N in ``--sizes``:
 
@@ -35,8 +36,8 @@ For each size N in ``--sizes``:
    (:func:`index_builder.build.build_index`, less the decoding and embedding of images): segments
    of the build's segment size written and committed to the item table in ``.building``, then
    :func:`index_builder.build._finish` (the FAISS index of the project's default factory for N,
-   :func:`index_builder.vector_index.default_factory`: exact below 100k, IVF above, trained on
-   the build's sample; the snapshot; the manifest), published as the live version. Timed
+   :func:`index_builder.vector_index.default_factory`: exact below 100k at 128-d, IVF above,
+   trained on the build's sample; the snapshot; the manifest), published as the live version. Timed
    (items/s without generating the copies); bytes per item from ``GalleryIndex.info()``; the
    peak RSS of this process during the build (it holds the model and the real embeddings
    before: ``rss_before_build_mib``).
@@ -504,7 +505,9 @@ def one_size(
             print(f"== {n:,} items: reusing {folder}", flush=True)
             row["build"] = {**json.loads(stats_file.read_text()), "reused": True}
         else:
-            print(f"== {n:,} items: building {folder} ({default_factory(n)})", flush=True)
+            print(
+                f"== {n:,} items: building {folder} ({default_factory(n, model.dim)})", flush=True
+            )
             row["build"] = build(folder, model, fp, base, n, args.sigma, args.seed)
             if args.keep:
                 stats_file.write_text(json.dumps(row["build"], indent=1) + "\n")
@@ -594,6 +597,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "model": {
             "description": describe(model, args.checkpoint),
+            "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
             "fingerprint": fp,
             "dim": dim,
             "grid": model.config.grid,
@@ -704,15 +708,18 @@ def plot(runs: list[dict[str, Any]], png: Path) -> None:
         if not rows:
             continue
         n = [r["items"] for r in rows]
-        label = run["model"]["description"].split(":")[0] + f", D = {run['model']['dim']}"
+        checkpoint = run["model"].get("checkpoint")
+        name = "default model" if checkpoint is None else "/".join(Path(checkpoint).parts[-2:])
+        label = f"{name}, D = {run['model']['dim']}"
         for clients, style in zip(CLIENTS, ("o-", "s--"), strict=True):
             p50 = [r["serve"][f"clients_{clients}"]["p50_ms"] for r in rows]
             latency.plot(n, p50, style, label=f"{label}, {clients} client{'s' * (clients > 1)}")
         memory.plot(n, [r["serve"]["rss_after_load_mib"] for r in rows], "o-", label=label)
-    latency.set(xscale="log", xlabel="gallery items", ylabel="/search p50 (ms)",
+    latency.set(xscale="log", yscale="log", xlabel="gallery items", ylabel="/search p50 (ms)",
                 title="/search latency (k = 10, rerank_k = 100, explained)")  # fmt: skip
     memory.set(xscale="log", xlabel="gallery items", ylabel="server RSS after the load (MiB)",
                title="server memory")  # fmt: skip
+    memory.set_ylim(bottom=0)
     for ax in (latency, memory):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

@@ -167,7 +167,7 @@ def _finish(
     """Train and fill the FAISS index from the segments, write snapshot and manifest."""
     ids, segments, rows = table.locations()
     vectors = store.gather(segments, rows, grids=False)
-    chosen = factory or default_factory(len(ids))
+    chosen = factory or default_factory(len(ids), model.dim)
     index = VectorIndex.create(chosen, model.dim)
     if index.needs_training:
         if len(ids) == 0:

@@ -48,7 +48,11 @@ def add_index(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     src.add_argument("--list", type=Path, help="a CSV with a 'path' column (and 'key', 'label')")
     b.add_argument("--out", type=location_argument, required=True, help=f"the index: {LOCATION}")
     _model_args(b)
-    b.add_argument("--factory", help="FAISS factory string (default: Flat below 100k items, IVF)")
+    b.add_argument(
+        "--factory",
+        help="FAISS factory string (default: Flat below 100k items at 128-d, 10k at "
+        "1,280-d; IVF above)",
+    )
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument(
         "--workers", type=int, help="decoding processes (default: by device and cores; 0 = none)"

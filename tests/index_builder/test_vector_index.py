@@ -75,7 +75,13 @@ def test_fewer_items_than_k_pad_with_minus_one_never_crash() -> None:
 
 def test_default_factory_and_bad_factories() -> None:
     assert default_factory(99_999) == "Flat"
+    assert default_factory(100_000) == "IVF1024,Flat"
     assert default_factory(1_000_000) == "IVF4096,Flat"
+    # Wider vectors cost more to scan: the head-less 1,280-d model turns approximate at 10k,
+    # with no more lists than k-means can train (39 items each).
+    assert default_factory(9_999, 1280) == "Flat"
+    assert default_factory(10_000, 1280) == "IVF256,Flat"
+    assert default_factory(20_000, 1280) == "IVF512,Flat"
     assert default_factory(200_000_000).startswith("IVF65536")
     with pytest.raises(ValueError, match="not a FAISS factory string"):
         VectorIndex.create("Bogus42", 8)
