@@ -36,11 +36,12 @@ For each size N in ``--sizes``:
    (:func:`index_builder.build.build_index`, less the decoding and embedding of images): segments
    of the build's segment size written and committed to the item table in ``.building``, then
    :func:`index_builder.build._finish` (the FAISS index of the project's default factory for N,
-   :func:`index_builder.vector_index.default_factory`: exact below 100k at 128-d, IVF above,
-   trained on the build's sample; the snapshot; the manifest), published as the live version. Timed
-   (items/s without generating the copies); bytes per item from ``GalleryIndex.info()``; the
-   peak RSS of this process during the build (it holds the model and the real embeddings
-   before: ``rss_before_build_mib``).
+   :func:`index_builder.vector_index.default_factory`: exact while a query reads under 12.8 M
+   floats, 100k items at 128-d, 10k at 1,280-d; IVF above, trained on the build's sample; the
+   snapshot; the manifest), published as the live version. Timed (items/s without generating
+   the copies); bytes per item from ``GalleryIndex.info()``; the peak RSS of this process
+   during the build (it holds the model and the real embeddings before:
+   ``rss_before_build_mib``).
 2. **Coarse stage**: ``--queries`` held-out perturbed copies (not in the gallery), searched by the
    index's own coarse search (IVF: its default ``nprobe``) and by exact inner product (FAISS
    Flat over the same stored vectors): recall@100 of the first against the second, and the share
@@ -48,7 +49,7 @@ For each size N in ``--sizes``:
    (:meth:`service.searching.Retrieval.batch`: coarse, gather, re-rank the top ``rerank_k`` = 100
    by global + w x structural, rank) runs on either coarse stage, at the model's structural
    weight and at w = 1 (a query whose candidates are the same both ways, in the same order, is
-   counted unchanged without searching it twice). Below 100k items the index is exact, so both
+   counted unchanged without searching it twice). Where the index is exact (``Flat``), both
    agree by construction.
 3. **Serve**: ``diml serve --index`` (read-only, the CPU default backbone runtime), ``POST
    /search`` (k = 10, rerank_k = 100, explanations on) with real CUB photos as queries from 1 and
