@@ -92,8 +92,8 @@ def embed_records(
     parts, vectors, rows = [], [], []
     for pixels, geometry in batches(records, model.config.preprocessing, batch_size, workers):
         embedding = embedder.embed_pixels(pixels)
-        found = embedding.parts.float().cpu()
-        parts.append(torch.from_numpy(round_trip(found.numpy())) if stored else found.half())
+        found = embedding.parts.half().cpu()  # as an index receives them, then stores them
+        parts.append(torch.from_numpy(round_trip(found.numpy())) if stored else found)
         vectors.append(embedding.vector.float().cpu())
         rows.append(geometry)
         if progress is not None:

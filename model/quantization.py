@@ -1,7 +1,7 @@
 """How part grids are stored: int8 with one scale per part (symmetric, round to nearest).
 
-A part is a unit vector, so its largest coordinate sets its scale (``max |x| / 127``) and every
-coordinate is kept to within half a step of it: about 0.2 % of that coordinate's range. An
+A part is a unit vector; its largest coordinate sets its scale (``max |x| / 127``), and every
+coordinate is kept to within half a step (``max |x| / 254``, 0.4 % of the largest one). An
 item's grid takes R x D bytes plus R scales, a quarter of float32 and half of float16. Search and
 explanations use the dequantized values, the ones stored, so an explanation stays exact for the
 grid that was ranked.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 LEVELS = 127  # int8's symmetric range: -127 .. 127 (-128 is never written)
-GRID_DTYPE = "int8"  # how new segments store grids; "float16" segments (older indexes) still read
 
 
 def quantize(grids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
