@@ -231,7 +231,7 @@ def run_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     for key in ("path", "count", "backbone", "grid", "dim", "factory", "fingerprint", "created",
-                "size_bytes", "bytes_per_item", "segments", "skipped"):  # fmt: skip
+                "size_bytes", "bytes_per_item", "segments", "grid_storage", "skipped"):  # fmt: skip
         print(f"{key:>15}: {info[key]}")
     return 0
 

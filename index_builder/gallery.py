@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,17 @@ class GalleryIndex:
 
     def info(self) -> dict[str, Any]:
         size = self.size_on_disk()
+        segments = self.table.segments()
+        kinds = Counter(self.store.grid_storage(s.id) for s in segments)
         return {
             **vars(self.manifest),
             "count": self.count,
             "path": str(self.folder),
             "size_bytes": size,
             "bytes_per_item": round(size / self.count) if self.count else None,
-            "segments": len(self.table.segments()),
+            "segments": len(segments),
+            # int8 unless segments were written before (float16: a rebuild halves them)
+            "grid_storage": ", ".join(f"{kind} x{n}" for kind, n in sorted(kinds.items())),
             "skipped": len(self.table.skipped()),
         }
 

@@ -242,7 +242,8 @@ class QdrantIndex:
     def info(self) -> dict[str, Any]:
         return {**vars(self.manifest), "count": self.count, "path": str(self.location),
                 "factory": "qdrant HNSW", "size_bytes": None, "bytes_per_item": None,
-                "segments": None, "skipped": None}  # fmt: skip
+                "segments": None, "grid_storage": "float16 (int8's values)",
+                "skipped": None}  # fmt: skip
 
     # -- writes --------------------------------------------------------------------------------
 

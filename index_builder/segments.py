@@ -54,6 +54,10 @@ class SegmentStore:
             self._open[segment] = (np.load(vpath, mmap_mode="r"), np.load(gpath, mmap_mode="r"))
         return self._open[segment]
 
+    def grid_storage(self, segment: int) -> str:
+        """How the segment keeps its grids: "int8" (with scales) or "float16" (older indexes)."""
+        return "int8" if self.arrays(segment)[1].dtype.names else "float16"
+
     def gather(self, segments: np.ndarray, rows: np.ndarray, grids: bool = True) -> np.ndarray:
         """Rows of several segments, in the order given: (n, R, D) float16 grids (the stored
         values, dequantized), or with ``grids=False`` (n, D) float32 vectors. One

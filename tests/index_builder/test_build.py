@@ -98,6 +98,7 @@ def test_grids_are_stored_in_int8_and_older_float16_segments_still_read(
     np.save(path, old)
     index = GalleryIndex.open(tmp_path / "index")
     np.testing.assert_array_equal(index.grids(ids), before)
+    assert index.info()["grid_storage"] == "float16 x1, int8 x2"  # what a rebuild would shrink
     index.close()
     with writing(tmp_path / "index", fingerprint(tiny_embedder().model)) as writer:
         extra = make_images(tmp_path / "more", 2, seed=7)
