@@ -14,6 +14,7 @@ bounded by ``--requests``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -82,6 +84,40 @@ def wait_ready(
             pass
         time.sleep(0.25)
     raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
+
+
+@dataclass(frozen=True)
+class Running:
+    """A server started by :func:`running`: its address, process, items and start-up seconds."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    items: int
+    ready_s: float
+
+
+@contextlib.contextmanager
+def running(
+    index: Path, inference: str, settings: dict[str, str] | None = None, timeout: float = 300
+) -> Iterator[Running]:
+    """``diml serve`` of ``index`` (see :func:`serve`) on a free port, ready, for the block;
+    stopped after it. Where the block fails, the last 4,000 characters of the server's output
+    are printed first."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        server = serve(index, port, inference, settings, log)
+        started = time.perf_counter()
+        try:
+            items = wait_ready(url, server, timeout)
+            yield Running(url, server, items, round(time.perf_counter() - started, 1))
+        except BaseException:
+            log.seek(0)
+            print(log.read().decode(errors="replace")[-4000:], flush=True)
+            raise
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
 
 def stages(header: str) -> dict[str, float]:
@@ -189,25 +225,19 @@ def main() -> None:
 
 
 def measure(index: Path, runtime: str, images: list[bytes], args: argparse.Namespace) -> list[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = serve(index, port, runtime)
     rows = []
-    try:
-        wait_ready(url, server)
-        running = httpx.get(f"{url}/readyz").json()["inference"]
+    with running(index, runtime) as server:
+        url = server.url
+        inference = httpx.get(f"{url}/readyz").json()["inference"]
         run(url, images, 1, 5)  # warm-up
         for clients in (1, 4, 16):
             r = run(url, images, clients, args.requests)
             s = r["stages"]
             assert isinstance(s, dict)
             rows.append(
-                f"  {running:8} {clients:7d} {r['p50']:8.1f} {r['p95']:8.1f} {r['rps']:7.1f} "
+                f"  {inference:8} {clients:7d} {r['p50']:8.1f} {r['p95']:8.1f} {r['rps']:7.1f} "
                 f"{r['errors']:6d}   " + " / ".join(f"{s[n]:.1f}" for n in STAGES)
             )
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return rows
 
 

@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench_matching import synthetic, timed  # noqa: E402
-from bench_service import free_port, send, serve, wait_ready  # noqa: E402
+from bench_service import running, send  # noqa: E402
 
 from index_builder import GalleryIndex, build_index, scan_folder  # noqa: E402
 from index_builder.embedding import default_workers  # noqa: E402
@@ -232,20 +232,12 @@ def serve_and_measure(
     clients: tuple[int, ...] = (1, 16),
     extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     settings = {"DIML_DEVICE": str(device), **(extra or {})}
     if checkpoint is not None:
         settings["DIML_CHECKPOINT"] = str(checkpoint)
-    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
-    server = serve(index, port, inference, settings, log)
-    started = time.perf_counter()
-    try:
-        items = wait_ready(url, server, timeout=600)
-        result: dict[str, Any] = {
-            "items": items,
-            "ready_s": round(time.perf_counter() - started, 1),
-        }
+    with running(index, inference, settings, timeout=600) as server:
+        url = server.url
+        result: dict[str, Any] = {"items": server.items, "ready_s": server.ready_s}
         result["readyz"] = httpx.get(f"{url}/readyz").json()
         _load(url, queries, 1, 10)  # warm-up: kernels compiled, caches filled
         for n, count in zip(clients, requests, strict=True):
@@ -254,14 +246,6 @@ def serve_and_measure(
             free, total = torch.cuda.mem_get_info(device)
             result["device_memory_in_use_gib"] = round((total - free) / 2**30, 2)
         return result
-    except BaseException:
-        log.seek(0)
-        print(log.read().decode(errors="replace")[-4000:], flush=True)
-        raise
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
 
 
 def _load(url: str, queries: list[bytes], clients: int, count: int) -> dict[str, Any]:

@@ -94,7 +94,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_service import free_port, send, serve, wait_ready  # noqa: E402
+from bench_service import running, send  # noqa: E402
 
 from index_builder import GalleryIndex, NewItem, build_index, has_index  # noqa: E402
 from index_builder.build import _finish, _resume_or_start  # noqa: E402
@@ -388,18 +388,13 @@ def serve_and_load(
     folder: Path, checkpoint: Path | None, photos: list[bytes], requests: int
 ) -> dict[str, Any]:
     """``diml serve`` of ``folder``; /search from 1 and 16 clients; the server's memory."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     settings = {"DIML_DEVICE": "cpu"}
     if checkpoint is not None:
         settings["DIML_CHECKPOINT"] = str(checkpoint)
-    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
-    server = serve(folder, port, "auto", settings, log)
-    start = time.perf_counter()
-    try:
-        items = wait_ready(url, server, timeout=1800)
-        out: dict[str, Any] = {"items": items, "ready_s": round(time.perf_counter() - start, 1),
-                               "rss_ready_mib": rss_mib(server.pid)}  # fmt: skip
+    with running(folder, "auto", settings, timeout=1800) as server:
+        url, pid = server.url, server.process.pid
+        out: dict[str, Any] = {"items": server.items, "ready_s": server.ready_s,
+                               "rss_ready_mib": rss_mib(pid)}  # fmt: skip
         send(url, photos, 1, 5)  # warm-up
         for clients in CLIENTS:
             load = send(url, photos, clients, requests)
@@ -415,17 +410,9 @@ def serve_and_load(
                 "server_stage_median_ms": stages,
                 "load_average": round(os.getloadavg()[0], 2),
             }
-        out["rss_after_load_mib"] = rss_mib(server.pid)
-        out["rss_peak_mib"] = rss_mib(server.pid, "VmHWM")
+        out["rss_after_load_mib"] = rss_mib(pid)
+        out["rss_peak_mib"] = rss_mib(pid, "VmHWM")
         return out
-    except BaseException:
-        log.seek(0)
-        print(log.read().decode(errors="replace")[-4000:], flush=True)
-        raise
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
 
 
 def percentile(ordered: list[float], p: float) -> float:
