@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rerank_study import balanced, embedded, reranked, terms
+from rerank_study import embedded
 
 from model.checkpoint import load_model
 from model.datasets import Record
-from model.evaluation import ranking_depth
+from model.evaluation import head_scores, ranking_depth
 from model.loading import embed_records
 from model.metrics import relevant_counts, retrieval_metrics
 from model.network import Embedding, EmbeddingNet
@@ -116,14 +116,11 @@ def main() -> None:
             m = retrieval_metrics(labels[ranking], labels, r)
             return f"{m['recall@1']:.2f} / {m['map@r']:.2f}"
 
+        depth = ranking_depth(labels, args.rerank_k)
         for name, embedding, size in variants(model, full, pca):
-            sims = embedding.vector @ embedding.vector.T
-            sims.fill_diagonal_(-torch.inf)
-            order = torch.sort(sims, dim=1, descending=True, stable=True).indices
-            order = order[:, : ranking_depth(labels, args.rerank_k)]
-            global_sim, structural = terms(embedding, order, args.rerank_k, balanced(matching))
-            cells = [cell(reranked(order, global_sim + w * structural)) for w in WEIGHTS]
-            print(f"| {classes} | {name} | {size:,} | {cell(order)} | " + " | ".join(cells)
+            scores = head_scores(embedding, depth, args.rerank_k, matching)  # as diml evaluate
+            cells = [cell(scores.reranked(w)) for w in WEIGHTS]
+            print(f"| {classes} | {name} | {size:,} | {cell(scores.order)} | " + " | ".join(cells)
                   + " |", flush=True)  # fmt: skip
 
 
