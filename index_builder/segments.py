@@ -65,11 +65,14 @@ class SegmentStore:
         which = 1 if grids else 0
         if len(segments) == 0:
             return np.zeros((0,), dtype=np.float16 if grids else np.float32)
-        first = self._rows(int(segments[0]), which, rows[:1])
-        out = np.empty((len(segments), *first.shape[1:]), dtype=first.dtype)
+        out: np.ndarray | None = None
         for segment in np.unique(segments):
             mask = segments == segment
-            out[mask] = self._rows(int(segment), which, rows[mask])
+            found = self._rows(int(segment), which, rows[mask])
+            if out is None:
+                out = np.empty((len(segments), *found.shape[1:]), dtype=found.dtype)
+            out[mask] = found
+        assert out is not None
         return out
 
     def _rows(self, segment: int, which: int, rows: np.ndarray) -> np.ndarray:
