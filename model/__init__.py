@@ -1,6 +1,6 @@
 """The DIML model library: backbones, embedding head, structural matching, explanations.
 
-Pure torch/torchvision: no web, no FAISS.
+Pure torch (torchvision only for training augmentations): no web, no FAISS.
 """
 
 from model.backbones import Backbone, BackboneWeightsError, FeatureInfo, create_backbone

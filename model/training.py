@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
 from model.calibration import calibrate, objective
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -117,7 +116,11 @@ class TrainConfig:
 
 
 def train_transform(spec: Preprocessing) -> Callable[[Any], torch.Tensor]:
-    """The published training augmentation: RandomResizedCrop(crop) + horizontal flip."""
+    """The published training augmentation: RandomResizedCrop(crop) + horizontal flip.
+
+    torchvision is imported here, not with the module: serving and indexing run without it."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.PILToTensor(),

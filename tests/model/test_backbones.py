@@ -22,7 +22,7 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     def no_network(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     return tmp_path / "torch" / "hub" / "checkpoints"
 
 
