@@ -16,17 +16,20 @@
 # --gpu builds the GPU image's layers instead (docker-compose.yml's build arguments: gcc for
 # Triton's launcher, DIML_DEVICE=cuda; python3-dev too, as Debian's Python keeps its headers
 # there) and runs it on the CPU (DIML_DEVICE=cpu: no GPU here), checking that the fused Sinkhorn
-# kernel would be used. PyPI's CUDA build of torch is what both get where PyTorch's CPU index is
-# out of reach.
+# kernel would be used. Where PyTorch's CPU index is out of reach, the CPU image takes a CPU-only
+# torch wheel from a folder of pip's find-links (this project's machines have torch 2.13.0+cpu
+# there: the service needs no torchvision, so any CPU build serves); failing that, both take
+# PyPI's CUDA build. The report gives the image's size in bytes (its file system) and its torch.
 # A JSON report (the image's config, size, build time and each check) goes to FILE; the exit
 # status is non-zero when a step fails. Needs root (chroot, mounts, namespaces); installs
 # mmdebstrap and buildah with apt-get when they are missing.
 #
 # Environment:
 #   DEBIAN_SOURCES  apt sources for the base (default: the host's debian.sources)
-#   TORCH_INDEX     the index for torch/torchvision: default PyTorch's CPU index when it answers,
-#                   else the first local (file://) index of pip's configuration that serves torch,
-#                   mounted into the build at the same path
+#   TORCH_INDEX     the index for torch: default PyTorch's CPU index when it answers, else (CPU
+#                   image) a local CPU-only wheel as above, else the first local (file://) index
+#                   of pip's configuration that serves torch, mounted into the build at that path
+#   TORCH           the torch requirement (default: the Dockerfile's, or the local wheel's version)
 #   CA_BUNDLE       a CA bundle for pip inside the build (default: the host's, which trusts what
 #                   the host trusts, e.g. a TLS-intercepting proxy)
 #   IMAGE           the tag to build (default localhost/diml-retrieval:verify)
@@ -164,24 +167,48 @@ if [ -f "$ca" ]; then
     volumes+=(--volume "$ca:/etc/ssl/host-ca.crt:ro")
     build_args+=(--build-arg CA_BUNDLE=/etc/ssl/host-ca.crt)
 fi
-torch_index=${TORCH_INDEX:-}
-if [ -z "$torch_index" ] && ! curl -sf --max-time 10 -o /dev/null https://download.pytorch.org/whl/cpu/torch/; then
-    for url in $(python3 -m pip config list 2>/dev/null | sed -n "s/.*index-url='\(.*\)'/\1/p"); do
-        folder=${url#file://}
-        if [ "$folder" != "$url" ] && [ -e "$folder/torch" ]; then
-            torch_index=$url
-            break
-        fi
+cpu_wheel() {  # a CPU-only torch wheel for the base's Python in a find-links folder of pip's
+    local c py folder
+    c=$(buildah from --quiet "$base")
+    py=$(buildah run --isolation chroot "$c" python3 -c 'import sys; print("cp%d%d" % sys.version_info[:2])' || true)
+    buildah rm "$c" >/dev/null
+    [ -n "$py" ] || return 0
+    for folder in $(python3 -m pip config list 2>/dev/null | sed -n "s/.*find-links='\(.*\)'/\1/p"); do
+        for wheel in "$folder"/torch-*+cpu-"$py"-"$py"-*linux*_x86_64.whl; do
+            [ -f "$wheel" ] && { echo "$wheel"; return 0; }
+        done
     done
+}
+torch_index=${TORCH_INDEX:-}
+torch_req=${TORCH:-}
+wheel=""
+if [ -z "$torch_index" ] && ! curl -sf --max-time 10 -o /dev/null https://download.pytorch.org/whl/cpu/torch/; then
+    if [ -z "$gpu" ] && [ -z "$torch_req" ]; then wheel=$(cpu_wheel); fi
+    if [ -n "$wheel" ]; then
+        version=$(basename "$wheel" | cut -d- -f2)
+        torch_req="torch==${version%+cpu}"
+        torch_index=file://$(dirname "$wheel")
+        build_args+=(--build-arg "TORCH_FIND_LINKS=$(dirname "$wheel")" --build-arg TORCH_INDEX=)
+        volumes+=(--volume "$(dirname "$wheel"):$(dirname "$wheel"):ro")
+    else
+        for url in $(python3 -m pip config list 2>/dev/null | sed -n "s/.*index-url='\(.*\)'/\1/p"); do
+            folder=${url#file://}
+            if [ "$folder" != "$url" ] && [ -e "$folder/torch" ]; then
+                torch_index=$url
+                break
+            fi
+        done
+    fi
 fi
-if [ -n "$torch_index" ]; then
+[ -n "$torch_req" ] && build_args+=(--build-arg "TORCH=$torch_req")
+if [ -n "$torch_index" ] && [ -z "$wheel" ]; then
     build_args+=(--build-arg "TORCH_INDEX=$torch_index")
     if [ "${torch_index#file://}" != "$torch_index" ]; then  # a local index: its files beside it
         mirror=$(dirname "${torch_index#file://}")
         volumes+=(--volume "$mirror:$mirror:ro")
     fi
 fi
-echo "verify-image: building $image (torch from ${torch_index:-the CPU index of PyTorch})" >&2
+echo "verify-image: building $image (${torch_req:-the pinned torch} from ${torch_index:-the CPU index of PyTorch})" >&2
 t0=$(date +%s)
 buildah bud --quiet --isolation chroot --format docker --layers=false "${volumes[@]}" \
     "${build_args[@]}" -f "$here/docker/Dockerfile" -t "$image" "$here" >"$work/build.log" 2>&1 || {
@@ -196,6 +223,9 @@ buildah inspect --type image "$image" \
     >"$work/config.json"
 ctr=$(buildah from "$image")
 root=$(buildah mount "$ctr")
+du -sb --one-file-system "$root" | cut -f1 >"$work/size_bytes"  # its file system, before it runs
+chroot "$root" /opt/venv/bin/python -c 'import torch; print(torch.__version__); print(torch.version.cuda or "")' \
+    >"$work/torch.txt" 2>/dev/null || true
 uid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["User"])' "$work/config.json")
 gid=$(awk -F: -v u="$uid" '$3 == u {print $4}' "$root/etc/passwd")
 python3 - "$work/config.json" "${extra_env[@]}" >"$work/env" <<'EOF'
@@ -224,9 +254,13 @@ def read(name):
 readyz = [json.loads(line) for line in (read("readyz.jsonl") or "").splitlines() if line]
 search = json.loads(read("search.json")) if read("search.json") else None
 weights = (read("weights.txt") or "\n").splitlines()
+torch_lines = (read("torch.txt") or "\n").splitlines() + [""]
 report = {
     "image": image,
     "size": size,
+    "size_bytes": int(read("size_bytes") or 0),
+    "torch_version": torch_lines[0] or None,
+    "torch_cuda": torch_lines[1] or None,
     "build_seconds": int(build_s),
     "base_seconds": int(base_s),
     "torch_index": torch_index or "PyTorch's CPU index",
@@ -250,4 +284,4 @@ if [ "${status:-0}" != 0 ]; then
     tail -40 "$work/server.log" >&2 || true
     exit 1
 fi
-echo "verify-image: done: build ${build_seconds}s, image $(buildah images --format '{{.Size}}' "$image")" >&2
+echo "verify-image: done: build ${build_seconds}s, image $(buildah images --format '{{.Size}}' "$image") ($(cat "$work/size_bytes") bytes of files), torch $(head -1 "$work/torch.txt")" >&2

