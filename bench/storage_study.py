@@ -9,8 +9,11 @@ structural weights 0.3 and 1, with the part grids stored as float32, float16 and
 per part, :mod:`model.quantization`; both sides of every pair), and, for a head-less model, with
 the features projected to fewer dimensions without labels: a random orthogonal projection, and
 the top principal components of the parts of the images under ``--pca-from`` (a folder; the
-default gallery's 80 photos by default), each followed by int8 storage. Bytes per item count the
-grid and the float32 global vector.
+default gallery's 80 photos by default), each followed by int8 storage; and with the grids
+product-quantized (FAISS's ProductQuantizer, 256 centroids for each run of 4 or 8 coordinates,
+trained on the parts of the ranked images themselves, as an index build would train on its
+gallery; not what an index stores today). Bytes per item count the grid and the float32 global
+vector.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,7 @@ from model.network import Embedding, EmbeddingNet
 from model.quantization import round_trip, stored_bytes
 
 WEIGHTS = (0.3, 1.0)
+PQ_SUBVECTORS = (4, 8)
 IMAGES = (".jpg", ".jpeg", ".png")
 
 
@@ -74,6 +79,18 @@ def stored(embedding: Embedding, kind: str) -> Embedding:
     return Embedding(parts, embedding.vector.float())
 
 
+def product_quantized(embedding: Embedding, sub: int) -> Embedding:
+    """The grids through a product quantizer of ``sub`` coordinates per 8-bit code."""
+    parts = embedding.parts.float().numpy()
+    n, regions, width = parts.shape
+    flat = np.ascontiguousarray(parts.reshape(-1, width))
+    pq = faiss.ProductQuantizer(width, width // sub, 8)
+    pq.verbose = False
+    pq.train(flat)
+    decoded = pq.decode(pq.compute_codes(flat)).reshape(n, regions, width)
+    return Embedding(torch.from_numpy(decoded), embedding.vector.float())
+
+
 def variants(
     model: EmbeddingNet, embedding: Embedding, pca: dict[int, torch.Tensor]
 ) -> Iterator[tuple[str, Embedding, int]]:
@@ -82,6 +99,9 @@ def variants(
     for kind, size in (("float32", 4), ("float16", 2)):
         yield kind, stored(embedding, kind), regions * width * size + 4 * width
     yield "int8", stored(embedding, "int8"), stored_bytes(regions, width)
+    for sub in PQ_SUBVECTORS:
+        yield (f"PQ, {sub} coordinates a byte", product_quantized(embedding, sub),
+               regions * width // sub + 4 * width)  # fmt: skip
     if model.config.dim is None:
         for dim, basis in pca.items():
             for name, b in (("PCA", basis), ("random", random_basis(width, dim))):
