@@ -109,9 +109,18 @@ class MicroBatcher(Batcher[torch.Tensor, Embedding]):
 
     name = "diml-embed"
 
-    def __init__(self, embedder: Embedder, max_batch: int, window_s: float, max_queue: int) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        max_batch: int,
+        window_s: float,
+        max_queue: int,
+        expect: Callable[[], int] | None = None,
+    ) -> None:
+        """``expect``: how many requests are decoding images for it (see :class:`Batcher`); a
+        lone request then goes straight to the backbone instead of waiting out the window."""
         self.embedder = embedder
-        super().__init__(max_batch, window_s, max_queue)
+        super().__init__(max_batch, window_s, max_queue, expect)
 
     def size(self, job: torch.Tensor) -> int:
         return len(job)

@@ -88,12 +88,12 @@ class Engine:
         self.duplicate_finder = DuplicateFinder(
             self.gallery, lambda: self.config.matching, self.embedder.device
         )
-        # Requests embedded and about to search (changed on the event loop's thread only).
-        self.arriving = 0
+        # Requests decoding (to embed next) and embedded (to search next): a batcher waits for
+        # company only while some is on its way. Changed on the event loop's thread only.
+        self.decoding = self.arriving = 0
         window = settings.batch_window_ms / 1000
-        self.batcher = MicroBatcher(
-            self.embedder, settings.max_batch_images, window, settings.max_queue
-        )
+        self.batcher = MicroBatcher(self.embedder, settings.max_batch_images, window,
+                                    settings.max_queue, lambda: self.decoding)  # fmt: skip
         self.searcher = SearchBatcher(
             lambda jobs: self.search_jobs(jobs), lambda: self.arriving,
             settings.max_batch_queries, window, settings.max_queue,
@@ -140,9 +140,14 @@ class Engine:
         return self.stored_input(item).picture
 
     async def decode_all(self, uploads: Uploads, timer: StageTimer) -> list[ModelInput]:
-        """Each upload decoded in turn (:meth:`decode`), timed as the ``decode`` stage."""
-        with timer.stage("decode"):
-            return [await in_thread(self.decode, data, name) for name, data in uploads]
+        """Each upload decoded in turn (:meth:`decode`), timed as the ``decode`` stage; counted
+        in ``decoding`` meanwhile, so that the backbone's batcher waits for them."""
+        self.decoding += 1
+        try:
+            with timer.stage("decode"):
+                return [await in_thread(self.decode, data, name) for name, data in uploads]
+        finally:
+            self.decoding -= 1
 
     async def embed(self, queries: list[ModelInput], search_next: bool = False) -> Embedding:
         """Embed through the shared batcher, unless the request's deadline has passed. The

@@ -316,6 +316,25 @@ def test_micro_batcher_embeds_concurrent_requests_together() -> None:
     batcher.close()
 
 
+def test_micro_batcher_waits_for_company_only_while_some_is_decoding() -> None:
+    # One client used to wait out the whole window before every embedding, for nobody.
+    backbone = _Backbone()
+    backbone.release.set()
+    decoding = [0]
+    batcher = MicroBatcher(backbone, max_batch=8, window_s=2.0, max_queue=8,  # type: ignore[arg-type]
+                           expect=lambda: decoding[0])  # fmt: skip
+    start = time.perf_counter()
+    assert len(batcher.submit(torch.zeros(1, 3, 8, 8)).result(5)) == 1
+    assert time.perf_counter() - start < 1.0  # not the 2 s window
+    decoding[0] = 1  # another request is decoding: the next job waits for it
+    first = batcher.submit(torch.zeros(1, 3, 8, 8))
+    time.sleep(0.2)
+    second = batcher.submit(torch.zeros(2, 3, 8, 8))
+    assert [len(first.result(5)), len(second.result(5))] == [1, 2]
+    assert backbone.sizes == [1, 3]
+    batcher.close()
+
+
 def _busy_batcher(max_queue: int) -> tuple[_Backbone, MicroBatcher, Any]:
     """A batcher whose worker has taken a first one-image job and waits on the backbone."""
     backbone = _Backbone()
