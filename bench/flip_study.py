@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from model.checkpoint import load_model
 from model.config import Preprocessing
 from model.datasets import Record, read_dataset
-from model.evaluation import ranking_depth
+from model.evaluation import global_order, ranking_depth
 from model.loading import batches, records_embedder
 from model.metrics import relevant_counts, retrieval_metrics
 from model.network import EmbeddingNet
@@ -41,13 +41,6 @@ def vectors(
         plain.append(embedder.embed_pixels(pixels).vector.float())
         mirrored.append(embedder.embed_pixels(pixels.flip(-1)).vector.float())
     return torch.cat(plain), torch.cat(mirrored)
-
-
-def ranked(queries: torch.Tensor, gallery: torch.Tensor, depth: int) -> torch.Tensor:
-    """Each query's ``depth`` most similar gallery images, itself left out (stable order)."""
-    sims = queries @ gallery.T
-    sims.fill_diagonal_(-torch.inf)
-    return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth]
 
 
 def main() -> None:
@@ -68,7 +61,7 @@ def main() -> None:
         averaged = F.normalize(plain + mirrored, dim=-1)
         cells = []
         for q, g in ((plain, plain), (plain, averaged), (averaged, averaged)):
-            m = retrieval_metrics(labels[ranked(q, g, depth)], labels, r)
+            m = retrieval_metrics(labels[global_order(q, g, depth)], labels, r)
             cells.append(f"{m['recall@1']:.2f} / {m['map@r']:.2f}")
         print(f"| {classes} | " + " | ".join(cells) + " |", flush=True)
 

@@ -78,6 +78,21 @@ class HeadScores:
         return Rankings(self.order, self.reranked(weight), self.k)
 
 
+def global_order(
+    queries: torch.Tensor, gallery: torch.Tensor, depth: int, chunk: int = 256
+) -> torch.Tensor:
+    """(N, depth): each query's most similar gallery vectors by inner product, the query's own
+    position left out (query i is gallery item i); stable, so ties keep the gallery's order.
+    ``queries`` and ``gallery`` may differ (e.g. a gallery embedded another way)."""
+    orders = []
+    for start in range(0, len(queries), chunk):
+        sims = queries[start : start + chunk] @ gallery.T  # (b, N)
+        rows = torch.arange(len(sims), device=sims.device)
+        sims[rows, rows + start] = -torch.inf
+        orders.append(torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth])
+    return torch.cat(orders)
+
+
 def head_scores(
     embedding: Embedding,
     depth: int,
@@ -94,14 +109,7 @@ def head_scores(
     rerank_k = min(rerank_k, depth)
     device = device or torch.device("cpu")
     vectors = embedding.vector.to(device, torch.float32)
-    orders = []
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        sims = vectors[start:stop] @ vectors.T  # (b, N)
-        rows = torch.arange(stop - start, device=device)
-        sims[rows, rows + start] = -torch.inf
-        orders.append(torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth])
-    order = torch.cat(orders).cpu()
+    order = global_order(vectors, vectors, depth, chunk).cpu()
     global_sim = torch.zeros(n, rerank_k)
     structural = torch.zeros(n, rerank_k)
     step = max(1, pairs_per_step // max(rerank_k, 1))
