@@ -187,9 +187,10 @@ if [ -z "$torch_index" ] && ! curl -sf --max-time 10 -o /dev/null https://downlo
     if [ -n "$wheel" ]; then
         version=$(basename "$wheel" | cut -d- -f2)
         torch_req="torch==${version%+cpu}"
-        torch_index=file://$(dirname "$wheel")
-        build_args+=(--build-arg "TORCH_FIND_LINKS=$(dirname "$wheel")" --build-arg TORCH_INDEX=)
-        volumes+=(--volume "$(dirname "$wheel"):$(dirname "$wheel"):ro")
+        wheels=$(dirname "$wheel")
+        torch_index=file://$wheels  # for the report; pip gets the folder as find-links instead
+        build_args+=(--build-arg "TORCH_FIND_LINKS=$wheels" --build-arg TORCH_INDEX=)
+        volumes+=(--volume "$wheels:$wheels:ro")
     else
         for url in $(python3 -m pip config list 2>/dev/null | sed -n "s/.*index-url='\(.*\)'/\1/p"); do
             folder=${url#file://}
